@@ -1,0 +1,140 @@
+//! The command line, as clap derive types. Every flag has a `PATCHCORD_*`
+//! environment twin; the doc comments are the `--help` text. Validation and
+//! defaults that depend on other variables live in `config.rs`.
+
+use clap::{Args, Parser, Subcommand};
+
+/// An HTTP relay: programs meet on named channels, with nothing but curl.
+///
+/// `curl -d hello http://HOST:3000/jobs` waits until `curl http://HOST:3000/jobs`
+/// arrives, and the body flows from one to the other. See `man patchcord`.
+#[derive(Debug, Parser)]
+#[command(name = "patchcord", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// What patchcord is asked to do.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay (the default when no subcommand is given).
+    Serve(ServeArgs),
+}
+
+/// Options of `patchcord serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (`HOST:PORT`); port 0 picks a free port.
+    #[arg(
+        short,
+        long,
+        env = "PATCHCORD_LISTEN",
+        default_value = "0.0.0.0:3000",
+        value_name = "ADDR"
+    )]
+    pub listen: String,
+
+    /// Port to listen on, replacing the port of --listen (also read from PORT).
+    #[arg(short, long, env = "PATCHCORD_PORT", value_name = "PORT")]
+    pub port: Option<u16>,
+
+    /// Longest wait for a counterpart, in seconds; 0 waits forever (also read
+    /// from REQUEST_TIMEOUT). A request's `?timeout=` is capped by it.
+    #[arg(short, long, env = "PATCHCORD_TIMEOUT", value_name = "SECS")]
+    pub timeout: Option<f64>,
+
+    /// Most connections open at once; beyond it new ones get 503 and are closed.
+    #[arg(
+        long,
+        env = "PATCHCORD_MAX_CONNECTIONS",
+        default_value_t = 10_000,
+        value_name = "N"
+    )]
+    pub max_connections: usize,
+
+    /// Seconds a client may take to send a request's head before it is dropped.
+    #[arg(
+        long,
+        env = "PATCHCORD_HEADER_TIMEOUT",
+        default_value_t = 10.0,
+        value_name = "SECS"
+    )]
+    pub header_timeout: f64,
+
+    /// Seconds an idle keep-alive connection, or a stalled transfer, is kept.
+    #[arg(
+        long,
+        env = "PATCHCORD_IDLE_TIMEOUT",
+        default_value_t = 60.0,
+        value_name = "SECS"
+    )]
+    pub idle_timeout: f64,
+
+    /// Log level: error, warn, info, debug or trace (RUST_LOG overrides it).
+    #[arg(
+        long,
+        env = "PATCHCORD_LOG_LEVEL",
+        default_value = "info",
+        value_name = "LEVEL"
+    )]
+    pub log_level: log::LevelFilter,
+
+    /// Log more: the same as --log-level debug.
+    #[arg(short, long, env = "PATCHCORD_VERBOSE", conflicts_with = "quiet")]
+    pub verbose: bool,
+
+    /// Log less: the same as --log-level warn.
+    #[arg(short, long, env = "PATCHCORD_QUIET")]
+    pub quiet: bool,
+}
+
+impl Cli {
+    /// The serve options, whether given before or after the `serve` subcommand.
+    pub fn into_serve_args(self) -> ServeArgs {
+        match self.command {
+            Some(Command::Serve(args)) => args,
+            None => self.serve,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    /// Every option (except --help and --version) has a PATCHCORD_ twin.
+    #[test]
+    fn every_flag_has_a_patchcord_env_twin() {
+        let command = Cli::command();
+        let serve = command.find_subcommand("serve").expect("serve subcommand");
+        for cmd in [&command, serve] {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+                let expected = format!("PATCHCORD_{}", id.to_uppercase());
+                assert_eq!(env.as_deref(), Some(expected.as_str()), "flag --{id}");
+            }
+        }
+    }
+
+    #[test]
+    fn serve_is_the_default_subcommand() {
+        let plain = Cli::try_parse_from(["patchcord", "--port", "8080"]).unwrap();
+        assert_eq!(plain.into_serve_args().port, Some(8080));
+        let explicit = Cli::try_parse_from(["patchcord", "serve", "--port", "8081"]).unwrap();
+        assert_eq!(explicit.into_serve_args().port, Some(8081));
+    }
+}

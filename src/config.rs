@@ -1,0 +1,161 @@
+//! Validated settings built from the command line and the environment. The
+//! server sees only [`Config`]; nothing after start-up reads flags or variables.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use crate::cli::ServeArgs;
+
+/// Everything the running server needs to know, already checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The address to bind.
+    pub listen: SocketAddr,
+    /// The longest a request may wait for a counterpart; `None` waits forever.
+    pub max_wait: Option<Duration>,
+    /// Connections open at once beyond which new ones get 503.
+    pub max_connections: usize,
+    /// How long a client may take to send a request head.
+    pub header_timeout: Duration,
+    /// How long an idle keep-alive connection or a stalled transfer is kept.
+    pub idle_timeout: Duration,
+    /// The log level before `RUST_LOG` is applied.
+    pub log_level: log::LevelFilter,
+}
+
+impl Config {
+    /// Checks `args`, filling in the legacy variables `PORT` and `REQUEST_TIMEOUT`
+    /// (httpipe's) where the flag and its `PATCHCORD_*` twin were both absent.
+    pub fn from_args(args: ServeArgs) -> Result<Config, String> {
+        Config::from_args_and_env(args, |name| std::env::var(name).ok())
+    }
+
+    fn from_args_and_env(
+        args: ServeArgs,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, String> {
+        let mut listen = resolve(&args.listen)?;
+        let port = match args.port {
+            Some(port) => Some(port),
+            None => match env("PORT") {
+                Some(text) => Some(
+                    text.trim()
+                        .parse::<u16>()
+                        .map_err(|_| format!("PORT={text:?} is not a port number"))?,
+                ),
+                None => None,
+            },
+        };
+        if let Some(port) = port {
+            listen.set_port(port);
+        }
+        let timeout = match args.timeout {
+            Some(secs) => secs,
+            None => match env("REQUEST_TIMEOUT") {
+                Some(text) => text
+                    .trim()
+                    .parse::<f64>()
+                    .map_err(|_| format!("REQUEST_TIMEOUT={text:?} is not a number of seconds"))?,
+                None => 0.0,
+            },
+        };
+        let max_wait = seconds("--timeout", timeout)?;
+        let level = if args.verbose {
+            log::LevelFilter::Debug
+        } else if args.quiet {
+            log::LevelFilter::Warn
+        } else {
+            args.log_level
+        };
+        if args.max_connections == 0 {
+            return Err("--max-connections must be at least 1".into());
+        }
+        Ok(Config {
+            listen,
+            max_wait: (!max_wait.is_zero()).then_some(max_wait),
+            max_connections: args.max_connections,
+            header_timeout: positive("--header-timeout", args.header_timeout)?,
+            idle_timeout: positive("--idle-timeout", args.idle_timeout)?,
+            log_level: level,
+        })
+    }
+}
+
+fn resolve(listen: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = listen.parse() {
+        return Ok(addr);
+    }
+    listen
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| format!("--listen {listen:?} is not an address of the form HOST:PORT"))
+}
+
+/// A non-negative, finite number of seconds as a Duration.
+pub fn seconds(name: &str, secs: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| format!("{name} {secs} is not a number of seconds"))
+}
+
+fn positive(name: &str, secs: f64) -> Result<Duration, String> {
+    let duration = seconds(name, secs)?;
+    if duration.is_zero() {
+        return Err(format!("{name} must be more than 0"));
+    }
+    Ok(duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::Cli;
+    use clap::Parser;
+
+    fn config(argv: &[&str], env: &[(&str, &str)]) -> Result<Config, String> {
+        let mut full = vec!["patchcord"];
+        full.extend_from_slice(argv);
+        let args = Cli::try_parse_from(full)
+            .map_err(|e| e.to_string())?
+            .into_serve_args();
+        Config::from_args_and_env(args, |name| {
+            env.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn defaults() {
+        let c = config(&[], &[]).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:3000".parse().unwrap());
+        assert_eq!(c.max_wait, None);
+        assert_eq!(c.max_connections, 10_000);
+        assert_eq!(c.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.idle_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn legacy_variables_fill_in_only_when_flags_are_absent() {
+        let c = config(&[], &[("PORT", "8080"), ("REQUEST_TIMEOUT", "30")]).unwrap();
+        assert_eq!(c.listen.port(), 8080);
+        assert_eq!(c.max_wait, Some(Duration::from_secs(30)));
+        let c = config(
+            &["--port", "9000", "--timeout", "0"],
+            &[("PORT", "8080"), ("REQUEST_TIMEOUT", "30")],
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.max_wait, None);
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(config(&["--timeout=-1"], &[]).is_err());
+        assert!(config(&["--timeout", "inf"], &[]).is_err());
+        assert!(config(&["--idle-timeout", "0"], &[]).is_err());
+        assert!(config(&["--listen", "nowhere"], &[]).is_err());
+        assert!(config(&[], &[("PORT", "http")]).is_err());
+        assert!(config(&["--max-connections", "0"], &[]).is_err());
+    }
+}

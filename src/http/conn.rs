@@ -1,0 +1,196 @@
+//! One client connection: the socket and the bytes read from it but not yet
+//! used. Heads are parsed from the buffer; bodies drain it before reading the
+//! socket. Socket options, liveness probes and lingering close live here too.
+
+use std::io::{self, Read};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+/// The buffer's first allocation; it grows only as real bytes arrive.
+const INITIAL_BUFFER: usize = 2048;
+
+/// A client connection with its read buffer.
+pub struct Conn {
+    stream: TcpStream,
+    peer: Option<SocketAddr>,
+    /// Bytes read from the socket; `buf[pos..len]` are not yet used.
+    buf: Vec<u8>,
+    pos: usize,
+    len: usize,
+}
+
+impl Conn {
+    /// Wraps an accepted socket, turning on TCP_NODELAY and TCP keepalive and
+    /// setting the write timeout that ends stalled transfers.
+    pub fn new(stream: TcpStream, write_timeout: Duration) -> Conn {
+        // Small exchanges must not wait for delayed ACKs (Nagle).
+        let _ = stream.set_nodelay(true);
+        set_keepalive(&stream);
+        let _ = stream.set_write_timeout(Some(write_timeout));
+        let peer = stream.peer_addr().ok();
+        Conn {
+            stream,
+            peer,
+            buf: Vec::new(),
+            pos: 0,
+            len: 0,
+        }
+    }
+
+    /// The socket, for writing and for cloning a handle another thread may write to.
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// The client's address, for logs.
+    pub fn peer(&self) -> Option<SocketAddr> {
+        self.peer
+    }
+
+    /// Bytes read but not yet used.
+    pub fn buffered(&self) -> &[u8] {
+        &self.buf[self.pos..self.len]
+    }
+
+    /// Marks `n` buffered bytes as used.
+    pub fn consume(&mut self, n: usize) {
+        self.pos = (self.pos + n).min(self.len);
+        if self.pos == self.len {
+            self.pos = 0;
+            self.len = 0;
+        }
+    }
+
+    /// Reads once from the socket into the buffer, letting the buffer hold at
+    /// most `limit` unused bytes. Returns how many bytes arrived (0: end of stream).
+    pub fn fill(&mut self, limit: usize) -> io::Result<usize> {
+        if self.pos > 0 {
+            self.buf.copy_within(self.pos..self.len, 0);
+            self.len -= self.pos;
+            self.pos = 0;
+        }
+        if self.len >= limit {
+            return Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                "buffer limit reached",
+            ));
+        }
+        if self.len == self.buf.len() {
+            let grown = (self.buf.len() * 2).clamp(INITIAL_BUFFER, limit);
+            self.buf.resize(grown, 0);
+        }
+        let end = self.buf.len().min(limit);
+        let n = self.stream.read(&mut self.buf[self.len..end])?;
+        self.len += n;
+        Ok(n)
+    }
+
+    /// Reads whatever the socket already holds, without waiting, until the
+    /// buffer holds `limit` unused bytes. Afterwards [`is_open`] on this socket
+    /// sees a hang-up that was queued behind those bytes.
+    pub fn read_ahead(&mut self, limit: usize) -> io::Result<()> {
+        self.stream.set_nonblocking(true)?;
+        let result = loop {
+            if self.len - self.pos >= limit {
+                break Ok(());
+            }
+            match self.fill(limit) {
+                Ok(0) => break Ok(()),
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => break Err(e),
+            }
+        };
+        self.stream.set_nonblocking(false)?;
+        result
+    }
+
+    /// Sets the socket's read timeout.
+    pub fn set_read_timeout(&self, timeout: Duration) -> io::Result<()> {
+        self.stream
+            .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
+    }
+
+    /// Closes after a response that left request bytes unread: stops writing,
+    /// then reads and drops what the client still sends for a short while, so
+    /// the kernel does not answer those bytes with a reset that could destroy
+    /// the response before the client reads it (RFC 9112 §9.6).
+    pub fn linger_close(mut self) {
+        let _ = self.stream.shutdown(Shutdown::Write);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let mut drained = 0usize;
+        let mut scratch = [0u8; 4096];
+        while drained < 4 << 20 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.stream.set_read_timeout(Some(left)).is_err() {
+                break;
+            }
+            match self.stream.read(&mut scratch) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.pos == self.len {
+            // Nothing buffered: large reads go straight to the socket.
+            return self.stream.read(out);
+        }
+        let n = out.len().min(self.len - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+/// Whether the peer of `stream` may still be there: false once it has closed
+/// or reset the connection. Never blocks and never consumes bytes. Bytes
+/// waiting to be read count as open (see [`Conn::read_ahead`]).
+pub fn is_open(stream: &TcpStream) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: `byte` is valid for one byte of writes for the duration of the
+    // call, and the descriptor is owned by `stream`, which outlives the call.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n > 0 {
+        return true;
+    }
+    if n == 0 {
+        return false;
+    }
+    matches!(
+        io::Error::last_os_error().kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
+}
+
+/// Turns on TCP keepalive so a peer that vanished without a FIN is noticed
+/// eventually, even by a waiter that never writes.
+fn set_keepalive(stream: &TcpStream) {
+    let on: libc::c_int = 1;
+    // SAFETY: the pointer and length describe `on`, a live c_int, and the
+    // descriptor is owned by `stream` for the duration of the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_KEEPALIVE,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        log::debug!("SO_KEEPALIVE: {}", io::Error::last_os_error());
+    }
+}

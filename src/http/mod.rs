@@ -1,0 +1,165 @@
+//! patchcord's HTTP/1.1 layer, on httparse: one [`Exchange`] per request on a
+//! [`Conn`]. It knows framing, limits and timeouts, and nothing of channels or
+//! modes; `server.rs` drives it and the modes read bodies and write responses
+//! through it.
+//!
+//! - `conn.rs`: the socket, its read buffer, liveness probes
+//! - `request.rs`: request heads and their limits
+//! - `body.rs`: request bodies (Content-Length, chunked, 100-continue)
+//! - `response.rs`: response heads and streamed bodies
+
+pub mod body;
+pub mod conn;
+pub mod request;
+pub mod response;
+
+use std::io::{self, Read, Write};
+
+pub use body::BodyState;
+pub use conn::{Conn, is_open};
+pub use request::{Framing, Method, Request, Version};
+pub use response::{Head, Payload};
+
+use crate::error::Reject;
+
+/// One request on a connection: its head, how much of its body was read, and
+/// whether it was answered. Decides whether the connection can serve another.
+pub struct Exchange<'c> {
+    pub conn: &'c mut Conn,
+    pub request: Request,
+    body: BodyState,
+    continue_pending: bool,
+    responded: bool,
+    close: bool,
+}
+
+impl<'c> Exchange<'c> {
+    /// Starts an exchange for `request`, read from `conn`.
+    pub fn new(conn: &'c mut Conn, request: Request) -> Exchange<'c> {
+        Exchange {
+            body: BodyState::new(request.framing),
+            continue_pending: request.expects_continue,
+            conn,
+            request,
+            responded: false,
+            close: false,
+        }
+    }
+
+    /// The body's length, when the request declares it.
+    pub fn body_length(&self) -> Option<u64> {
+        match self.request.framing {
+            Framing::Length(n) => Some(n),
+            Framing::Chunked => None,
+        }
+    }
+
+    /// Whether the request has a body (possibly not yet read).
+    pub fn has_body(&self) -> bool {
+        self.request.framing != Framing::Length(0)
+    }
+
+    /// Whether the request's body was read to its end.
+    pub fn is_body_read(&self) -> bool {
+        self.body == BodyState::Done
+    }
+
+    /// Whether a response was written (or started) for this request.
+    pub fn is_responded(&self) -> bool {
+        self.responded
+    }
+
+    /// Asks for the connection to be closed after this exchange.
+    pub fn close(&mut self) {
+        self.close = true;
+    }
+
+    /// Records that another thread answered this request on a clone of the
+    /// socket; `reusable` is false when that answer ended the connection.
+    pub fn mark_responded(&mut self, reusable: bool) {
+        self.responded = true;
+        self.close |= !reusable;
+    }
+
+    /// Whether the connection can carry another request.
+    pub fn is_reusable(&self) -> bool {
+        self.responded && !self.close && self.request.keep_alive && self.is_body_read()
+    }
+
+    /// Whether a response may keep the connection open, as far as is known now.
+    fn keeps_alive(&self) -> bool {
+        !self.close && self.request.keep_alive && self.is_body_read()
+    }
+
+    /// Reads whatever of the body the socket already holds, without waiting
+    /// and without sending `100 Continue`; see [`Conn::read_ahead`].
+    pub fn read_ahead(&mut self, limit: usize) -> io::Result<()> {
+        if self.continue_pending {
+            return Ok(());
+        }
+        self.conn.read_ahead(limit)
+    }
+
+    /// Starts a response whose body the caller streams: the head, with the
+    /// keep-alive decision made now (a body not yet read closes the connection).
+    pub fn start_response(&mut self, head: Head, payload: Payload) -> Vec<u8> {
+        self.responded = true;
+        let keep_alive = self.keeps_alive() && payload != Payload::UntilClose;
+        self.close |= !keep_alive;
+        head.finish(payload, keep_alive)
+    }
+
+    /// Sends a complete response with a small body.
+    pub fn respond(&mut self, head: Head, body: &[u8]) -> io::Result<()> {
+        let mut bytes = self.start_response(head, Payload::Length(body.len() as u64));
+        if self.request.method != Method::Head {
+            bytes.extend_from_slice(body);
+        }
+        let mut stream = self.conn.stream();
+        stream.write_all(&bytes)
+    }
+
+    /// Sends a one-line plain-text response.
+    pub fn respond_text(&mut self, status: u16, text: &str) -> io::Result<()> {
+        let mut head = Head::new(status);
+        head.header("Content-Type", "text/plain; charset=utf-8");
+        let body = format!("{text}\n");
+        self.respond(head, body.as_bytes())
+    }
+
+    /// Answers with a refusal: its status, its header, its reason as the body.
+    pub fn reject(&mut self, reject: &Reject) -> io::Result<()> {
+        let (head, body) = refusal(reject);
+        self.respond(head, body.as_bytes())
+    }
+}
+
+/// The head and body that answer `reject`.
+fn refusal(reject: &Reject) -> (Head, String) {
+    let mut head = Head::new(reject.status);
+    head.header("Content-Type", "text/plain; charset=utf-8");
+    if let Some((name, value)) = reject.header {
+        head.header(name, value);
+    }
+    (head, format!("{}\n", reject.reason))
+}
+
+/// Answers `reject` on a connection that has no request to speak of (a
+/// malformed head, or one refused at accept), closing it afterwards.
+pub fn refuse(mut stream: &std::net::TcpStream, reject: &Reject) -> io::Result<()> {
+    let (head, body) = refusal(reject);
+    let mut bytes = head.finish(Payload::Length(body.len() as u64), false);
+    bytes.extend_from_slice(body.as_bytes());
+    stream.write_all(&bytes)
+}
+
+impl Read for Exchange<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        body::BodyReader {
+            conn: self.conn,
+            state: &mut self.body,
+            continue_pending: &mut self.continue_pending,
+        }
+        .read(out)
+    }
+}

@@ -1,0 +1,508 @@
+//! Reading and checking a request head: limits (414/431), timeouts, CRLF-only
+//! line endings, header values free of control bytes, and the body's framing
+//! (RFC 9112 §6). Produces an owned [`Request`]; the body is left in the
+//! connection for `body.rs`.
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use crate::error::Reject;
+use crate::http::conn::Conn;
+
+/// Longest request line (method, target, version).
+pub const MAX_REQUEST_LINE: usize = 8 * 1024;
+/// Most bytes of header fields after the request line.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Most header fields.
+pub const MAX_HEADERS: usize = 100;
+
+/// The HTTP version of a request, which decides how responses are framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    Http10,
+    Http11,
+}
+
+/// How the request body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// Content-Length (0 when the request declares no body).
+    Length(u64),
+    /// Transfer-Encoding: chunked.
+    Chunked,
+}
+
+/// A request method; the ones patchcord routes on have their own variant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Head,
+    Post,
+    Put,
+    Patch,
+    Delete,
+    Options,
+    Other(String),
+}
+
+impl Method {
+    fn parse(text: &str) -> Method {
+        match text {
+            "GET" => Method::Get,
+            "HEAD" => Method::Head,
+            "POST" => Method::Post,
+            "PUT" => Method::Put,
+            "PATCH" => Method::Patch,
+            "DELETE" => Method::Delete,
+            "OPTIONS" => Method::Options,
+            other => Method::Other(other.to_owned()),
+        }
+    }
+
+    /// The method as it appears on the wire.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Method::Get => "GET",
+            Method::Head => "HEAD",
+            Method::Post => "POST",
+            Method::Put => "PUT",
+            Method::Patch => "PATCH",
+            Method::Delete => "DELETE",
+            Method::Options => "OPTIONS",
+            Method::Other(name) => name,
+        }
+    }
+}
+
+/// One header field; the value is checked free of control bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub name: String,
+    pub value: Vec<u8>,
+}
+
+/// A parsed request head.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: Method,
+    /// The request target in origin form (`/path?query`).
+    pub target: String,
+    pub version: Version,
+    pub headers: Vec<Header>,
+    pub framing: Framing,
+    /// The client sent `Expect: 100-continue` and waits before sending the body.
+    pub expects_continue: bool,
+    /// The client is willing to send another request on this connection.
+    pub keep_alive: bool,
+}
+
+impl Request {
+    /// The first value of header `name` (case-insensitive), if it is UTF-8.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(&h.value).ok())
+    }
+}
+
+/// Why no request could be read.
+#[derive(Debug)]
+pub enum HeadError {
+    /// The client closed, or stayed idle past the idle timeout, between requests.
+    Closed,
+    /// The client took longer than the header timeout to send a head.
+    Slow,
+    /// The socket failed.
+    Io(io::Error),
+    /// The head is malformed or over a limit: answer, then close.
+    Reject(Reject),
+}
+
+/// How long to wait for a head.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadTimeouts {
+    /// From the first byte of a head (or from accept, for the first) to its end.
+    pub header: Duration,
+    /// For the first byte of a further request on a kept-alive connection.
+    pub idle: Duration,
+}
+
+/// Reads the next request head from `conn`. `first` is true for the first
+/// request of a connection, whose head must arrive within the header timeout
+/// from accept; later ones may idle for the idle timeout first.
+pub fn read_head(
+    conn: &mut Conn,
+    timeouts: HeadTimeouts,
+    first: bool,
+) -> Result<Request, HeadError> {
+    let mut deadline = Instant::now() + timeouts.header;
+    if conn.buffered().is_empty() {
+        let wait = if first {
+            timeouts.header
+        } else {
+            timeouts.idle
+        };
+        conn.set_read_timeout(wait).map_err(HeadError::Io)?;
+        match conn.fill(MAX_REQUEST_LINE + MAX_HEADER_BYTES) {
+            Ok(0) => return Err(HeadError::Closed),
+            Ok(_) => {}
+            Err(e) if is_timeout(&e) => {
+                return Err(if first {
+                    HeadError::Slow
+                } else {
+                    HeadError::Closed
+                });
+            }
+            Err(e) => return Err(HeadError::Io(e)),
+        }
+        if !first {
+            deadline = Instant::now() + timeouts.header;
+        }
+    }
+    loop {
+        match parse(conn.buffered())? {
+            Some((request, used)) => {
+                conn.consume(used);
+                return Ok(request);
+            }
+            None => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(HeadError::Slow);
+                }
+                conn.set_read_timeout(left).map_err(HeadError::Io)?;
+                match conn.fill(MAX_REQUEST_LINE + MAX_HEADER_BYTES + 4) {
+                    Ok(0) => return Err(HeadError::Closed),
+                    Ok(_) => {}
+                    Err(e) if is_timeout(&e) => return Err(HeadError::Slow),
+                    Err(e) => return Err(HeadError::Io(e)),
+                }
+            }
+        }
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Parses a complete head from `bytes`: `Ok(None)` when more bytes are needed,
+/// else the request and how many bytes it used.
+pub fn parse(bytes: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
+    let line_end = bytes.iter().position(|&b| b == b'\n');
+    let line_len = line_end.unwrap_or(bytes.len());
+    if line_len > MAX_REQUEST_LINE + 1 {
+        return Err(reject(414, "request line longer than 8 KiB"));
+    }
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut fields);
+    let used = match parsed.parse(bytes) {
+        Ok(httparse::Status::Complete(used)) => used,
+        Ok(httparse::Status::Partial) => {
+            if bytes.len() > line_len + MAX_HEADER_BYTES {
+                return Err(reject(431, "request header fields larger than 64 KiB"));
+            }
+            return Ok(None);
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(reject(431, "more than 100 request header fields"));
+        }
+        Err(e) => return Err(reject(400, format!("malformed request head: {e}"))),
+    };
+    if used > line_len + 1 + MAX_HEADER_BYTES {
+        return Err(reject(431, "request header fields larger than 64 KiB"));
+    }
+    check_line_endings(&bytes[..used])?;
+    let version = match parsed.version {
+        Some(0) => Version::Http10,
+        _ => Version::Http11,
+    };
+    let method = Method::parse(parsed.method.unwrap_or(""));
+    let target = parsed.path.unwrap_or("");
+    let mut headers = Vec::with_capacity(parsed.headers.len());
+    for field in parsed.headers.iter() {
+        if !is_valid_value(field.value) {
+            return Err(reject(
+                400,
+                format!("header {:?} has a control byte in its value", field.name),
+            ));
+        }
+        headers.push(Header {
+            name: field.name.to_owned(),
+            value: trim(field.value).to_vec(),
+        });
+    }
+    let request = Request {
+        target: origin_form(target, &method)?,
+        framing: framing(&headers)?,
+        expects_continue: expects_continue(&headers, version)?,
+        keep_alive: keep_alive(&headers, version),
+        method,
+        version,
+        headers,
+    };
+    if version == Version::Http11 && count(&request.headers, "host") != 1 {
+        return Err(reject(
+            400,
+            "an HTTP/1.1 request needs exactly one Host header",
+        ));
+    }
+    Ok(Some((request, used)))
+}
+
+fn reject(status: u16, reason: impl Into<std::borrow::Cow<'static, str>>) -> HeadError {
+    HeadError::Reject(Reject::new(status, reason))
+}
+
+/// Every line ends in CRLF: a bare LF or CR is refused, not guessed at, as
+/// the two readings of such a head are how requests are smuggled (RFC 9112 §2.2).
+fn check_line_endings(head: &[u8]) -> Result<(), HeadError> {
+    for (i, &b) in head.iter().enumerate() {
+        let bare_lf = b == b'\n' && (i == 0 || head[i - 1] != b'\r');
+        let bare_cr = b == b'\r' && head.get(i + 1) != Some(&b'\n');
+        if bare_lf || bare_cr {
+            return Err(reject(
+                400,
+                "request head has a bare LF or CR; lines must end in CRLF",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A header value may hold visible bytes, spaces and tabs, nothing else below
+/// 0x20 and no DEL: such a value is refused, never relayed (DESIGN.md §4).
+pub fn is_valid_value(value: &[u8]) -> bool {
+    value
+        .iter()
+        .all(|&b| (b >= 0x20 && b != 0x7f) || b == b'\t')
+}
+
+fn trim(value: &[u8]) -> &[u8] {
+    let start = value
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(value.len());
+    let end = value
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |i| i + 1);
+    &value[start..end]
+}
+
+fn count(headers: &[Header], name: &str) -> usize {
+    headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case(name))
+        .count()
+}
+
+fn values<'h>(headers: &'h [Header], name: &'h str) -> impl Iterator<Item = &'h [u8]> + 'h {
+    headers
+        .iter()
+        .filter(move |h| h.name.eq_ignore_ascii_case(name))
+        .flat_map(|h| h.value.split(|&b| b == b','))
+        .map(trim)
+}
+
+/// Accepts origin form (`/path`) and absolute form (`http://host/path`, which
+/// proxies send), returning origin form; `OPTIONS *` becomes `*`.
+fn origin_form(target: &str, method: &Method) -> Result<String, HeadError> {
+    if target.starts_with('/') {
+        return Ok(target.to_owned());
+    }
+    if target == "*" && *method == Method::Options {
+        return Ok(target.to_owned());
+    }
+    let lower = target.get(..8).unwrap_or(target).to_ascii_lowercase();
+    let rest = if lower.starts_with("http://") {
+        &target[7..]
+    } else if lower.starts_with("https://") {
+        &target[8..]
+    } else {
+        return Err(reject(400, "request target must start with /"));
+    };
+    let path_start = rest.find(['/', '?']).unwrap_or(rest.len());
+    let path = &rest[path_start..];
+    Ok(if path.starts_with('/') {
+        path.to_owned()
+    } else {
+        format!("/{path}")
+    })
+}
+
+/// The body's framing per RFC 9112 §6.3: chunked alone, or one Content-Length.
+fn framing(headers: &[Header]) -> Result<Framing, HeadError> {
+    let has_length = count(headers, "content-length") > 0;
+    if count(headers, "transfer-encoding") > 0 {
+        if has_length {
+            return Err(reject(400, "both Transfer-Encoding and Content-Length"));
+        }
+        let codings: Vec<&[u8]> = values(headers, "transfer-encoding").collect();
+        return match codings.as_slice() {
+            [only] if only.eq_ignore_ascii_case(b"chunked") => Ok(Framing::Chunked),
+            _ => Err(reject(400, "only Transfer-Encoding: chunked is supported")),
+        };
+    }
+    let mut length = None;
+    for value in values(headers, "content-length") {
+        let parsed = parse_length(value).ok_or_else(|| reject(400, "malformed Content-Length"))?;
+        if length.is_some_and(|l| l != parsed) {
+            return Err(reject(400, "conflicting Content-Length values"));
+        }
+        length = Some(parsed);
+    }
+    Ok(Framing::Length(length.unwrap_or(0)))
+}
+
+/// Decimal digits only, no sign, no overflow: a u64, checked, never used to
+/// size an allocation.
+fn parse_length(text: &[u8]) -> Option<u64> {
+    if text.is_empty() || !text.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    text.iter().try_fold(0u64, |n, &d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
+fn expects_continue(headers: &[Header], version: Version) -> Result<bool, HeadError> {
+    let mut expects = false;
+    for value in values(headers, "expect") {
+        if value.eq_ignore_ascii_case(b"100-continue") {
+            expects = true;
+        } else {
+            return Err(reject(417, "only Expect: 100-continue is supported"));
+        }
+    }
+    Ok(expects && version == Version::Http11)
+}
+
+fn keep_alive(headers: &[Header], version: Version) -> bool {
+    let mut close = false;
+    let mut keep = false;
+    for token in values(headers, "connection") {
+        close |= token.eq_ignore_ascii_case(b"close");
+        keep |= token.eq_ignore_ascii_case(b"keep-alive");
+    }
+    match version {
+        Version::Http11 => !close,
+        Version::Http10 => keep && !close,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(head: &str) -> Request {
+        match parse(head.as_bytes()) {
+            Ok(Some((request, used))) => {
+                assert_eq!(used, head.len());
+                request
+            }
+            Ok(None) => panic!("incomplete: {head:?}"),
+            Err(e) => panic!("refused {head:?}: {e:?}"),
+        }
+    }
+
+    fn status(head: &[u8]) -> u16 {
+        match parse(head) {
+            Err(HeadError::Reject(r)) => r.status,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn framing_and_keep_alive() {
+        let r = parsed("POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n");
+        assert_eq!(
+            (r.framing, r.keep_alive, r.version),
+            (Framing::Length(5), true, Version::Http11)
+        );
+        let r = parsed(
+            "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!((r.framing, r.keep_alive), (Framing::Chunked, false));
+        let r = parsed("GET /a HTTP/1.0\r\n\r\n");
+        assert_eq!((r.framing, r.keep_alive), (Framing::Length(0), false));
+        let r = parsed("GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+        assert!(r.keep_alive);
+        let r = parsed(
+            "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 7, 7\r\nExpect: 100-Continue\r\n\r\n",
+        );
+        assert_eq!((r.framing, r.expects_continue), (Framing::Length(7), true));
+    }
+
+    #[test]
+    fn absolute_form_becomes_origin_form() {
+        assert_eq!(
+            parsed("GET http://h:3000/jobs?x=1 HTTP/1.1\r\nHost: h\r\n\r\n").target,
+            "/jobs?x=1"
+        );
+        assert_eq!(
+            parsed("GET http://h HTTP/1.1\r\nHost: h\r\n\r\n").target,
+            "/"
+        );
+    }
+
+    #[test]
+    fn partial_heads_wait_for_more() {
+        assert!(matches!(parse(b"GET /a HTTP/1.1\r\nHost: x\r\n"), Ok(None)));
+    }
+
+    #[test]
+    fn bad_heads_are_refused_with_the_right_status() {
+        assert_eq!(status(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"), 400);
+        assert_eq!(
+            status(b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+            400
+        );
+        assert_eq!(
+            status(
+                b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999999\r\n\r\n"
+            ),
+            400
+        );
+        assert_eq!(
+            status(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\n"),
+            400
+        );
+        assert_eq!(
+            status(
+                b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"
+            ),
+            400
+        );
+        assert_eq!(
+            status(b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: b\nX-C: d\r\n\r\n"),
+            400
+        );
+        assert_eq!(
+            status(b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: b\x01c\r\n\r\n"),
+            400
+        );
+        assert_eq!(status(b"GET /a HTTP/1.1\r\n\r\n"), 400);
+        assert_eq!(status(b"GET a HTTP/1.1\r\nHost: x\r\n\r\n"), 400);
+        assert_eq!(
+            status(b"GET /a HTTP/1.1\r\nHost: x\r\nExpect: magic\r\n\r\n"),
+            417
+        );
+        let long_line = format!("GET /{} HTTP/1.1\r\n", "a".repeat(MAX_REQUEST_LINE));
+        assert_eq!(status(long_line.as_bytes()), 414);
+        let many = format!(
+            "GET /a HTTP/1.1\r\nHost: x\r\n{}\r\n",
+            "X-A: b\r\n".repeat(MAX_HEADERS)
+        );
+        assert_eq!(status(many.as_bytes()), 431);
+        let big = format!(
+            "GET /a HTTP/1.1\r\nHost: x\r\nX-A: {}\r\n",
+            "b".repeat(MAX_HEADER_BYTES)
+        );
+        assert_eq!(status(big.as_bytes()), 431);
+    }
+}

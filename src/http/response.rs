@@ -1,0 +1,275 @@
+//! Writing responses: the head (status line, Date, CORS, framing headers),
+//! and bodies framed by Content-Length when the length is known, chunked for
+//! HTTP/1.1 clients otherwise, and delimited by close for HTTP/1.0 clients. A
+//! stream is never buffered to learn its length.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::http::request::{Version, is_valid_value};
+
+/// Bytes read from a source per write to the sink while streaming a body.
+pub const COPY_BUFFER: usize = 64 * 1024;
+
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    /// Content-Length.
+    Length(u64),
+    /// Transfer-Encoding: chunked (HTTP/1.1 clients).
+    Chunked,
+    /// The end of the connection (HTTP/1.0 clients, length unknown).
+    UntilClose,
+}
+
+impl Payload {
+    /// The framing for a body of `length` (None: unknown) sent to a `version` client.
+    pub fn for_body(version: Version, length: Option<u64>) -> Payload {
+        match (length, version) {
+            (Some(n), _) => Payload::Length(n),
+            (None, Version::Http11) => Payload::Chunked,
+            (None, Version::Http10) => Payload::UntilClose,
+        }
+    }
+}
+
+/// A response head being built.
+pub struct Head {
+    bytes: Vec<u8>,
+}
+
+impl Head {
+    /// Starts a head with the status line and the headers every response has.
+    pub fn new(status: u16) -> Head {
+        let mut bytes = Vec::with_capacity(256);
+        bytes.extend_from_slice(b"HTTP/1.1 ");
+        bytes.extend_from_slice(status.to_string().as_bytes());
+        bytes.push(b' ');
+        bytes.extend_from_slice(reason_phrase(status).as_bytes());
+        bytes.extend_from_slice(b"\r\nDate: ");
+        bytes.extend_from_slice(http_date(SystemTime::now()).as_bytes());
+        bytes.extend_from_slice(b"\r\nAccess-Control-Allow-Origin: *\r\n");
+        Head { bytes }
+    }
+
+    /// Adds a header. A value with a control byte is dropped (and logged),
+    /// never written: no client can inject a header into another's response.
+    pub fn header(&mut self, name: &str, value: impl AsRef<[u8]>) -> &mut Head {
+        let value = value.as_ref();
+        if !is_valid_value(value) || !is_token(name) {
+            log::warn!("dropped response header {name:?} with an invalid name or value");
+            return self;
+        }
+        self.bytes.extend_from_slice(name.as_bytes());
+        self.bytes.extend_from_slice(b": ");
+        self.bytes.extend_from_slice(value);
+        self.bytes.extend_from_slice(b"\r\n");
+        self
+    }
+
+    /// Adds the framing and connection headers and the blank line.
+    pub fn finish(mut self, payload: Payload, keep_alive: bool) -> Vec<u8> {
+        match payload {
+            Payload::Length(n) => {
+                self.bytes.extend_from_slice(b"Content-Length: ");
+                self.bytes.extend_from_slice(n.to_string().as_bytes());
+                self.bytes.extend_from_slice(b"\r\n");
+            }
+            Payload::Chunked => self
+                .bytes
+                .extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+            Payload::UntilClose => {}
+        }
+        if !keep_alive || payload == Payload::UntilClose {
+            self.bytes.extend_from_slice(b"Connection: close\r\n");
+        }
+        self.bytes.extend_from_slice(b"\r\n");
+        self.bytes
+    }
+}
+
+fn is_token(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Why streaming a body stopped early.
+#[derive(Debug)]
+pub enum StreamError {
+    /// Reading the source failed after `sent` bytes (head included) reached the sink.
+    Read { error: io::Error, sent: u64 },
+    /// Writing to the sink failed.
+    Write(io::Error),
+}
+
+/// Writes `head`, then the body read from `source`, framed by `payload`, to
+/// `sink`, with constant memory: each read is written before the next one, so
+/// a slow sink slows the source (backpressure). The head goes out with the
+/// first bytes of the body, in one write. Returns the body bytes copied.
+pub fn stream_body(
+    head: &[u8],
+    source: &mut dyn Read,
+    sink: &mut dyn Write,
+    payload: Payload,
+) -> Result<u64, StreamError> {
+    // Layout: [head][chunk-size line][data][CRLF], so each round is one write.
+    const SIZE_LINE: usize = 18;
+    let data_start = head.len() + SIZE_LINE;
+    let mut buf = vec![0u8; data_start + COPY_BUFFER + 2];
+    buf[..head.len()].copy_from_slice(head);
+    let mut head_sent = false;
+    let mut copied = 0u64;
+    loop {
+        let n = match source.read(&mut buf[data_start..data_start + COPY_BUFFER]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => {
+                let sent = if head_sent {
+                    head.len() as u64 + copied
+                } else {
+                    0
+                };
+                return Err(StreamError::Read { error, sent });
+            }
+        };
+        let mut start = data_start;
+        let mut end = data_start + n;
+        if payload == Payload::Chunked {
+            let size_line = if n == 0 {
+                "0\r\n".to_owned()
+            } else {
+                format!("{n:x}\r\n")
+            };
+            start -= size_line.len();
+            buf[start..data_start].copy_from_slice(size_line.as_bytes());
+            buf[end..end + 2].copy_from_slice(b"\r\n");
+            end += 2;
+        }
+        let pieces: [&[u8]; 2] = if head_sent {
+            [&[], &buf[start..end]]
+        } else {
+            [head, &buf[start..end]]
+        };
+        write_all(sink, pieces).map_err(StreamError::Write)?;
+        head_sent = true;
+        copied += n as u64;
+        if n == 0 {
+            sink.flush().map_err(StreamError::Write)?;
+            return Ok(copied);
+        }
+    }
+}
+
+/// Writes two slices with as few system calls as the socket allows.
+fn write_all(sink: &mut dyn Write, pieces: [&[u8]; 2]) -> io::Result<()> {
+    let [mut first, mut second] = pieces;
+    while !first.is_empty() || !second.is_empty() {
+        let n = match sink.write_vectored(&[IoSlice::new(first), IoSlice::new(second)]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let from_first = n.min(first.len());
+        first = &first[from_first..];
+        second = &second[n - from_first..];
+    }
+    Ok(())
+}
+
+/// The standard reason phrase of `status`.
+pub fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        204 => "No Content",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        410 => "Gone",
+        413 => "Content Too Large",
+        414 => "URI Too Long",
+        417 => "Expectation Failed",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        _ => "Unknown",
+    }
+}
+
+/// `time` as an IMF-fixdate (RFC 9110 §5.6.7), e.g. `Sun, 06 Nov 1994 08:49:37 GMT`.
+pub fn http_date(time: SystemTime) -> String {
+    let secs = time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let days = secs / 86_400;
+    let (hour, minute, second) = (secs % 86_400 / 3600, secs % 3600 / 60, secs % 60);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{}, {day:02} {} {year} {hour:02}:{minute:02}:{second:02} GMT",
+        WEEKDAYS[(days % 7) as usize],
+        MONTHS[(month - 1) as usize]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn dates_are_imf_fixdates() {
+        assert_eq!(http_date(UNIX_EPOCH), "Thu, 01 Jan 1970 00:00:00 GMT");
+        let t = UNIX_EPOCH + Duration::from_secs(784_111_777);
+        assert_eq!(http_date(t), "Sun, 06 Nov 1994 08:49:37 GMT");
+        let t = UNIX_EPOCH + Duration::from_secs(1_709_164_800); // 2024-02-29
+        assert_eq!(http_date(t), "Thu, 29 Feb 2024 00:00:00 GMT");
+    }
+
+    #[test]
+    fn injected_header_values_are_dropped() {
+        let mut head = Head::new(200);
+        head.header("X-Ok", "fine")
+            .header("X-Bad", "a\r\nSet-Cookie: x")
+            .header("Bad Name", "v");
+        let text = String::from_utf8(head.finish(Payload::Length(0), true)).unwrap();
+        assert!(text.contains("X-Ok: fine\r\n"));
+        assert!(!text.contains("Set-Cookie") && !text.contains("Bad Name"));
+    }
+
+    fn streamed(body: &[u8], payload: Payload) -> Vec<u8> {
+        let mut out = Vec::new();
+        stream_body(b"HEAD\r\n\r\n", &mut &body[..], &mut out, payload).unwrap();
+        out
+    }
+
+    #[test]
+    fn bodies_are_framed() {
+        assert_eq!(streamed(b"hello", Payload::Length(5)), b"HEAD\r\n\r\nhello");
+        assert_eq!(
+            streamed(b"hello", Payload::Chunked),
+            b"HEAD\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        assert_eq!(streamed(b"", Payload::Chunked), b"HEAD\r\n\r\n0\r\n\r\n");
+        assert_eq!(streamed(b"", Payload::UntilClose), b"HEAD\r\n\r\n");
+    }
+}

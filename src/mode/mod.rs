@@ -1,0 +1,51 @@
+//! The channel families, one file each. A mode gets an [`Exchange`] whose head
+//! was read and a routed channel, and answers it; it owns its registry of
+//! channels. The HTTP layer knows nothing of modes.
+//!
+//! [`Exchange`]: crate::http::Exchange
+
+pub mod queue;
+mod wait;
+
+use std::time::{Duration, Instant};
+
+/// When a wait that started now ends: the request's own `?timeout=`, capped by
+/// the server's maximum; `None` waits forever.
+pub fn deadline(requested: Option<Duration>, max_wait: Option<Duration>) -> Option<Instant> {
+    let wait = match (requested, max_wait) {
+        (Some(asked), Some(max)) => Some(asked.min(max)),
+        (asked, max) => asked.or(max),
+    };
+    wait.map(|wait| Instant::now() + wait)
+}
+
+/// The channel's key as info-level logs show it: channel names are
+/// capabilities, so the last segment is cut to its first four characters.
+pub fn short(key: &str) -> String {
+    let (dir, last) = key.rsplit_once('/').unwrap_or(("", key));
+    let mut chars = last.chars();
+    let head: String = chars.by_ref().take(4).collect();
+    let more = if chars.next().is_some() { "…" } else { "" };
+    format!("{dir}/{head}{more}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_are_capped_by_the_server() {
+        assert_eq!(deadline(None, None), None);
+        let start = Instant::now();
+        let capped =
+            deadline(Some(Duration::from_secs(100)), Some(Duration::from_secs(1))).unwrap();
+        assert!(capped < start + Duration::from_secs(2));
+        assert!(deadline(None, Some(Duration::from_secs(5))).is_some());
+    }
+
+    #[test]
+    fn logs_shorten_channel_names() {
+        assert_eq!(short("/jobs"), "/jobs");
+        assert_eq!(short("/u/alice/queue/3f9a0c7e"), "/u/alice/queue/3f9a…");
+    }
+}

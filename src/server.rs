@@ -1,0 +1,358 @@
+//! The server: bind, print the bound address, accept connections and hand each
+//! to a worker thread, serve requests on it in order, and shut down cleanly on
+//! SIGINT/SIGTERM. Reading order: [`run`] → [`accept_loop`] (the main loop) →
+//! [`serve_connection`] → [`dispatch`].
+//!
+//! Threads: one per open connection, from an elastic pool. A finished worker
+//! offers itself for the next connection for [`RETIRE_AFTER`], then exits; the
+//! accept loop reuses an idle worker when one is offering, else spawns one. So
+//! the pool is exactly as large as the connections need, up to
+//! `--max-connections`, and a pool of N blocked workers never starves N+1.
+
+use std::io::{self, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+
+use crate::config::Config;
+use crate::error::{Error, Reject};
+use crate::http::request::{HeadError, HeadTimeouts, read_head};
+use crate::http::{Conn, Exchange, Head, refuse};
+use crate::mode::queue::Queues;
+use crate::route::{self, Action, CHANNEL_METHODS, Mode, Route};
+
+/// Stack size of connection threads: small so that 32-bit Pis can hold
+/// thousands of waiters; nothing on a connection thread recurses or keeps
+/// large buffers on the stack.
+pub const STACK_SIZE: usize = 128 * 1024;
+
+/// How long an idle worker waits for another connection before it exits.
+const RETIRE_AFTER: Duration = Duration::from_secs(30);
+
+/// How long shutdown waits for waiters to be answered and transfers to end.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
+
+/// What every connection thread shares.
+pub struct Relay {
+    config: Config,
+    queues: Queues,
+    /// Set once on SIGINT/SIGTERM; from then on every request gets 503.
+    stopping: AtomicBool,
+    /// Open connections, for --max-connections.
+    open: AtomicUsize,
+    /// Connections in the middle of a request, for the shutdown grace.
+    busy: AtomicUsize,
+}
+
+/// Binds, prints `listening on http://ADDR`, serves until SIGINT or SIGTERM,
+/// then answers every waiter with 503 and returns (the process then exits 0).
+/// A second signal exits at once with status 1.
+pub fn run(config: Config) -> Result<(), Error> {
+    raise_open_files_limit();
+    let (signal_tx, signal_rx) = bounded::<()>(1);
+    let signals = AtomicUsize::new(0);
+    ctrlc::set_handler(move || {
+        if signals.fetch_add(1, Ordering::SeqCst) > 0 {
+            std::process::exit(1);
+        }
+        let _ = signal_tx.try_send(());
+    })
+    .map_err(Error::Signal)?;
+
+    let listener = TcpListener::bind(config.listen).map_err(|source| Error::Bind {
+        addr: config.listen.to_string(),
+        source,
+    })?;
+    let addr = listener.local_addr().map_err(Error::LocalAddr)?;
+    let mut stdout = io::stdout().lock();
+    let _ = writeln!(stdout, "listening on http://{addr}");
+    let _ = stdout.flush();
+    drop(stdout);
+    log::info!(
+        "patchcord {} listening on http://{addr}",
+        env!("CARGO_PKG_VERSION")
+    );
+
+    let relay = Arc::new(Relay {
+        queues: Queues::new(config.max_wait),
+        config,
+        stopping: AtomicBool::new(false),
+        open: AtomicUsize::new(0),
+        busy: AtomicUsize::new(0),
+    });
+    let accepting = Arc::clone(&relay);
+    thread::Builder::new()
+        .name("accept".into())
+        .spawn(move || accept_loop(&listener, &accepting))
+        .map_err(|source| Error::Bind {
+            addr: addr.to_string(),
+            source,
+        })?;
+
+    let _ = signal_rx.recv();
+    relay.shut_down();
+    Ok(())
+}
+
+impl Relay {
+    fn shut_down(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let waiters = self.queues.close();
+        log::info!("stopping: answering {waiters} waiters with 503");
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        while self.busy.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        log::info!("stopped");
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+}
+
+/// Accepts connections forever. An accept error (out of descriptors, a
+/// connection aborted before accept) is logged and waited out, never fatal.
+fn accept_loop(listener: &TcpListener, relay: &Arc<Relay>) {
+    let (idle_tx, idle_rx) = bounded::<TcpStream>(0);
+    // ── the main loop ──
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => admit(stream, relay, &idle_tx, &idle_rx),
+            Err(e)
+                if e.kind() == io::ErrorKind::ConnectionAborted
+                    || e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                log::warn!("accept failed: {e}; retrying shortly");
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// Hands `stream` to an idle worker or a new one, or refuses it with 503.
+fn admit(
+    stream: TcpStream,
+    relay: &Arc<Relay>,
+    idle_tx: &Sender<TcpStream>,
+    idle_rx: &Receiver<TcpStream>,
+) {
+    if relay.is_stopping() {
+        return turn_away(stream, "server shutting down");
+    }
+    if relay.open.fetch_add(1, Ordering::SeqCst) >= relay.config.max_connections {
+        relay.open.fetch_sub(1, Ordering::SeqCst);
+        log::warn!(
+            "refused a connection: --max-connections {} reached",
+            relay.config.max_connections
+        );
+        return turn_away(stream, "too many connections; try again later");
+    }
+    let stream = match idle_tx.try_send(stream) {
+        Ok(()) => return,
+        Err(TrySendError::Full(stream) | TrySendError::Disconnected(stream)) => stream,
+    };
+    // The slot lets the stream be taken back if the thread cannot be started.
+    let slot = Arc::new(Mutex::new(Some(stream)));
+    let worker_slot = Arc::clone(&slot);
+    let worker_relay = Arc::clone(relay);
+    let worker_rx = idle_rx.clone();
+    let spawned = thread::Builder::new()
+        .name("conn".into())
+        .stack_size(STACK_SIZE)
+        .spawn(move || {
+            let first = worker_slot.lock().ok().and_then(|mut s| s.take());
+            let mut next = first;
+            while let Some(stream) = next {
+                serve_connection(&worker_relay, stream);
+                next = worker_rx.recv_timeout(RETIRE_AFTER).ok();
+            }
+        });
+    if let Err(e) = spawned {
+        relay.open.fetch_sub(1, Ordering::SeqCst);
+        log::warn!("cannot start a connection thread: {e}");
+        if let Some(stream) = slot.lock().ok().and_then(|mut s| s.take()) {
+            turn_away(stream, "server out of threads; try again later");
+        }
+    }
+}
+
+/// Answers a connection that will not be served with 503 and closes it.
+fn turn_away(stream: TcpStream, reason: &'static str) {
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+    let _ = refuse(&stream, &Reject::new(503, reason));
+}
+
+/// Decrements a counter when dropped, also when the thread unwinds.
+struct Counted<'a>(&'a AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn new(counter: &'a AtomicUsize) -> Counted<'a> {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Counted(counter)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Serves the requests of one connection, in order, until it closes.
+fn serve_connection(relay: &Relay, stream: TcpStream) {
+    // `open` was counted in admit(); this gives it back however we leave.
+    let _open = Counted(&relay.open);
+    let config = &relay.config;
+    let mut conn = Conn::new(stream, config.idle_timeout);
+    let timeouts = HeadTimeouts {
+        header: config.header_timeout,
+        idle: config.idle_timeout,
+    };
+    let mut first = true;
+    loop {
+        let request = match read_head(&mut conn, timeouts, first) {
+            Ok(request) => request,
+            Err(HeadError::Closed) => return,
+            Err(HeadError::Slow) => {
+                log::debug!("{:?}: request head too slow; closed", conn.peer());
+                return;
+            }
+            Err(HeadError::Io(e)) => {
+                log::debug!("{:?}: {e}", conn.peer());
+                return;
+            }
+            Err(HeadError::Reject(reject)) => {
+                log::debug!("{:?}: {} {}", conn.peer(), reject.status, reject.reason);
+                let _ = refuse(conn.stream(), &reject);
+                return conn.linger_close();
+            }
+        };
+        first = false;
+        let busy = Counted::new(&relay.busy);
+        let _ = conn.set_read_timeout(config.idle_timeout);
+        let mut ex = Exchange::new(&mut conn, request);
+        let result = if relay.is_stopping() {
+            ex.close();
+            Err(Reject::shutting_down())
+        } else {
+            dispatch(relay, &mut ex)
+        };
+        if let Err(reject) = result {
+            if !ex.is_responded() {
+                log::debug!(
+                    "{} {:?}: {} {}",
+                    ex.request.method.as_str(),
+                    ex.request.target,
+                    reject.status,
+                    reject.reason
+                );
+                if ex.reject(&reject).is_err() {
+                    ex.close();
+                }
+            }
+        }
+        let reusable = ex.is_reusable();
+        let linger = ex.is_responded() && !ex.is_body_read();
+        drop(ex);
+        drop(busy);
+        if !reusable {
+            if linger {
+                conn.linger_close();
+            }
+            return;
+        }
+    }
+}
+
+/// Routes one request and serves it.
+fn dispatch(relay: &Relay, ex: &mut Exchange) -> Result<(), Reject> {
+    match route::route(&ex.request.method, &ex.request.target)? {
+        Route::Preflight => {
+            let mut head = Head::new(200);
+            head.header("Allow", CHANNEL_METHODS)
+                .header("Access-Control-Allow-Methods", CHANNEL_METHODS)
+                .header(
+                    "Access-Control-Allow-Headers",
+                    ex.request
+                        .header("access-control-request-headers")
+                        .unwrap_or("*"),
+                )
+                .header("Access-Control-Max-Age", "86400");
+            ex.respond(head, b"")
+                .map_err(|_| Reject::new(500, "client hung up"))
+        }
+        Route::Reserved(path) => Err(Reject::new(
+            404,
+            format!("{path:?} is reserved for the server, not a channel"),
+        )),
+        Route::Channel {
+            channel,
+            action: Action::Delete,
+            ..
+        } => {
+            let (channels, waiters) = relay.queues.end_under(&channel.key, &Reject::deleted());
+            log::info!(
+                "deleted {channels} channels under {}; {waiters} waiters answered 410",
+                crate::mode::short(&channel.key)
+            );
+            ex.respond_text(
+                200,
+                &format!("deleted {channels} channels; {waiters} waiters answered 410"),
+            )
+            .map_err(|_| Reject::new(500, "client hung up"))
+        }
+        Route::Channel {
+            channel,
+            action,
+            query,
+        } => match channel.mode {
+            Mode::Queue => relay.queues.handle(ex, &channel.key, action, &query),
+            mode => Err(Reject::new(
+                501,
+                format!(
+                    "{} channels are not available in this version",
+                    mode.as_str()
+                ),
+            )),
+        },
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit: each connection
+/// holds a descriptor or two, and distributions start with 1024.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the valid, owned `limit`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        log::warn!(
+            "cannot read the open files limit: {}",
+            io::Error::last_os_error()
+        );
+        return;
+    }
+    let before = limit.rlim_cur;
+    // Linux refuses an unlimited soft limit; 1 Mi descriptors is plenty.
+    let wanted = limit.rlim_max.min(1 << 20);
+    if wanted <= before {
+        log::info!("open files limit: {before}");
+        return;
+    }
+    limit.rlim_cur = wanted;
+    // SAFETY: setrlimit reads one rlimit from the valid, owned `limit`.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
+        log::info!("open files limit: {wanted} (raised from {before})");
+    } else {
+        log::warn!(
+            "open files limit stays {before}: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
