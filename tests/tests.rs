@@ -1,3 +1,8 @@
-//! The integration tests: one binary (one link), each module a family.
+//! The integration tests: one binary (one link), each module a family. Every
+//! test starts its own server on 127.0.0.1:0.
 
 mod support;
+
+mod http;
+mod lifecycle;
+mod queue;

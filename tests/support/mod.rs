@@ -1,1 +1,371 @@
-//! Starting the real binary and talking to it.
+//! Starting the real binary on 127.0.0.1:0 and talking to it: a raw HTTP
+//! client on TcpStream (every socket with timeouts), curl and bash runners,
+//! and the server's debug log, so tests wait for "parked" instead of sleeping.
+//!
+//! `PATCHCORD_TEST_RUNNER` (e.g. `qemu-arm-static -L /usr/arm-linux-gnueabihf`)
+//! starts the binary through an emulator; `PATCHCORD_TEST_LOG=1` echoes its log.
+
+#![allow(dead_code)] // each test module uses a different part of the support
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long any single step of a test may take before it fails.
+pub const STEP: Duration = Duration::from_secs(20);
+
+/// A running patchcord, killed when dropped.
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// Starts patchcord with debug logging and default options.
+    pub fn start() -> Server {
+        Server::start_with(&[])
+    }
+
+    /// Starts patchcord with `args` added after `--listen 127.0.0.1:0 --log-level debug`.
+    pub fn start_with(args: &[&str]) -> Server {
+        let binary = env!("CARGO_BIN_EXE_patchcord");
+        let runner = std::env::var("PATCHCORD_TEST_RUNNER").unwrap_or_default();
+        let mut words = runner.split_whitespace();
+        let mut command = match words.next() {
+            Some(program) => {
+                let mut c = Command::new(program);
+                c.args(words).arg(binary);
+                c
+            }
+            None => Command::new(binary),
+        };
+        command
+            .args(["--listen", "127.0.0.1:0", "--log-level", "debug"])
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env_remove("PORT")
+            .env_remove("REQUEST_TIMEOUT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("start patchcord");
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&log);
+        let echo = std::env::var_os("PATCHCORD_TEST_LOG").is_some();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if echo {
+                    eprintln!("server: {line}");
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            let _ = tx.send(line);
+            // Keep draining so the server never blocks on a full pipe.
+            let _ = io::copy(&mut reader, &mut io::sink());
+        });
+        let line = rx
+            .recv_timeout(STEP)
+            .expect("patchcord printed its address");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .expect("an address");
+        Server { child, addr, log }
+    }
+
+    /// `http://ADDR{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// How many log lines so far contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Waits until `n` log lines contain `needle`; panics after [`STEP`].
+    pub fn wait_log(&self, needle: &str, n: usize) {
+        let deadline = Instant::now() + STEP;
+        while self.log_count(needle) < n {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {n} log lines with {needle:?}; log:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The whole log so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Sends `signal` to the server.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill");
+    }
+
+    /// Waits up to `limit` for the server to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Whether the server still answers: one full exchange on a fresh channel.
+    pub fn assert_serving(&self) {
+        let channel = format!("/alive-{}", std::process::id());
+        let mut producer = connect(self.addr);
+        send(&mut producer, &post(&channel, b"still here"));
+        let got = request(self.addr, &get(&channel));
+        assert_eq!((got.status, got.body.as_slice()), (200, &b"still here"[..]));
+        assert_eq!(read_response(&mut producer).unwrap().status, 200);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP connection with read and write timeouts of [`STEP`].
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect_timeout(&addr, STEP).expect("connect");
+    stream.set_read_timeout(Some(STEP)).unwrap();
+    stream.set_write_timeout(Some(STEP)).unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+}
+
+/// Writes all of `bytes`.
+pub fn send(stream: &mut TcpStream, bytes: &[u8]) {
+    stream.write_all(bytes).expect("send");
+}
+
+/// A GET request for `path`.
+pub fn get(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").into_bytes()
+}
+
+/// A POST request for `path` with `body` and a Content-Length.
+pub fn post(path: &str, body: &[u8]) -> Vec<u8> {
+    let mut bytes = format!(
+        "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+/// A parsed response.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Connects, sends `raw`, reads one response.
+pub fn request(addr: SocketAddr, raw: &[u8]) -> Response {
+    let mut stream = connect(addr);
+    send(&mut stream, raw);
+    read_response(&mut stream).expect("a response")
+}
+
+/// Reads a response head (skipping 1xx) and its body.
+pub fn read_response(stream: &mut TcpStream) -> io::Result<Response> {
+    loop {
+        let (status, headers) = read_head(stream)?;
+        if (100..200).contains(&status) {
+            continue;
+        }
+        let response = Response {
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        return read_body(stream, response);
+    }
+}
+
+/// Reads a response head byte by byte (so nothing after it is consumed).
+pub fn read_head(stream: &mut TcpStream) -> io::Result<(u16, Vec<(String, String)>)> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        head.push(byte[0]);
+        assert!(head.len() < 65536, "response head too long");
+    }
+    let mut fields = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Response::new(&mut fields);
+    parsed
+        .parse(&head)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let headers = parsed
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_owned(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect();
+    Ok((parsed.code.unwrap_or(0), headers))
+}
+
+fn read_body(stream: &mut TcpStream, mut response: Response) -> io::Result<Response> {
+    if let Some(length) = response.header("content-length") {
+        // Grow with the bytes that arrive, never with the claim.
+        let length: u64 = length
+            .parse()
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+        stream.take(length).read_to_end(&mut response.body)?;
+        if (response.body.len() as u64) < length {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    } else if response.header("transfer-encoding").is_some() {
+        let mut reader = BufReader::new(stream);
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line)?;
+            let size = usize::from_str_radix(line.trim(), 16)
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+            let mut chunk = vec![0; size + 2];
+            reader.read_exact(&mut chunk)?;
+            if size == 0 {
+                break;
+            }
+            response.body.extend_from_slice(&chunk[..size]);
+        }
+    } else {
+        stream.read_to_end(&mut response.body)?;
+    }
+    Ok(response)
+}
+
+/// Runs curl with `args` (silent, bounded by --max-time).
+pub fn curl(args: &[&str]) -> Output {
+    Command::new("curl")
+        .args(["-sS", "--max-time", "60"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run curl")
+}
+
+/// Starts curl with `args` in the background.
+pub fn spawn_curl(args: &[&str]) -> Child {
+    Command::new("curl")
+        .args(["-sS", "--max-time", "60"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start curl")
+}
+
+/// Waits for a child, failing the test after [`STEP`] * 3.
+pub fn finish(mut child: Child) -> Output {
+    let deadline = Instant::now() + STEP * 3;
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("child did not finish in time");
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    child.wait_with_output().expect("output")
+}
+
+/// Runs a bash script with `$PC` set to the server's `host:port`, in `dir`.
+pub fn bash(server: &Server, dir: &std::path::Path, script: &str) -> Output {
+    let child = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", script])
+        .env("PC", server.addr.to_string())
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run bash");
+    finish(child)
+}
+
+/// A fresh empty directory under the target directory's tmp.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("patchcord-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// `len` bytes of a fixed pseudo-random pattern (xorshift), so corruption shows.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
