@@ -502,3 +502,23 @@ fn reserved_paths_and_later_modes_are_not_channels() {
     assert_eq!(request(server.addr, &get("/pubsub/x")).status, 501);
     assert_eq!(request(server.addr, &get("/a/../b")).status, 400);
 }
+
+#[test]
+fn producer_that_stopped_waiting_for_continue_and_left_never_delivers() {
+    let server = Server::start();
+    let mut gone = connect(server.addr);
+    // Like curl after its 1 s expect timeout: the body follows without a 100.
+    send(
+        &mut gone,
+        b"POST /e HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n",
+    );
+    server.wait_log("parked", 1);
+    send(&mut gone, b"lost");
+    thread::sleep(Duration::from_millis(50));
+    drop(gone);
+    let got = request(server.addr, &get("/e?timeout=0.5"));
+    assert_eq!(
+        got.status, 408,
+        "a producer that left must not deliver: {got:?}"
+    );
+}

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod examples;
 mod http;
 mod lifecycle;
 mod queue;

@@ -92,11 +92,9 @@ impl<'c> Exchange<'c> {
     }
 
     /// Reads whatever of the body the socket already holds, without waiting
-    /// and without sending `100 Continue`; see [`Conn::read_ahead`].
+    /// and without sending `100 Continue` (a client that tired of waiting for
+    /// it may have sent its body anyway); see [`Conn::read_ahead`].
     pub fn read_ahead(&mut self, limit: usize) -> io::Result<()> {
-        if self.continue_pending {
-            return Ok(());
-        }
         self.conn.read_ahead(limit)
     }
 

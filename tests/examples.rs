@@ -1,0 +1,191 @@
+//! The curl examples of the README and the man page, run with real curl and
+//! bash. Each command below must appear verbatim in both documents, so the
+//! documents cannot drift from what is tested. `localhost:3000` is replaced by
+//! the test server's address.
+
+use std::path::Path;
+
+use crate::support::*;
+
+const HTTPIPE_SEND: &str = r#"curl -XPOST localhost:3000/channels/v1/do_work -d"hello""#;
+const HTTPIPE_RECEIVE: &str = "curl -XGET localhost:3000/channels/v1/do_work";
+const DELETE_NAMESPACE: &str = "curl -X DELETE localhost:3000/channels/v1";
+const JOBS_FEED: &str = r#"for f in *.mp3; do curl -sf -d "$f" localhost:3000/jobs; done"#;
+const JOBS_WORK: &str =
+    r#"while f=$(curl -sf localhost:3000/jobs); do ffmpeg -i "$f" "${f%.mp3}.ogg"; done"#;
+const FILE_SEND: &str = "curl -T report.pdf localhost:3000/u/alice/report";
+const FILE_RECEIVE: &str = "curl -o report.pdf localhost:3000/u/alice/report";
+const TAR_SEND: &str = "tar cz photos | curl -sf -T - localhost:3000/backup";
+const TAR_RECEIVE: &str = "curl -sf localhost:3000/backup | tar xz";
+const GET_SEND: &str = r#"curl "localhost:3000/jobs?body=hello+world""#;
+const TIMEOUT: &str = r#"curl -sf "localhost:3000/jobs?timeout=5" || echo "nobody came""#;
+const HEADER_SEND: &str =
+    r#"curl -d "disk full" -H "Patch-H-Title: Build failed" localhost:3000/alerts"#;
+const HEADER_RECEIVE: &str = "curl -i localhost:3000/alerts";
+const RETRY: &str = r#"until curl -sf -d "$msg" localhost:3000/jobs; do sleep 1; done"#;
+
+const ALL: [&str; 14] = [
+    HTTPIPE_SEND,
+    HTTPIPE_RECEIVE,
+    DELETE_NAMESPACE,
+    JOBS_FEED,
+    JOBS_WORK,
+    FILE_SEND,
+    FILE_RECEIVE,
+    TAR_SEND,
+    TAR_RECEIVE,
+    GET_SEND,
+    TIMEOUT,
+    HEADER_SEND,
+    HEADER_RECEIVE,
+    RETRY,
+];
+
+fn local(command: &str) -> String {
+    command.replace("localhost:3000", "$PC")
+}
+
+/// Runs `script` (with `localhost:3000` rewritten), expecting success.
+fn run(server: &Server, dir: &Path, script: &str) -> String {
+    let output = bash(server, dir, &local(script));
+    assert!(
+        output.status.success(),
+        "script failed: {script}\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Undoes the roff escapes the man page needs around these commands.
+fn unroff(page: &str) -> String {
+    page.replace("\\-", "-")
+        .replace("\\(dq", "\"")
+        .replace("\\(aq", "'")
+        .replace("\\e", "\\")
+        .replace("\\&", "")
+}
+
+#[test]
+fn every_example_is_in_the_readme_and_the_man_page() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let page = unroff(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/man/patchcord.1")).unwrap(),
+    );
+    for command in ALL {
+        assert!(readme.contains(command), "README.md lacks: {command}");
+        assert!(page.contains(command), "man/patchcord.1 lacks: {command}");
+    }
+}
+
+#[test]
+fn httpipe_example_and_namespace_delete() {
+    let server = Server::start();
+    let dir = temp_dir("ex-httpipe");
+    let out = run(
+        &server,
+        &dir,
+        &format!("{HTTPIPE_SEND} & {HTTPIPE_RECEIVE}; wait"),
+    );
+    assert_eq!(out, "hello");
+    let waiter = spawn_curl(&[
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &server.url("/channels/v1/other"),
+    ]);
+    server.wait_log("parked", 2);
+    run(&server, &dir, DELETE_NAMESPACE);
+    assert_eq!(String::from_utf8_lossy(&finish(waiter).stdout), "410");
+}
+
+#[test]
+fn job_queue_feeds_workers() {
+    let server = Server::start();
+    let dir = temp_dir("ex-jobs");
+    for name in ["a", "b", "c", "d", "e"] {
+        std::fs::write(dir.join(format!("{name}.mp3")), name).unwrap();
+    }
+    // Stand-in for ffmpeg: record the job. Two workers; the feeder ends when
+    // all five jobs were taken; then DELETE ends the workers' last waits (410).
+    let script = format!(
+        "ffmpeg() {{ echo \"$2\" >> done.txt; }}\n\
+         ({JOBS_WORK}) & ({JOBS_WORK}) &\n\
+         {JOBS_FEED}\n\
+         for i in $(seq 100); do [ -z \"$(jobs -r)\" ] && break; curl -sf -X DELETE localhost:3000/jobs >/dev/null; sleep 0.1; done\n\
+         wait"
+    );
+    run(&server, &dir, &script);
+    let mut done: Vec<String> = std::fs::read_to_string(dir.join("done.txt"))
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    done.sort();
+    assert_eq!(done, ["a.ogg", "b.ogg", "c.ogg", "d.ogg", "e.ogg"]);
+}
+
+#[test]
+fn file_sharing_and_streams() {
+    let server = Server::start();
+    let dir = temp_dir("ex-files");
+    let report = pattern(3 << 20, 11);
+    std::fs::write(dir.join("report.pdf"), &report).unwrap();
+    std::fs::create_dir_all(dir.join("photos")).unwrap();
+    std::fs::write(dir.join("photos/cat.jpg"), pattern(1 << 20, 12)).unwrap();
+    std::fs::create_dir_all(dir.join("out")).unwrap();
+    run(
+        &server,
+        &dir,
+        &format!("{FILE_SEND} & (cd out && {FILE_RECEIVE}); wait"),
+    );
+    assert!(std::fs::read(dir.join("out/report.pdf")).unwrap() == report);
+    run(
+        &server,
+        &dir,
+        &format!("{TAR_SEND} & (cd out && {TAR_RECEIVE}); wait"),
+    );
+    assert!(std::fs::read(dir.join("out/photos/cat.jpg")).unwrap() == pattern(1 << 20, 12));
+}
+
+#[test]
+fn sending_with_a_get() {
+    let server = Server::start();
+    let dir = temp_dir("ex-get");
+    let out = run(
+        &server,
+        &dir,
+        &format!("{GET_SEND} >/dev/null & curl -s localhost:3000/jobs; wait"),
+    );
+    assert_eq!(out, "hello world");
+}
+
+#[test]
+fn timeouts_and_retries() {
+    let server = Server::start_with(&["--timeout", "0.5"]);
+    let dir = temp_dir("ex-timeout");
+    assert_eq!(run(&server, &dir, TIMEOUT), "nobody came\n");
+    let server = Server::start();
+    let out = run(
+        &server,
+        &dir,
+        &format!("msg=retried; ({RETRY}) & curl -s localhost:3000/jobs; wait"),
+    );
+    assert_eq!(out, "retried");
+}
+
+#[test]
+fn headers_travel() {
+    let server = Server::start();
+    let dir = temp_dir("ex-headers");
+    let out = run(
+        &server,
+        &dir,
+        &format!("{HEADER_SEND} & {HEADER_RECEIVE}; wait"),
+    );
+    assert!(out.contains("Title: Build failed\r\n"), "{out}");
+    assert!(out.ends_with("disk full"), "{out}");
+}
