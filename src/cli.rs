@@ -2,6 +2,7 @@
 //! environment twin; the doc comments are the `--help` text. Validation and
 //! defaults that depend on other variables live in `config.rs`.
 
+use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand};
 
 /// An HTTP relay: programs meet on named channels, with nothing but curl.
@@ -83,12 +84,12 @@ pub struct ServeArgs {
     )]
     pub log_level: log::LevelFilter,
 
-    /// Log more: the same as --log-level debug.
-    #[arg(short, long, env = "PATCHCORD_VERBOSE", conflicts_with = "quiet")]
+    /// Log more: the same as --log-level debug (wins over --quiet).
+    #[arg(short, long, env = "PATCHCORD_VERBOSE", value_parser = BoolishValueParser::new())]
     pub verbose: bool,
 
     /// Log less: the same as --log-level warn.
-    #[arg(short, long, env = "PATCHCORD_QUIET")]
+    #[arg(short, long, env = "PATCHCORD_QUIET", value_parser = BoolishValueParser::new())]
     pub quiet: bool,
 }
 
@@ -136,5 +137,32 @@ mod tests {
         assert_eq!(plain.into_serve_args().port, Some(8080));
         let explicit = Cli::try_parse_from(["patchcord", "serve", "--port", "8081"]).unwrap();
         assert_eq!(explicit.into_serve_args().port, Some(8081));
+    }
+
+    /// The man page documents every flag and every environment variable.
+    #[test]
+    fn man_page_names_every_flag_and_variable() {
+        let page = include_str!("../man/patchcord.1").replace("\\-", "-");
+        let command = Cli::command();
+        let mut names = vec![
+            "PORT".to_owned(),
+            "REQUEST_TIMEOUT".to_owned(),
+            "RUST_LOG".to_owned(),
+        ];
+        for arg in command.get_arguments() {
+            if let Some(long) = arg.get_long() {
+                names.push(format!("--{long}"));
+            }
+            if let Some(env) = arg.get_env() {
+                names.push(env.to_string_lossy().into_owned());
+            }
+        }
+        assert!(names.len() > 12, "{names:?}");
+        for name in names {
+            assert!(
+                page.contains(&name),
+                "man/patchcord.1 does not mention {name}"
+            );
+        }
     }
 }

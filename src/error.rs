@@ -17,6 +17,8 @@ pub enum Error {
     Signal(ctrlc::Error),
     /// The logger could not be installed.
     Logger(log::SetLoggerError),
+    /// The accept thread could not be started.
+    Spawn(io::Error),
 }
 
 impl fmt::Display for Error {
@@ -26,6 +28,7 @@ impl fmt::Display for Error {
             Error::LocalAddr(_) => write!(f, "cannot read the bound address"),
             Error::Signal(_) => write!(f, "cannot install the signal handler"),
             Error::Logger(_) => write!(f, "cannot install the logger"),
+            Error::Spawn(_) => write!(f, "cannot start the accept thread"),
         }
     }
 }
@@ -37,6 +40,7 @@ impl std::error::Error for Error {
             Error::LocalAddr(source) => Some(source),
             Error::Signal(source) => Some(source),
             Error::Logger(source) => Some(source),
+            Error::Spawn(source) => Some(source),
         }
     }
 }

@@ -130,13 +130,9 @@ pub fn route(method: &Method, target: &str) -> Result<Route, Reject> {
             }
         }
     }
-    let sends_by_query = query.body.is_some()
-        && (query.get("method").is_none()
-            || query
-                .get("method")
-                .is_some_and(|m| m.eq_ignore_ascii_case("post")));
     let action = match method {
-        Method::Get if sends_by_query => Action::Send,
+        // `?body=` makes a GET a send (patchbay's `?method=post&body=` too).
+        Method::Get if query.body.is_some() => Action::Send,
         Method::Get => Action::Receive,
         Method::Post | Method::Put => Action::Send,
         Method::Delete => Action::Delete,
@@ -386,10 +382,6 @@ mod tests {
         assert_eq!(
             channel_of(Method::Get, "/a?method=post&body=hi").4,
             Action::Send
-        );
-        assert_eq!(
-            channel_of(Method::Get, "/a?method=get&body=hi").4,
-            Action::Receive
         );
         assert_eq!(channel_of(Method::Delete, "/a").4, Action::Delete);
         assert_eq!(

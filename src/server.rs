@@ -88,10 +88,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     thread::Builder::new()
         .name("accept".into())
         .spawn(move || accept_loop(&listener, &accepting))
-        .map_err(|source| Error::Bind {
-            addr: addr.to_string(),
-            source,
-        })?;
+        .map_err(Error::Spawn)?;
 
     let _ = signal_rx.recv();
     relay.shut_down();
@@ -244,10 +241,11 @@ fn serve_connection(relay: &Relay, stream: TcpStream) {
         };
         if let Err(reject) = result {
             if !ex.is_responded() {
+                // The path only: the query may carry token= or secret=.
+                let path = ex.request.target.split('?').next().unwrap_or("");
                 log::debug!(
-                    "{} {:?}: {} {}",
+                    "{} {path:?}: {} {}",
                     ex.request.method.as_str(),
-                    ex.request.target,
                     reject.status,
                     reject.reason
                 );

@@ -112,7 +112,7 @@ fn job_queue_feeds_workers() {
     // Stand-in for ffmpeg: record the job. Two workers; the feeder ends when
     // all five jobs were taken; then DELETE ends the workers' last waits (410).
     let script = format!(
-        "ffmpeg() {{ echo \"$2\" >> done.txt; }}\n\
+        "ffmpeg() {{ echo \"$3\" >> done.txt; }}\n\
          ({JOBS_WORK}) & ({JOBS_WORK}) &\n\
          {JOBS_FEED}\n\
          for i in $(seq 100); do [ -z \"$(jobs -r)\" ] && break; curl -sf -X DELETE localhost:3000/jobs >/dev/null; sleep 0.1; done\n\

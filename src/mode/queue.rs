@@ -179,6 +179,9 @@ impl Queues {
         };
         let deadline = deadline(query.timeout, self.max_wait);
         let may_park = deadline.is_none_or(|d| d > Instant::now());
+        // A consumer handed back by a producer that vanished was first in
+        // line, and goes back to the front.
+        let mut handed_back = false;
         loop {
             let mut waiting = Some(consumer);
             let producer = self
@@ -186,7 +189,13 @@ impl Queues {
                 .with(key, |queue| {
                     let producer = queue.producers.pop_front();
                     if producer.is_none() && may_park {
-                        queue.consumers.extend(waiting.take());
+                        if let Some(me) = waiting.take() {
+                            if handed_back {
+                                queue.consumers.push_front(me);
+                            } else {
+                                queue.consumers.push_back(me);
+                            }
+                        }
                     }
                     producer
                 })
@@ -233,6 +242,7 @@ impl Queues {
                 Delivery::Ended(reject) => return Err(reject),
                 Delivery::Retry(me) => {
                     consumer = me;
+                    handed_back = true;
                     continue;
                 }
             }
