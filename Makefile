@@ -10,7 +10,7 @@ LISTEN ?= 0.0.0.0:3000
 BIN := target/release/patchcord
 SOURCES := $(shell find src -name '*.rs') Cargo.toml Cargo.lock
 
-.PHONY: all build run test check lint-man install uninstall clean
+.PHONY: all build run test check lint-man bench install uninstall clean
 
 all: build
 
@@ -30,6 +30,10 @@ test:
 check: test lint-man
 	$(CARGO) fmt --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+# The benchmark: a table of figures (BENCH_ARGS, e.g. --json out.json, --only stream).
+bench:
+	$(CARGO) bench --locked --bench relay -- $(BENCH_ARGS)
 
 lint-man:
 	@if command -v mandoc >/dev/null 2>&1; then \

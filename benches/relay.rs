@@ -1,0 +1,818 @@
+//! `make bench`: measures a relay from outside, as a user's scripts would see
+//! it, and prints one table (scenario, figure, unit). Std only: its own HTTP
+//! client on TcpStream, server CPU and memory from /proc.
+//!
+//! It starts the patchcord built with it on 127.0.0.1:0, or measures any
+//! server already running with `--url http://HOST:PORT --pid PID` (so the
+//! same tool measures other relays). `--json FILE` writes the figures too;
+//! `--smoke` runs every scenario tiny, to keep the harness working in CI.
+//! Figures taken under an emulator (qemu) are not performance figures: the
+//! harness refuses to run there unless given `--pi`.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+
+struct Options {
+    url: Option<String>,
+    pid: Option<u32>,
+    json: Option<String>,
+    smoke: bool,
+    pi: bool,
+    only: Option<String>,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: relay [--url http://HOST:PORT --pid PID] [--json FILE] [--smoke] [--only NAME] [--pi]\n\
+         Scenarios: rendezvous, reconnect, stream, backpressure, waiters, fanout, idle"
+    );
+    std::process::exit(2)
+}
+
+fn parse_options() -> Options {
+    let mut options = Options {
+        url: None,
+        pid: None,
+        json: None,
+        smoke: false,
+        pi: false,
+        only: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--url" => options.url = Some(args.next().unwrap_or_else(|| usage())),
+            "--pid" => {
+                options.pid = Some(
+                    args.next()
+                        .and_then(|p| p.parse().ok())
+                        .unwrap_or_else(|| usage()),
+                )
+            }
+            "--json" => options.json = Some(args.next().unwrap_or_else(|| usage())),
+            "--only" => options.only = Some(args.next().unwrap_or_else(|| usage())),
+            "--smoke" => options.smoke = true,
+            "--pi" => options.pi = true,
+            // cargo bench passes --bench to harness=false targets.
+            "--bench" => {}
+            _ => usage(),
+        }
+    }
+    options
+}
+
+/// The server under test.
+struct Target {
+    addr: SocketAddr,
+    pid: u32,
+    child: Option<Child>,
+    binary: Option<String>,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn start_patchcord() -> Target {
+    let binary = env!("CARGO_BIN_EXE_patchcord").to_owned();
+    let mut child = Command::new(&binary)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--quiet",
+            "--max-connections",
+            "30000",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start patchcord");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("address line");
+    let addr = line
+        .trim()
+        .trim_start_matches("listening on http://")
+        .parse()
+        .expect("address");
+    Target {
+        addr,
+        pid: child.id(),
+        child: Some(child),
+        binary: Some(binary),
+    }
+}
+
+/// Server-side figures read from /proc.
+fn proc_status(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    proc_status(pid, "VmRSS:")
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    proc_status(pid, "VmHWM:")
+}
+
+fn threads(pid: u32) -> u64 {
+    proc_status(pid, "Threads:")
+}
+
+/// Resets VmHWM so each scenario reports its own peak (Linux ≥ 4.0).
+fn reset_peak(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+/// Server CPU time (user + system) in microseconds.
+fn cpu_us(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0);
+    // USER_HZ is 100 on every Linux target patchcord runs on.
+    ticks * 10_000
+}
+
+fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(60)))?;
+    Ok(stream)
+}
+
+/// A small keep-alive HTTP/1.1 client: enough to send relay requests and
+/// read Content-Length or chunked responses.
+struct Client {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Client {
+    fn new(addr: SocketAddr) -> io::Result<Client> {
+        Ok(Client {
+            stream: connect(addr)?,
+            buf: vec![0; 64 * 1024],
+            start: 0,
+            end: 0,
+        })
+    }
+
+    fn fill(&mut self) -> io::Result<()> {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        if self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let n = self.stream.read(&mut self.buf[self.end..])?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        self.end += n;
+        Ok(())
+    }
+
+    fn line(&mut self) -> io::Result<String> {
+        loop {
+            if let Some(i) = self.buf[self.start..self.end]
+                .iter()
+                .position(|&b| b == b'\n')
+            {
+                let line = String::from_utf8_lossy(&self.buf[self.start..self.start + i])
+                    .trim_end()
+                    .to_owned();
+                self.start += i + 1;
+                return Ok(line);
+            }
+            self.fill()?;
+        }
+    }
+
+    /// Reads a response, discarding its body; returns (status, body length).
+    fn response(&mut self) -> io::Result<(u16, u64)> {
+        loop {
+            let status_line = self.line()?;
+            let status: u16 = status_line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            let mut length = None;
+            let mut chunked = false;
+            loop {
+                let line = self.line()?;
+                if line.is_empty() {
+                    break;
+                }
+                let lower = line.to_ascii_lowercase();
+                if let Some(v) = lower.strip_prefix("content-length:") {
+                    length = v.trim().parse::<u64>().ok();
+                } else if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
+                    chunked = true;
+                }
+            }
+            if (100..200).contains(&status) {
+                continue;
+            }
+            let body = if chunked {
+                let mut total = 0;
+                loop {
+                    let size = u64::from_str_radix(
+                        self.line()?.split(';').next().unwrap_or("").trim(),
+                        16,
+                    )
+                    .map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+                    self.skip(size)?;
+                    self.line()?;
+                    if size == 0 {
+                        break total;
+                    }
+                    total += size;
+                }
+            } else {
+                let length = length.unwrap_or(0);
+                self.skip(length)?;
+                length
+            };
+            return Ok((status, body));
+        }
+    }
+
+    fn skip(&mut self, mut n: u64) -> io::Result<()> {
+        while n > 0 {
+            if self.start == self.end {
+                self.fill()?;
+            }
+            let take = (self.end - self.start).min(usize::try_from(n).unwrap_or(usize::MAX));
+            self.start += take;
+            n -= take as u64;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+}
+
+fn post(path: &str, body: &[u8], close: bool) -> Vec<u8> {
+    let connection = if close { "Connection: close\r\n" } else { "" };
+    let mut bytes = format!(
+        "POST {path} HTTP/1.1\r\nHost: bench\r\n{connection}Content-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+fn get(path: &str, close: bool) -> Vec<u8> {
+    let connection = if close { "Connection: close\r\n" } else { "" };
+    format!("GET {path} HTTP/1.1\r\nHost: bench\r\n{connection}\r\n").into_bytes()
+}
+
+/// One line of the result table.
+struct Figure {
+    scenario: String,
+    name: String,
+    value: f64,
+    unit: &'static str,
+}
+
+struct Report {
+    figures: Vec<Figure>,
+}
+
+impl Report {
+    fn add(&mut self, scenario: &str, name: &str, value: f64, unit: &'static str) {
+        println!(
+            "{:<34} {:<28} {:>14} {}",
+            scenario,
+            name,
+            format_value(value),
+            unit
+        );
+        let _ = io::stdout().flush();
+        self.figures.push(Figure {
+            scenario: scenario.to_owned(),
+            name: name.to_owned(),
+            value,
+            unit,
+        });
+    }
+
+    fn json(&self) -> String {
+        let mut out = String::from("[\n");
+        for (i, f) in self.figures.iter().enumerate() {
+            let comma = if i + 1 < self.figures.len() { "," } else { "" };
+            let value = if f.value.is_finite() {
+                format!("{}", f.value)
+            } else {
+                "null".to_owned()
+            };
+            out.push_str(&format!(
+                "  {{\"scenario\": {:?}, \"figure\": {:?}, \"value\": {value}, \"unit\": {:?}}}{comma}\n",
+                f.scenario, f.name, f.unit
+            ));
+        }
+        out.push(']');
+        out.push('\n');
+        out
+    }
+}
+
+fn format_value(value: f64) -> String {
+    if !value.is_finite() {
+        "n/a".to_owned()
+    } else if value >= 100.0 || value == value.trunc() {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.2}")
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Scenarios 1 and 2: `pairs` producer/consumer pairs on distinct channels
+/// exchange 64-byte messages for `duration`.
+fn rendezvous(
+    report: &mut Report,
+    target: &Target,
+    label: &str,
+    pairs: usize,
+    keep_alive: bool,
+    duration: Duration,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let exchanges = Arc::new(AtomicU64::new(0));
+    let barrier = Arc::new(Barrier::new(pairs * 2 + 1));
+    let body = [b'x'; 64];
+    let mut handles = Vec::new();
+    for pair in 0..pairs {
+        let path = format!("/bench/{}/{pair}", slug(label));
+        for producer in [true, false] {
+            let (stop, exchanges, barrier, path) = (
+                stop.clone(),
+                exchanges.clone(),
+                barrier.clone(),
+                path.clone(),
+            );
+            let addr = target.addr;
+            handles.push(thread::spawn(move || -> Vec<Duration> {
+                let mut latencies = Vec::new();
+                let request = if producer {
+                    post(&path, &body, !keep_alive)
+                } else {
+                    get(&path, !keep_alive)
+                };
+                let mut client = if keep_alive {
+                    Client::new(addr).ok()
+                } else {
+                    None
+                };
+                barrier.wait();
+                while !stop.load(Ordering::Relaxed) {
+                    if !keep_alive {
+                        client = Client::new(addr).ok();
+                    }
+                    let Some(c) = client.as_mut() else { break };
+                    let started = Instant::now();
+                    if c.send(&request).is_err() {
+                        break;
+                    }
+                    match c.response() {
+                        Ok((200, _)) => {}
+                        _ => break,
+                    }
+                    if !producer {
+                        latencies.push(started.elapsed());
+                        exchanges.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                // Release the partner, which may be parked waiting for us.
+                stop.store(true, Ordering::Relaxed);
+                latencies
+            }));
+        }
+    }
+    barrier.wait();
+    let cpu_before = cpu_us(target.pid);
+    let started = Instant::now();
+    thread::sleep(duration);
+    let done = exchanges.load(Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    let cpu_after = cpu_us(target.pid);
+    stop.store(true, Ordering::Relaxed);
+    // Unblock anyone parked at the end: a DELETE of the whole prefix.
+    let mut waiters_freed = Client::new(target.addr).ok();
+    if let Some(c) = waiters_freed.as_mut() {
+        let _ = c.send(
+            format!(
+                "DELETE /bench/{} HTTP/1.1\r\nHost: bench\r\n\r\n",
+                slug(label)
+            )
+            .as_bytes(),
+        );
+        let _ = c.response();
+    }
+    let mut latencies: Vec<Duration> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap_or_default())
+        .collect();
+    latencies.sort();
+    let scenario = format!("{label} ({pairs} pairs)");
+    report.add(
+        &scenario,
+        "exchanges per second",
+        done as f64 / elapsed.as_secs_f64(),
+        "pairs/s",
+    );
+    report.add(
+        &scenario,
+        "consumer latency p50",
+        percentile(&latencies, 0.5).as_secs_f64() * 1e3,
+        "ms",
+    );
+    report.add(
+        &scenario,
+        "consumer latency p99",
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+        "ms",
+    );
+    let per_pair = if done > 0 {
+        (cpu_after - cpu_before) as f64 / done as f64
+    } else {
+        f64::NAN
+    };
+    report.add(&scenario, "server CPU per pair", per_pair, "us");
+}
+
+fn slug(label: &str) -> String {
+    label.replace(' ', "-")
+}
+
+/// Scenario 3: `total` bytes through one channel, with a Content-Length
+/// upload or a chunked one.
+fn stream(report: &mut Report, target: &Target, total: u64, chunked: bool) {
+    reset_peak(target.pid);
+    let path = if chunked {
+        "/bench/stream/chunked"
+    } else {
+        "/bench/stream/length"
+    };
+    let addr = target.addr;
+    let consumer = thread::spawn(move || -> io::Result<(u64, Duration)> {
+        let mut c = Client::new(addr)?;
+        c.send(&get(path, false))?;
+        let started = Instant::now();
+        let (_, n) = c.response()?;
+        Ok((n, started.elapsed()))
+    });
+    let mut producer = connect(addr).expect("connect");
+    let head = if chunked {
+        format!("POST {path} HTTP/1.1\r\nHost: bench\r\nTransfer-Encoding: chunked\r\n\r\n")
+    } else {
+        format!("POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {total}\r\n\r\n")
+    };
+    producer.write_all(head.as_bytes()).expect("head");
+    let block = vec![0u8; 256 * 1024];
+    let mut sent = 0;
+    while sent < total {
+        let n = (total - sent).min(block.len() as u64) as usize;
+        if chunked {
+            producer
+                .write_all(format!("{n:x}\r\n").as_bytes())
+                .expect("chunk");
+            producer.write_all(&block[..n]).expect("body");
+            producer.write_all(b"\r\n").expect("chunk end");
+        } else {
+            producer.write_all(&block[..n]).expect("body");
+        }
+        sent += n as u64;
+    }
+    if chunked {
+        producer.write_all(b"0\r\n\r\n").expect("last chunk");
+    }
+    let mut answer = [0u8; 256];
+    let _ = producer.read(&mut answer);
+    let (received, elapsed) = consumer.join().expect("consumer").expect("consumer io");
+    let scenario = format!(
+        "stream {} MiB ({})",
+        total / MIB,
+        if chunked { "chunked" } else { "length" }
+    );
+    assert_eq!(
+        received, total,
+        "{scenario}: received {received} of {total} bytes"
+    );
+    report.add(
+        &scenario,
+        "throughput",
+        total as f64 / MIB as f64 / elapsed.as_secs_f64(),
+        "MiB/s",
+    );
+    report.add(
+        &scenario,
+        "server peak RSS",
+        peak_rss_kib(target.pid) as f64 / 1024.0,
+        "MiB",
+    );
+}
+
+/// Scenario 4: `total` bytes to a consumer that reads at `rate` bytes/s.
+fn backpressure(report: &mut Report, target: &Target, total: u64, rate: u64) {
+    let addr = target.addr;
+    let path = "/bench/backpressure";
+    let producer = thread::spawn(move || {
+        let mut p = connect(addr).expect("connect");
+        let _ = p.write_all(
+            format!("POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {total}\r\n\r\n")
+                .as_bytes(),
+        );
+        let block = vec![0u8; 256 * 1024];
+        let mut sent = 0;
+        while sent < total {
+            let n = (total - sent).min(block.len() as u64) as usize;
+            if p.write_all(&block[..n]).is_err() {
+                break;
+            }
+            sent += n as u64;
+        }
+    });
+    let mut consumer = connect(addr).expect("connect");
+    consumer.write_all(&get(path, false)).expect("get");
+    let started = Instant::now();
+    let mut received = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut samples = Vec::new();
+    let mut next_sample = Instant::now();
+    while received < total {
+        // Pace: never ahead of `rate`.
+        let allowed = (started.elapsed().as_secs_f64() * rate as f64) as u64 + buf.len() as u64;
+        if received >= allowed {
+            thread::sleep(Duration::from_millis(2));
+            continue;
+        }
+        match consumer.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => received += n as u64,
+        }
+        if Instant::now() >= next_sample {
+            samples.push(rss_kib(target.pid));
+            next_sample += Duration::from_millis(250);
+        }
+    }
+    let _ = producer.join();
+    let scenario = format!(
+        "backpressure {} MiB at {} MB/s",
+        total / MIB,
+        rate / 1_000_000
+    );
+    let max = samples.iter().copied().max().unwrap_or(0);
+    let min = samples.iter().copied().min().unwrap_or(0);
+    report.add(&scenario, "server RSS max", max as f64 / 1024.0, "MiB");
+    report.add(
+        &scenario,
+        "server RSS growth (max-min)",
+        (max - min) as f64 / 1024.0,
+        "MiB",
+    );
+}
+
+/// Scenario 5: `count` idle consumers parked on distinct channels.
+fn waiters(report: &mut Report, target: &Target, count: usize) {
+    raise_open_files_limit();
+    let rss_before = rss_kib(target.pid);
+    let threads_before = threads(target.pid);
+    let mut parked = Vec::with_capacity(count);
+    for i in 0..count {
+        match connect(target.addr) {
+            Ok(mut s) => {
+                if s.write_all(&get(&format!("/bench/waiters/{i}"), false))
+                    .is_err()
+                {
+                    break;
+                }
+                parked.push(s);
+            }
+            Err(e) => {
+                eprintln!("waiters: connection {i} failed: {e}");
+                break;
+            }
+        }
+    }
+    // Let the server park them all.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while threads(target.pid) < threads_before + parked.len() as u64 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    thread::sleep(Duration::from_millis(500));
+    let rss = rss_kib(target.pid);
+    let scenario = format!("waiters ({})", parked.len());
+    report.add(&scenario, "server RSS", rss as f64 / 1024.0, "MiB");
+    report.add(
+        &scenario,
+        "server threads",
+        threads(target.pid) as f64,
+        "threads",
+    );
+    report.add(
+        &scenario,
+        "RSS per waiter",
+        (rss.saturating_sub(rss_before)) as f64 / parked.len().max(1) as f64,
+        "KiB",
+    );
+    // A full exchange on another channel while they wait.
+    let mut worst = Duration::ZERO;
+    for i in 0..20 {
+        let path = format!("/bench/alongside/{i}");
+        let addr = target.addr;
+        let producer = thread::spawn(move || {
+            let mut p = Client::new(addr).ok()?;
+            p.send(&post(&path, b"ping", false)).ok()?;
+            p.response().ok()
+        });
+        let started = Instant::now();
+        let mut c = Client::new(target.addr).expect("connect");
+        c.send(&get(&format!("/bench/alongside/{i}"), false))
+            .expect("send");
+        let _ = c.response();
+        worst = worst.max(started.elapsed());
+        let _ = producer.join();
+    }
+    report.add(
+        &scenario,
+        "exchange alongside, worst of 20",
+        worst.as_secs_f64() * 1e3,
+        "ms",
+    );
+    let mut c = Client::new(target.addr).expect("connect");
+    let _ = c.send(b"DELETE /bench/waiters HTTP/1.1\r\nHost: bench\r\n\r\n");
+    let _ = c.response();
+    drop(parked);
+}
+
+fn raise_open_files_limit() {
+    // The harness itself holds one descriptor per waiter; ask the shell's
+    // hard limit through `ulimit` semantics by reading /proc/self/limits.
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    if let Some(line) = limits.lines().find(|l| l.starts_with("Max open files")) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if let (Some(soft), Some(hard)) = (fields.get(3), fields.get(4)) {
+            if soft != hard {
+                eprintln!(
+                    "note: open files soft limit {soft} < hard {hard}; run `ulimit -n {hard}` first for large waiter counts"
+                );
+            }
+        }
+    }
+}
+
+/// Scenario 7: idle RSS and binary size.
+fn idle(report: &mut Report, target: &Target) {
+    if target.child.is_some() {
+        report.add(
+            "idle server",
+            "RSS after start",
+            rss_kib(target.pid) as f64 / 1024.0,
+            "MiB",
+        );
+    }
+    if let Some(binary) = &target.binary {
+        let size = std::fs::metadata(binary).map(|m| m.len()).unwrap_or(0);
+        report.add(
+            "idle server",
+            "binary size (stripped)",
+            size as f64 / MIB as f64,
+            "MiB",
+        );
+    }
+}
+
+fn under_emulation() -> bool {
+    // qemu-user reports the emulated CPU; binfmt or a runner shows in the maps.
+    std::fs::read_to_string("/proc/self/maps").is_ok_and(|m| m.contains("qemu"))
+        || std::env::var_os("QEMU_LD_PREFIX").is_some()
+}
+
+fn main() {
+    let options = parse_options();
+    if under_emulation() && !options.pi {
+        eprintln!(
+            "relay bench: running under emulation (qemu); figures would mean nothing. Pass --pi to run anyway."
+        );
+        std::process::exit(2);
+    }
+    let target = match (&options.url, options.pid) {
+        (Some(url), Some(pid)) => {
+            let hostport = url.trim_start_matches("http://").trim_end_matches('/');
+            let addr = hostport
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .unwrap_or_else(|| usage());
+            Target {
+                addr,
+                pid,
+                child: None,
+                binary: None,
+            }
+        }
+        (None, None) => start_patchcord(),
+        _ => usage(),
+    };
+    let wanted = |name: &str| options.only.as_deref().is_none_or(|only| only == name);
+    let smoke = options.smoke;
+    let mut report = Report {
+        figures: Vec::new(),
+    };
+    println!("{:<34} {:<28} {:>14} unit", "scenario", "figure", "value");
+    if wanted("idle") {
+        idle(&mut report, &target);
+    }
+    let seconds = Duration::from_millis(if smoke { 300 } else { 3000 });
+    if wanted("rendezvous") {
+        for pairs in if smoke { vec![1, 4] } else { vec![1, 50, 200] } {
+            rendezvous(&mut report, &target, "keep-alive", pairs, true, seconds);
+        }
+    }
+    if wanted("reconnect") {
+        rendezvous(
+            &mut report,
+            &target,
+            "new connection",
+            if smoke { 4 } else { 50 },
+            false,
+            seconds,
+        );
+    }
+    if wanted("stream") {
+        let total = if smoke { 16 * MIB } else { 1024 * MIB };
+        stream(&mut report, &target, total, false);
+        stream(&mut report, &target, total, true);
+    }
+    if wanted("backpressure") {
+        let (total, rate) = if smoke {
+            (4 * MIB, 25_000_000)
+        } else {
+            (256 * MIB, 25_000_000)
+        };
+        backpressure(&mut report, &target, total, rate);
+    }
+    if wanted("waiters") {
+        for count in if smoke {
+            vec![100]
+        } else {
+            vec![1_000, 10_000]
+        } {
+            waiters(&mut report, &target, count);
+        }
+    }
+    if wanted("fanout") {
+        report.add(
+            "fan-out 1 -> 100 (pubsub)",
+            "messages delivered per second",
+            f64::NAN,
+            "msg/s",
+        );
+    }
+    if let Some(path) = &options.json {
+        std::fs::write(path, report.json()).expect("write --json file");
+    }
+}
