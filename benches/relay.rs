@@ -26,11 +26,12 @@ struct Options {
     smoke: bool,
     pi: bool,
     only: Option<String>,
+    pairs: Option<usize>,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: relay [--url http://HOST:PORT --pid PID] [--json FILE] [--smoke] [--only NAME] [--pi]\n\
+        "usage: relay [--url http://HOST:PORT --pid PID] [--json FILE] [--smoke] [--only NAME] [--pairs N] [--pi]\n\
          Scenarios: rendezvous, reconnect, stream, backpressure, waiters, fanout, idle"
     );
     std::process::exit(2)
@@ -44,6 +45,7 @@ fn parse_options() -> Options {
         smoke: false,
         pi: false,
         only: None,
+        pairs: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -58,6 +60,13 @@ fn parse_options() -> Options {
             }
             "--json" => options.json = Some(args.next().unwrap_or_else(|| usage())),
             "--only" => options.only = Some(args.next().unwrap_or_else(|| usage())),
+            "--pairs" => {
+                options.pairs = Some(
+                    args.next()
+                        .and_then(|p| p.parse().ok())
+                        .unwrap_or_else(|| usage()),
+                )
+            }
             "--smoke" => options.smoke = true,
             "--pi" => options.pi = true,
             // cargo bench passes --bench to harness=false targets.
@@ -768,7 +777,12 @@ fn main() {
     }
     let seconds = Duration::from_millis(if smoke { 300 } else { 3000 });
     if wanted("rendezvous") {
-        for pairs in if smoke { vec![1, 4] } else { vec![1, 50, 200] } {
+        let counts = match options.pairs {
+            Some(n) => vec![n],
+            None if smoke => vec![1, 4],
+            None => vec![1, 50, 200],
+        };
+        for pairs in counts {
             rendezvous(&mut report, &target, "keep-alive", pairs, true, seconds);
         }
     }

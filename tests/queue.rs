@@ -196,9 +196,9 @@ fn continue_is_sent_only_when_a_consumer_arrives() {
     assert_eq!(read_response(&mut producer).unwrap().status, 200);
 }
 
-fn sixty_four_mib(upload: &[&str]) {
+fn sixty_four_mib(name: &str, upload: &[&str]) {
     let server = Server::start();
-    let dir = temp_dir(&format!("64-{}", upload.len()));
+    let dir = temp_dir(name);
     let data = pattern(64 << 20, 64);
     let input = dir.join("in");
     let output = dir.join("out");
@@ -228,12 +228,12 @@ fn sixty_four_mib(upload: &[&str]) {
 
 #[test]
 fn sixty_four_mib_with_content_length_arrives_byte_identical() {
-    sixty_four_mib(&["--data-binary", "@-"]);
+    sixty_four_mib("64-length", &["--data-binary", "@-"]);
 }
 
 #[test]
 fn sixty_four_mib_chunked_arrives_byte_identical() {
-    sixty_four_mib(&["-T", "-"]);
+    sixty_four_mib("64-chunked", &["-T", "-"]);
 }
 
 #[test]

@@ -5,6 +5,7 @@
 use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The buffer's first allocation; it grows only as real bytes arrive.
@@ -12,8 +13,13 @@ const INITIAL_BUFFER: usize = 2048;
 
 /// A client connection with its read buffer.
 pub struct Conn {
-    stream: TcpStream,
+    /// Shared so that another thread may write a response to this socket
+    /// (see `mode/queue.rs`) without a second descriptor; it closes when the
+    /// last holder drops it.
+    stream: Arc<TcpStream>,
     peer: Option<SocketAddr>,
+    /// The read timeout last set, so it is set again only when it changes.
+    read_timeout: Option<Duration>,
     /// Bytes read from the socket; `buf[pos..len]` are not yet used.
     buf: Vec<u8>,
     pos: usize,
@@ -30,17 +36,23 @@ impl Conn {
         let _ = stream.set_write_timeout(Some(write_timeout));
         let peer = stream.peer_addr().ok();
         Conn {
-            stream,
+            stream: Arc::new(stream),
             peer,
+            read_timeout: None,
             buf: Vec::new(),
             pos: 0,
             len: 0,
         }
     }
 
-    /// The socket, for writing and for cloning a handle another thread may write to.
+    /// The socket, for writing.
     pub fn stream(&self) -> &TcpStream {
         &self.stream
+    }
+
+    /// A handle on the socket that another thread may write to.
+    pub fn shared_stream(&self) -> Arc<TcpStream> {
+        Arc::clone(&self.stream)
     }
 
     /// The client's address, for logs.
@@ -65,6 +77,10 @@ impl Conn {
     /// Reads once from the socket into the buffer, letting the buffer hold at
     /// most `limit` unused bytes. Returns how many bytes arrived (0: end of stream).
     pub fn fill(&mut self, limit: usize) -> io::Result<usize> {
+        self.fill_with(limit, 0)
+    }
+
+    fn fill_with(&mut self, limit: usize, flags: libc::c_int) -> io::Result<usize> {
         if self.pos > 0 {
             self.buf.copy_within(self.pos..self.len, 0);
             self.len -= self.pos;
@@ -81,7 +97,11 @@ impl Conn {
             self.buf.resize(grown, 0);
         }
         let end = self.buf.len().min(limit);
-        let n = self.stream.read(&mut self.buf[self.len..end])?;
+        let n = if flags == 0 {
+            (&*self.stream).read(&mut self.buf[self.len..end])?
+        } else {
+            recv(&self.stream, &mut self.buf[self.len..end], flags)?
+        };
         self.len += n;
         Ok(n)
     }
@@ -90,34 +110,33 @@ impl Conn {
     /// buffer holds `limit` unused bytes. Afterwards [`is_open`] on this socket
     /// sees a hang-up that was queued behind those bytes.
     pub fn read_ahead(&mut self, limit: usize) -> io::Result<()> {
-        self.stream.set_nonblocking(true)?;
-        let result = loop {
-            if self.len - self.pos >= limit {
-                break Ok(());
+        while self.len - self.pos < limit {
+            match self.fill_with(limit, libc::MSG_DONTWAIT) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
-            match self.fill(limit) {
-                Ok(0) => break Ok(()),
-                Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => break Err(e),
-            }
-        };
-        self.stream.set_nonblocking(false)?;
-        result
+        }
+        Ok(())
     }
 
-    /// Sets the socket's read timeout.
-    pub fn set_read_timeout(&self, timeout: Duration) -> io::Result<()> {
-        self.stream
-            .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
+    /// Sets the socket's read timeout (a system call only when it changes).
+    pub fn set_read_timeout(&mut self, timeout: Duration) -> io::Result<()> {
+        let timeout = Some(timeout.max(Duration::from_millis(1)));
+        if self.read_timeout != timeout {
+            self.stream.set_read_timeout(timeout)?;
+            self.read_timeout = timeout;
+        }
+        Ok(())
     }
 
     /// Closes after a response that left request bytes unread: stops writing,
     /// then reads and drops what the client still sends for a short while, so
     /// the kernel does not answer those bytes with a reset that could destroy
     /// the response before the client reads it (RFC 9112 §9.6).
-    pub fn linger_close(mut self) {
+    pub fn linger_close(self) {
         let _ = self.stream.shutdown(Shutdown::Write);
         let deadline = Instant::now() + Duration::from_secs(1);
         let mut drained = 0usize;
@@ -127,7 +146,7 @@ impl Conn {
             if left.is_zero() || self.stream.set_read_timeout(Some(left)).is_err() {
                 break;
             }
-            match self.stream.read(&mut scratch) {
+            match (&*self.stream).read(&mut scratch) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => drained += n,
             }
@@ -139,7 +158,7 @@ impl Read for Conn {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         if self.pos == self.len {
             // Nothing buffered: large reads go straight to the socket.
-            return self.stream.read(out);
+            return (&*self.stream).read(out);
         }
         let n = out.len().min(self.len - self.pos);
         out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
@@ -173,6 +192,24 @@ pub fn is_open(stream: &TcpStream) -> bool {
         io::Error::last_os_error().kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
     )
+}
+
+/// recv(2) with `flags` (e.g. MSG_DONTWAIT: never blocks, whatever the socket's mode).
+fn recv(stream: &TcpStream, out: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
+    // SAFETY: `out` is valid for `out.len()` bytes of writes for the duration
+    // of the call, and the descriptor is owned by `stream`, which outlives it.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            out.as_mut_ptr().cast(),
+            out.len(),
+            flags,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
 }
 
 /// Turns on TCP keepalive so a peer that vanished without a FIN is noticed

@@ -95,7 +95,13 @@ impl<'c> Exchange<'c> {
     /// and without sending `100 Continue` (a client that tired of waiting for
     /// it may have sent its body anyway); see [`Conn::read_ahead`].
     pub fn read_ahead(&mut self, limit: usize) -> io::Result<()> {
-        self.conn.read_ahead(limit)
+        let buffered = self.conn.buffered().len() as u64;
+        match self.body {
+            // Nothing of the body is left on the socket: a probe sees what follows.
+            BodyState::Done => Ok(()),
+            BodyState::Length(left) if buffered >= left => Ok(()),
+            _ => self.conn.read_ahead(limit),
+        }
     }
 
     /// Starts a response whose body the caller streams: the head, with the

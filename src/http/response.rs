@@ -117,12 +117,17 @@ pub fn stream_body(
     // Layout: [head][chunk-size line][data][CRLF], so each round is one write.
     const SIZE_LINE: usize = 18;
     let data_start = head.len() + SIZE_LINE;
-    let mut buf = vec![0u8; data_start + COPY_BUFFER + 2];
+    // A small message gets a small buffer: no 64 KiB to clear for 64 bytes.
+    let capacity = match payload {
+        Payload::Length(n) => usize::try_from(n).map_or(COPY_BUFFER, |n| n.clamp(1, COPY_BUFFER)),
+        Payload::Chunked | Payload::UntilClose => COPY_BUFFER,
+    };
+    let mut buf = vec![0u8; data_start + capacity + 2];
     buf[..head.len()].copy_from_slice(head);
     let mut head_sent = false;
     let mut copied = 0u64;
     loop {
-        let n = match source.read(&mut buf[data_start..data_start + COPY_BUFFER]) {
+        let n = match source.read(&mut buf[data_start..data_start + capacity]) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(error) => {

@@ -13,6 +13,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::{Shutdown, TcpStream};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -83,8 +84,8 @@ enum Wake {
 /// A consumer, as the producer that serves it sees it.
 struct Consumer {
     id: u64,
-    /// A clone of the consumer's socket; the producer writes the response to it.
-    stream: TcpStream,
+    /// The consumer's socket; the producer writes the response to it.
+    stream: Arc<TcpStream>,
     version: Version,
     keep_alive: bool,
     /// The consumer's `?mime=`, which overrides the message's Content-Type.
@@ -162,11 +163,7 @@ impl Queues {
                 "a receive (GET) takes no body; send with POST or PUT",
             ));
         }
-        let stream = ex
-            .conn
-            .stream()
-            .try_clone()
-            .map_err(|e| Reject::new(503, format!("cannot hold the connection: {e}")))?;
+        let stream = ex.conn.shared_stream();
         let (done_tx, done_rx) = bounded(1);
         let id = self.next_id();
         let mut consumer = Consumer {
@@ -423,7 +420,7 @@ fn transfer(
     }
     let reusable = consumer.keep_alive && payload != Payload::UntilClose;
     let head = head.finish(payload, reusable);
-    let mut sink = &consumer.stream;
+    let mut sink = &*consumer.stream;
     let result = match &message.inline {
         Some(bytes) => stream_body(&head, &mut &bytes[..], &mut sink, payload),
         None => stream_body(&head, ex, &mut sink, payload),
