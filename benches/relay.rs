@@ -448,17 +448,19 @@ fn rendezvous(
     let elapsed = started.elapsed();
     let cpu_after = cpu_us(target.pid);
     stop.store(true, Ordering::Relaxed);
-    // Unblock anyone parked at the end: a DELETE of the whole prefix.
-    let mut waiters_freed = Client::new(target.addr).ok();
-    if let Some(c) = waiters_freed.as_mut() {
-        let _ = c.send(
-            format!(
-                "DELETE /bench/{} HTTP/1.1\r\nHost: bench\r\n\r\n",
-                slug(label)
-            )
-            .as_bytes(),
-        );
-        let _ = c.response();
+    // A client may have sent one last request just as the others stopped;
+    // DELETE the channels (answering such waiters 410) until all are done.
+    let delete = format!(
+        "DELETE /bench/{} HTTP/1.1\r\nHost: bench\r\n\r\n",
+        slug(label)
+    );
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while handles.iter().any(|h| !h.is_finished()) && Instant::now() < give_up {
+        if let Ok(mut c) = Client::new(target.addr) {
+            let _ = c.send(delete.as_bytes());
+            let _ = c.response();
+        }
+        thread::sleep(Duration::from_millis(100));
     }
     let mut latencies: Vec<Duration> = handles
         .into_iter()
@@ -748,7 +750,11 @@ fn main() {
         );
         std::process::exit(2);
     }
-    let target = match (&options.url, options.pid) {
+    // Each scenario gets a fresh server when the harness starts it, so one
+    // scenario's pooled threads do not count in the next one's memory.
+    let url = options.url.clone();
+    let pid = options.pid;
+    let fresh = move || match (&url, pid) {
         (Some(url), Some(pid)) => {
             let hostport = url.trim_start_matches("http://").trim_end_matches('/');
             let addr = hostport
@@ -773,7 +779,7 @@ fn main() {
     };
     println!("{:<34} {:<28} {:>14} unit", "scenario", "figure", "value");
     if wanted("idle") {
-        idle(&mut report, &target);
+        idle(&mut report, &fresh());
     }
     let seconds = Duration::from_millis(if smoke { 300 } else { 3000 });
     if wanted("rendezvous") {
@@ -783,13 +789,13 @@ fn main() {
             None => vec![1, 50, 200],
         };
         for pairs in counts {
-            rendezvous(&mut report, &target, "keep-alive", pairs, true, seconds);
+            rendezvous(&mut report, &fresh(), "keep-alive", pairs, true, seconds);
         }
     }
     if wanted("reconnect") {
         rendezvous(
             &mut report,
-            &target,
+            &fresh(),
             "new connection",
             if smoke { 4 } else { 50 },
             false,
@@ -798,8 +804,8 @@ fn main() {
     }
     if wanted("stream") {
         let total = if smoke { 16 * MIB } else { 1024 * MIB };
-        stream(&mut report, &target, total, false);
-        stream(&mut report, &target, total, true);
+        stream(&mut report, &fresh(), total, false);
+        stream(&mut report, &fresh(), total, true);
     }
     if wanted("backpressure") {
         let (total, rate) = if smoke {
@@ -807,7 +813,7 @@ fn main() {
         } else {
             (256 * MIB, 25_000_000)
         };
-        backpressure(&mut report, &target, total, rate);
+        backpressure(&mut report, &fresh(), total, rate);
     }
     if wanted("waiters") {
         for count in if smoke {
@@ -815,7 +821,7 @@ fn main() {
         } else {
             vec![1_000, 10_000]
         } {
-            waiters(&mut report, &target, count);
+            waiters(&mut report, &fresh(), count);
         }
     }
     if wanted("fanout") {
