@@ -521,6 +521,7 @@ fn stream(report: &mut Report, target: &Target, total: u64, chunked: bool) {
     } else {
         format!("POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {total}\r\n\r\n")
     };
+    let cpu_before = cpu_us(target.pid);
     producer.write_all(head.as_bytes()).expect("head");
     let block = vec![0u8; 256 * 1024];
     let mut sent = 0;
@@ -563,6 +564,13 @@ fn stream(report: &mut Report, target: &Target, total: u64, chunked: bool) {
         "server peak RSS",
         peak_rss_kib(target.pid) as f64 / 1024.0,
         "MiB",
+    );
+    let cpu_ms = (cpu_us(target.pid) - cpu_before) as f64 / 1000.0;
+    report.add(
+        &scenario,
+        "server CPU per GiB",
+        cpu_ms / (total as f64 / (1024.0 * MIB as f64)),
+        "ms",
     );
 }
 

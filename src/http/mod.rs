@@ -7,18 +7,22 @@
 //! - `request.rs`: request heads and their limits
 //! - `body.rs`: request bodies (Content-Length, chunked, 100-continue)
 //! - `response.rs`: response heads and streamed bodies
+//! - `splice.rs`: socket-to-socket copies inside the kernel (Linux)
 
 pub mod body;
 pub mod conn;
 pub mod request;
 pub mod response;
+#[cfg(target_os = "linux")]
+pub mod splice;
 
 use std::io::{self, Read, Write};
+use std::net::TcpStream;
 
 pub use body::BodyState;
 pub use conn::{Conn, is_open};
 pub use request::{Framing, Method, Request, Version};
-pub use response::{Head, Payload};
+pub use response::{Head, Payload, StreamError};
 
 use crate::error::Reject;
 
@@ -102,6 +106,78 @@ impl<'c> Exchange<'c> {
             BodyState::Length(left) if buffered >= left => Ok(()),
             _ => self.conn.read_ahead(limit),
         }
+    }
+
+    /// Streams this request's body, after `head`, into `sink` (another
+    /// client's socket), framed by `payload`. A large Content-Length body is
+    /// spliced inside the kernel; anything else is copied through a buffer.
+    pub fn stream_body_to(
+        &mut self,
+        head: &[u8],
+        sink: &TcpStream,
+        payload: Payload,
+    ) -> Result<u64, StreamError> {
+        #[cfg(target_os = "linux")]
+        if let (BodyState::Length(left), Payload::Length(length)) = (self.body, payload) {
+            if left == length && length >= splice::SPLICE_MIN {
+                if let Ok(pipe) = splice::Pipe::new() {
+                    return self.splice_body_to(head, sink, &pipe, length);
+                }
+            }
+        }
+        let mut sink = sink;
+        response::stream_body(head, self, &mut sink, payload)
+    }
+
+    #[cfg(target_os = "linux")]
+    fn splice_body_to(
+        &mut self,
+        head: &[u8],
+        sink: &TcpStream,
+        pipe: &splice::Pipe,
+        length: u64,
+    ) -> Result<u64, StreamError> {
+        // The first bytes, and whatever else is already buffered, go the
+        // ordinary way: a producer gone before its first byte leaves the
+        // consumer untouched (sent: 0), as in the copy loop.
+        let mut first = vec![0u8; 16 * 1024];
+        let mut copied = 0u64;
+        loop {
+            let n = match self.read(&mut first) {
+                Ok(0) => Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "client closed before the body ended",
+                )),
+                Ok(n) => Ok(n),
+                Err(e) => Err(e),
+            };
+            let n = n.map_err(|error| StreamError::Read {
+                sent: if copied == 0 {
+                    0
+                } else {
+                    head.len() as u64 + copied
+                },
+                error,
+            })?;
+            let head_now: &[u8] = if copied == 0 { head } else { &[] };
+            response::write_all(&mut &*sink, [head_now, &first[..n]])
+                .map_err(StreamError::Write)?;
+            copied += n as u64;
+            if self.conn.buffered().is_empty() || copied == length {
+                break;
+            }
+        }
+        let left = length - copied;
+        let moved =
+            splice::splice_exact(self.conn.stream(), sink, pipe, left).map_err(|e| match e {
+                splice::SpliceError::Read { error, moved } => StreamError::Read {
+                    error,
+                    sent: head.len() as u64 + copied + moved,
+                },
+                splice::SpliceError::Write(error) => StreamError::Write(error),
+            })?;
+        self.body = BodyState::Done;
+        Ok(copied + moved)
     }
 
     /// Starts a response whose body the caller streams: the head, with the

@@ -168,7 +168,7 @@ pub fn stream_body(
 }
 
 /// Writes two slices with as few system calls as the socket allows.
-fn write_all(sink: &mut dyn Write, pieces: [&[u8]; 2]) -> io::Result<()> {
+pub fn write_all(sink: &mut dyn Write, pieces: [&[u8]; 2]) -> io::Result<()> {
     let [mut first, mut second] = pieces;
     while !first.is_empty() || !second.is_empty() {
         let n = match sink.write_vectored(&[IoSlice::new(first), IoSlice::new(second)]) {

@@ -423,7 +423,7 @@ fn transfer(
     let mut sink = &*consumer.stream;
     let result = match &message.inline {
         Some(bytes) => stream_body(&head, &mut &bytes[..], &mut sink, payload),
-        None => stream_body(&head, ex, &mut sink, payload),
+        None => ex.stream_body_to(&head, &consumer.stream, payload),
     };
     let done = consumer.done.clone();
     match result {
