@@ -522,3 +522,56 @@ fn producer_that_stopped_waiting_for_continue_and_left_never_delivers() {
         "a producer that left must not deliver: {got:?}"
     );
 }
+
+#[test]
+fn producer_that_left_behind_a_large_unread_body_never_delivers() {
+    let server = Server::start();
+    let mut gone = connect(server.addr);
+    let body = vec![b'x'; 200_000];
+    send(&mut gone, &post("/big-gone", &body));
+    server.wait_log("parked", 1);
+    drop(gone);
+    thread::sleep(Duration::from_millis(100));
+    // Its hang-up hides behind the unread body, so the consumer's response
+    // may already have started: it must end cut (or as 408), never as a 200.
+    let mut consumer = connect(server.addr);
+    send(&mut consumer, &get("/big-gone?timeout=1"));
+    match read_response(&mut consumer) {
+        Ok(got) => assert_eq!(
+            got.status,
+            408,
+            "delivered {} bytes of a producer that left",
+            got.body.len()
+        ),
+        Err(cut) => assert_eq!(cut.kind(), std::io::ErrorKind::UnexpectedEof, "{cut}"),
+    }
+}
+
+#[test]
+fn consumer_that_left_behind_a_pipelined_request_is_never_paired() {
+    let server = Server::start();
+    let mut gone = connect(server.addr);
+    send(&mut gone, &get("/pipelined"));
+    server.wait_log("parked", 1);
+    send(&mut gone, &get("/pipelined-next"));
+    thread::sleep(Duration::from_millis(100));
+    drop(gone);
+    thread::sleep(Duration::from_millis(100));
+    let got = request(server.addr, &post("/pipelined?timeout=1", b"hello"));
+    assert_eq!(
+        got.status, 408,
+        "a consumer that left must not be sent the message"
+    );
+}
+
+#[test]
+fn huge_timeout_is_a_long_wait_not_a_crash() {
+    let server = Server::start();
+    let mut consumer = connect(server.addr);
+    send(&mut consumer, &get("/forever?timeout=1e19"));
+    server.wait_log("parked", 1);
+    let got = request(server.addr, &post("/forever", b"still"));
+    assert_eq!(got.status, 200);
+    assert_eq!(read_response(&mut consumer).unwrap().text(), "still");
+    assert_eq!(server.log_count("panicked"), 0, "{}", server.log());
+}

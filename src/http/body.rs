@@ -5,7 +5,7 @@
 
 use std::io::{self, Read, Write};
 
-use crate::http::conn::Conn;
+use crate::http::conn::{Conn, is_open};
 use crate::http::request::Framing;
 
 /// Longest chunk-size line, extensions included.
@@ -59,6 +59,21 @@ impl BodyReader<'_> {
         Ok(())
     }
 
+    /// Refuses to complete a body whose client has left: a client that sent
+    /// its body and hung up before its answer would retry, so what it sent
+    /// must not be delivered. Checked as the last bytes are read, since a
+    /// hang-up queued behind unread bytes cannot be seen earlier.
+    fn check_still_there(&self) -> io::Result<()> {
+        if is_open(self.conn.stream()) {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "client left before its answer",
+            ))
+        }
+    }
+
     /// Ensures a whole line is buffered and returns its length, LF included.
     fn line(&mut self, limit: usize) -> io::Result<usize> {
         loop {
@@ -101,11 +116,12 @@ impl Read for BodyReader<'_> {
                     self.send_continue()?;
                     let n = self.read_data(out, left)?;
                     let left = left - n as u64;
-                    *self.state = if left == 0 {
-                        BodyState::Done
+                    if left == 0 {
+                        self.check_still_there()?;
+                        *self.state = BodyState::Done;
                     } else {
-                        BodyState::Length(left)
-                    };
+                        *self.state = BodyState::Length(left);
+                    }
                     return Ok(n);
                 }
                 BodyState::ChunkData(left) => {
@@ -156,6 +172,7 @@ impl Read for BodyReader<'_> {
                             return Err(invalid("trailer section too large"));
                         }
                     }
+                    self.check_still_there()?;
                     *self.state = BodyState::Done;
                     return Ok(0);
                 }

@@ -168,30 +168,50 @@ impl Read for Conn {
 }
 
 /// Whether the peer of `stream` may still be there: false once it has closed
-/// or reset the connection. Never blocks and never consumes bytes. Bytes
-/// waiting to be read count as open (see [`Conn::read_ahead`]).
+/// or reset the connection, even with bytes of its still unread. Never blocks
+/// and never consumes bytes. A client that half-closes counts as gone.
 pub fn is_open(stream: &TcpStream) -> bool {
-    let mut byte = 0u8;
-    // SAFETY: `byte` is valid for one byte of writes for the duration of the
-    // call, and the descriptor is owned by `stream`, which outlives the call.
-    let n = unsafe {
-        libc::recv(
+    #[cfg(target_os = "linux")]
+    if let Some(established) = is_established(stream) {
+        return established;
+    }
+    // Elsewhere: peek. Bytes waiting to be read count as open, so read them
+    // ahead first (see [`Conn::read_ahead`]).
+    let mut byte = [0u8; 1];
+    match recv(stream, &mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT) {
+        Ok(n) => n > 0,
+        Err(e) => matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+        ),
+    }
+}
+
+/// TCP_ESTABLISHED from the kernel's include/net/tcp_states.h (libc has no constant for it).
+#[cfg(target_os = "linux")]
+const TCP_ESTABLISHED: u8 = 1;
+
+/// The kernel's view of the connection (TCP_INFO): whether it is still
+/// ESTABLISHED. CLOSE_WAIT means the peer's FIN arrived, whatever is still
+/// unread; CLOSE means it reset. None if the kernel would not say.
+#[cfg(target_os = "linux")]
+fn is_established(stream: &TcpStream) -> Option<bool> {
+    // SAFETY: tcp_info is plain data, valid when zeroed.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the pointer and length describe `info`, a live tcp_info that
+    // the kernel fills (possibly partly; tcpi_state is its first byte), and
+    // the descriptor is owned by `stream` for the duration of the call.
+    let rc = unsafe {
+        libc::getsockopt(
             stream.as_raw_fd(),
-            (&mut byte as *mut u8).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
         )
     };
-    if n > 0 {
-        return true;
-    }
-    if n == 0 {
-        return false;
-    }
-    matches!(
-        io::Error::last_os_error().kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-    )
+    (rc == 0 && len > 0).then_some(info.tcpi_state == TCP_ESTABLISHED)
 }
 
 /// recv(2) with `flags` (e.g. MSG_DONTWAIT: never blocks, whatever the socket's mode).

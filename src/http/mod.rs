@@ -167,17 +167,34 @@ impl<'c> Exchange<'c> {
                 break;
             }
         }
+        // All but the last byte move inside the kernel; the last is read the
+        // ordinary way, which checks that the client is still there before
+        // the consumer's response is complete.
         let left = length - copied;
+        let spliced = left.saturating_sub(1);
         let moved =
-            splice::splice_exact(self.conn.stream(), sink, pipe, left).map_err(|e| match e {
+            splice::splice_exact(self.conn.stream(), sink, pipe, spliced).map_err(|e| match e {
                 splice::SpliceError::Read { error, moved } => StreamError::Read {
                     error,
                     sent: head.len() as u64 + copied + moved,
                 },
                 splice::SpliceError::Write(error) => StreamError::Write(error),
             })?;
-        self.body = BodyState::Done;
-        Ok(copied + moved)
+        self.body = BodyState::Length(left - moved);
+        let sent = head.len() as u64 + copied + moved;
+        let mut last = [0u8; 1];
+        while !self.is_body_read() {
+            let n = match self.read(&mut last) {
+                Ok(0) => Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "client closed before the body ended",
+                )),
+                other => other,
+            }
+            .map_err(|error| StreamError::Read { error, sent })?;
+            response::write_all(&mut &*sink, [&last[..n], &[]]).map_err(StreamError::Write)?;
+        }
+        Ok(length)
     }
 
     /// Starts a response whose body the caller streams: the head, with the

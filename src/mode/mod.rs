@@ -16,7 +16,8 @@ pub fn deadline(requested: Option<Duration>, max_wait: Option<Duration>) -> Opti
         (Some(asked), Some(max)) => Some(asked.min(max)),
         (asked, max) => asked.or(max),
     };
-    wait.map(|wait| Instant::now() + wait)
+    // A wait too long to represent (`?timeout=1e19`) is no deadline at all.
+    wait.and_then(|wait| Instant::now().checked_add(wait))
 }
 
 /// The channel's key as info-level logs show it: channel names are
@@ -41,6 +42,7 @@ mod tests {
             deadline(Some(Duration::from_secs(100)), Some(Duration::from_secs(1))).unwrap();
         assert!(capped < start + Duration::from_secs(2));
         assert!(deadline(None, Some(Duration::from_secs(5))).is_some());
+        assert_eq!(deadline(Some(Duration::from_secs(u64::MAX)), None), None);
     }
 
     #[test]

@@ -428,6 +428,11 @@ fn transfer(
     let done = consumer.done.clone();
     match result {
         Ok(bytes) => {
+            if !reusable {
+                // End a close-delimited response now, not when the last
+                // handle on the socket is dropped.
+                let _ = consumer.stream.shutdown(Shutdown::Write);
+            }
             let _ = done.send(Delivery::Sent { reusable });
             log::info!("queue {}: delivered {bytes} bytes", short(key));
             if let Err(error) = ex.respond(Head::new(200), b"") {
