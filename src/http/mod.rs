@@ -140,61 +140,55 @@ impl<'c> Exchange<'c> {
         // The first bytes, and whatever else is already buffered, go the
         // ordinary way: a producer gone before its first byte leaves the
         // consumer untouched (sent: 0), as in the copy loop.
-        let mut first = vec![0u8; 16 * 1024];
-        let mut copied = 0u64;
-        loop {
-            let n = match self.read(&mut first) {
-                Ok(0) => Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "client closed before the body ended",
-                )),
-                Ok(n) => Ok(n),
-                Err(e) => Err(e),
-            };
-            let n = n.map_err(|error| StreamError::Read {
-                sent: if copied == 0 {
-                    0
-                } else {
-                    head.len() as u64 + copied
-                },
-                error,
-            })?;
-            let head_now: &[u8] = if copied == 0 { head } else { &[] };
-            response::write_all(&mut &*sink, [head_now, &first[..n]])
-                .map_err(StreamError::Write)?;
-            copied += n as u64;
-            if self.conn.buffered().is_empty() || copied == length {
-                break;
-            }
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut sent = self.forward(&mut buf, head, sink, 0)?;
+        while !self.conn.buffered().is_empty() && !self.is_body_read() {
+            sent += self.forward(&mut buf, &[], sink, sent)?;
         }
-        // All but the last byte move inside the kernel; the last is read the
+        let BodyState::Length(left) = self.body else {
+            return Ok(length);
+        };
+        // All but the last byte move inside the kernel. The last is read the
         // ordinary way, which checks that the client is still there before
         // the consumer's response is complete.
-        let left = length - copied;
-        let spliced = left.saturating_sub(1);
-        let moved =
-            splice::splice_exact(self.conn.stream(), sink, pipe, spliced).map_err(|e| match e {
+        let moved = splice::splice_exact(self.conn.stream(), sink, pipe, left - 1).map_err(
+            |e| match e {
                 splice::SpliceError::Read { error, moved } => StreamError::Read {
                     error,
-                    sent: head.len() as u64 + copied + moved,
+                    sent: sent + moved,
                 },
                 splice::SpliceError::Write(error) => StreamError::Write(error),
-            })?;
+            },
+        )?;
         self.body = BodyState::Length(left - moved);
-        let sent = head.len() as u64 + copied + moved;
-        let mut last = [0u8; 1];
+        sent += moved;
         while !self.is_body_read() {
-            let n = match self.read(&mut last) {
-                Ok(0) => Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "client closed before the body ended",
-                )),
-                other => other,
-            }
-            .map_err(|error| StreamError::Read { error, sent })?;
-            response::write_all(&mut &*sink, [&last[..n], &[]]).map_err(StreamError::Write)?;
+            sent += self.forward(&mut buf[..1], &[], sink, sent)?;
         }
         Ok(length)
+    }
+
+    /// Reads some of the body into `buf` and writes it, after `head`, to
+    /// `sink`; returns the bytes written. `sent` (bytes the sink already got)
+    /// goes into a read error.
+    #[cfg(target_os = "linux")]
+    fn forward(
+        &mut self,
+        buf: &mut [u8],
+        head: &[u8],
+        sink: &TcpStream,
+        sent: u64,
+    ) -> Result<u64, StreamError> {
+        let n = match self.read(buf) {
+            Ok(0) => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "client closed before the body ended",
+            )),
+            other => other,
+        }
+        .map_err(|error| StreamError::Read { error, sent })?;
+        response::write_all(&mut &*sink, [head, &buf[..n]]).map_err(StreamError::Write)?;
+        Ok((head.len() + n) as u64)
     }
 
     /// Starts a response whose body the caller streams: the head, with the
