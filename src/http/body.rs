@@ -201,7 +201,8 @@ fn invalid(reason: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, reason)
 }
 
-fn early_end() -> io::Error {
+/// The error of a body that ended before its framing said it would.
+pub fn early_end() -> io::Error {
     io::Error::new(
         io::ErrorKind::UnexpectedEof,
         "client closed before the body ended",

@@ -107,8 +107,8 @@ impl Conn {
     }
 
     /// Reads whatever the socket already holds, without waiting, until the
-    /// buffer holds `limit` unused bytes. Afterwards [`is_open`] on this socket
-    /// sees a hang-up that was queued behind those bytes.
+    /// buffer holds `limit` unused bytes. Afterwards the peek that [`is_open`]
+    /// falls back on off Linux sees a hang-up queued behind those bytes.
     pub fn read_ahead(&mut self, limit: usize) -> io::Result<()> {
         while self.len - self.pos < limit {
             match self.fill_with(limit, libc::MSG_DONTWAIT) {

@@ -151,15 +151,7 @@ impl<'c> Exchange<'c> {
         // All but the last byte move inside the kernel. The last is read the
         // ordinary way, which checks that the client is still there before
         // the consumer's response is complete.
-        let moved = splice::splice_exact(self.conn.stream(), sink, pipe, left - 1).map_err(
-            |e| match e {
-                splice::SpliceError::Read { error, moved } => StreamError::Read {
-                    error,
-                    sent: sent + moved,
-                },
-                splice::SpliceError::Write(error) => StreamError::Write(error),
-            },
-        )?;
+        let moved = splice::splice_exact(self.conn.stream(), sink, pipe, left - 1, sent)?;
         self.body = BodyState::Length(left - moved);
         sent += moved;
         while !self.is_body_read() {
@@ -180,10 +172,7 @@ impl<'c> Exchange<'c> {
         sent: u64,
     ) -> Result<u64, StreamError> {
         let n = match self.read(buf) {
-            Ok(0) => Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "client closed before the body ended",
-            )),
+            Ok(0) => Err(body::early_end()),
             other => other,
         }
         .map_err(|error| StreamError::Read { error, sent })?;

@@ -8,6 +8,9 @@ use std::io;
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+use crate::http::body::early_end;
+use crate::http::response::StreamError;
+
 /// Bodies at least this long are spliced.
 pub const SPLICE_MIN: u64 = 256 * 1024;
 
@@ -34,44 +37,35 @@ impl Pipe {
     }
 }
 
-/// Why a splice stopped early.
-#[derive(Debug)]
-pub enum SpliceError {
-    /// The source failed or ended after `moved` bytes reached the sink.
-    Read { error: io::Error, moved: u64 },
-    /// The sink failed.
-    Write(io::Error),
-}
-
-/// Moves exactly `len` bytes from `from` to `to` through `pipe`.
+/// Moves exactly `len` bytes from `from` to `to` through `pipe`; `sent` (what
+/// the sink already got) is counted into a read error.
 pub fn splice_exact(
     from: &TcpStream,
     to: &TcpStream,
     pipe: &Pipe,
     len: u64,
-) -> Result<u64, SpliceError> {
+    sent: u64,
+) -> Result<u64, StreamError> {
     let mut moved = 0u64;
     while moved < len {
         let want = usize::try_from(len - moved).map_or(STEP, |left| left.min(STEP));
         let got = match splice(from.as_raw_fd(), pipe.write.as_raw_fd(), want) {
-            Ok(0) => {
-                let error = io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "client closed before the body ended",
-                );
-                return Err(SpliceError::Read { error, moved });
-            }
-            Ok(n) => n,
+            Ok(0) => Err(early_end()),
+            Ok(n) => Ok(n),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(error) => return Err(SpliceError::Read { error, moved }),
-        };
+            Err(e) => Err(e),
+        }
+        .map_err(|error| StreamError::Read {
+            error,
+            sent: sent + moved,
+        })?;
         let mut in_pipe = got;
         while in_pipe > 0 {
             match splice(pipe.read.as_raw_fd(), to.as_raw_fd(), in_pipe) {
-                Ok(0) => return Err(SpliceError::Write(io::ErrorKind::WriteZero.into())),
+                Ok(0) => return Err(StreamError::Write(io::ErrorKind::WriteZero.into())),
                 Ok(n) => in_pipe -= n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(SpliceError::Write(e)),
+                Err(e) => return Err(StreamError::Write(e)),
             }
         }
         moved += got as u64;

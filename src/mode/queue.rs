@@ -249,9 +249,6 @@ impl Queues {
 
     fn send(&self, ex: &mut Exchange, key: &str, query: &Query) -> Result<(), Reject> {
         let message = Message::new(ex, query);
-        // Read ahead what already arrived, so that is_open sees a client that
-        // sent a small body and left (DESIGN.md §3).
-        let _ = ex.read_ahead(READ_AHEAD);
         let (wake_tx, wake_rx) = bounded(1);
         let id = self.next_id();
         let deadline = deadline(query.timeout, self.max_wait);
@@ -322,7 +319,9 @@ impl Queues {
     }
 }
 
-/// Whether a parked producer's client is still there.
+/// Whether a parked producer's client is still there. Reading ahead what
+/// already arrived lets the peek used off Linux see a hang-up queued behind a
+/// small body (DESIGN.md §3); on Linux the TCP state says it either way.
 fn is_producer_alive(ex: &mut Exchange) -> bool {
     ex.read_ahead(READ_AHEAD).is_ok() && is_open(ex.conn.stream())
 }
