@@ -37,6 +37,13 @@ fn usage() -> ! {
     std::process::exit(2)
 }
 
+/// The next argument, parsed as a T; usage on a missing or bad value.
+fn value<T: std::str::FromStr>(args: &mut impl Iterator<Item = String>) -> T {
+    args.next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| usage())
+}
+
 fn parse_options() -> Options {
     let mut options = Options {
         url: None,
@@ -50,23 +57,11 @@ fn parse_options() -> Options {
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--url" => options.url = Some(args.next().unwrap_or_else(|| usage())),
-            "--pid" => {
-                options.pid = Some(
-                    args.next()
-                        .and_then(|p| p.parse().ok())
-                        .unwrap_or_else(|| usage()),
-                )
-            }
-            "--json" => options.json = Some(args.next().unwrap_or_else(|| usage())),
-            "--only" => options.only = Some(args.next().unwrap_or_else(|| usage())),
-            "--pairs" => {
-                options.pairs = Some(
-                    args.next()
-                        .and_then(|p| p.parse().ok())
-                        .unwrap_or_else(|| usage()),
-                )
-            }
+            "--url" => options.url = Some(value(&mut args)),
+            "--pid" => options.pid = Some(value(&mut args)),
+            "--json" => options.json = Some(value(&mut args)),
+            "--only" => options.only = Some(value(&mut args)),
+            "--pairs" => options.pairs = Some(value(&mut args)),
             "--smoke" => options.smoke = true,
             "--pi" => options.pi = true,
             // cargo bench passes --bench to harness=false targets.
@@ -636,7 +631,7 @@ fn backpressure(report: &mut Report, target: &Target, total: u64, rate: u64) {
 
 /// Scenario 5: `count` idle consumers parked on distinct channels.
 fn waiters(report: &mut Report, target: &Target, count: usize) {
-    raise_open_files_limit();
+    warn_if_open_files_limited();
     let rss_before = rss_kib(target.pid);
     let threads_before = threads(target.pid);
     let mut parked = Vec::with_capacity(count);
@@ -707,9 +702,9 @@ fn waiters(report: &mut Report, target: &Target, count: usize) {
     drop(parked);
 }
 
-fn raise_open_files_limit() {
-    // The harness itself holds one descriptor per waiter; ask the shell's
-    // hard limit through `ulimit` semantics by reading /proc/self/limits.
+/// The harness holds one descriptor per waiter: says how to raise its soft
+/// limit when it is below the hard one (std cannot raise it itself).
+fn warn_if_open_files_limited() {
     let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
     if let Some(line) = limits.lines().find(|l| l.starts_with("Max open files")) {
         let fields: Vec<&str> = line.split_whitespace().collect();

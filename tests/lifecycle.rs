@@ -62,7 +62,7 @@ fn usage_errors_exit_2_and_bind_errors_exit_1() {
 }
 
 #[test]
-fn port_variable_is_honoured() {
+fn help_and_version_name_the_flags() {
     let binary = env!("CARGO_BIN_EXE_patchcord");
     let output = Command::new(binary).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&output.stdout);
