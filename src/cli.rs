@@ -75,6 +75,65 @@ pub struct ServeArgs {
     )]
     pub idle_timeout: f64,
 
+    /// Messages each pubsub channel keeps for subscribers that resume with a cursor.
+    #[arg(
+        long,
+        env = "PATCHCORD_PUBSUB_RETAIN_COUNT",
+        default_value_t = 100,
+        value_name = "N"
+    )]
+    pub pubsub_retain_count: usize,
+
+    /// Bytes of messages each pubsub channel keeps (K, M, G: KiB, MiB, GiB).
+    #[arg(
+        long,
+        env = "PATCHCORD_PUBSUB_RETAIN_BYTES",
+        default_value = "1M",
+        value_parser = parse_size,
+        value_name = "BYTES"
+    )]
+    pub pubsub_retain_bytes: u64,
+
+    /// Seconds a pubsub message is kept.
+    #[arg(
+        long,
+        env = "PATCHCORD_PUBSUB_RETAIN_SECS",
+        default_value_t = 3600.0,
+        value_name = "SECS"
+    )]
+    pub pubsub_retain_secs: f64,
+
+    /// Bytes of pubsub messages kept across all channels; beyond it the
+    /// oldest message of any channel goes first.
+    #[arg(
+        long,
+        env = "PATCHCORD_PUBSUB_MEMORY",
+        default_value = "64M",
+        value_parser = parse_size,
+        value_name = "BYTES"
+    )]
+    pub pubsub_memory: u64,
+
+    /// Largest message a pubsub channel accepts; a larger one gets 413.
+    #[arg(
+        long,
+        env = "PATCHCORD_PUBSUB_MAX_MESSAGE",
+        default_value = "1M",
+        value_parser = parse_size,
+        value_name = "BYTES"
+    )]
+    pub pubsub_max_message: u64,
+
+    /// Seconds of silence after which a streaming subscription (SSE, NDJSON)
+    /// gets a keepalive, so that proxies keep it open.
+    #[arg(
+        long,
+        env = "PATCHCORD_KEEPALIVE_SECS",
+        default_value_t = 30.0,
+        value_name = "SECS"
+    )]
+    pub keepalive_secs: f64,
+
     /// Log level: error, warn, info, debug or trace (RUST_LOG overrides it).
     #[arg(
         long,
@@ -101,6 +160,29 @@ impl Cli {
             None => self.serve,
         }
     }
+}
+
+/// A byte count: digits, optionally followed by K, M or G (binary multiples;
+/// `KiB`, `MB` and the like are read the same way).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a byte count such as 65536, 64K or 1M"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err(format!("{text:?}: the unit must be K, M or G")),
+    };
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 #[cfg(test)]
@@ -137,6 +219,17 @@ mod tests {
         assert_eq!(plain.into_serve_args().port, Some(8080));
         let explicit = Cli::try_parse_from(["patchcord", "serve", "--port", "8081"]).unwrap();
         assert_eq!(explicit.into_serve_args().port, Some(8081));
+    }
+
+    #[test]
+    fn sizes_take_binary_units() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert!(parse_size("1T").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999999G").is_err());
     }
 
     /// The man page documents every flag and every environment variable.

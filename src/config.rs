@@ -19,8 +19,27 @@ pub struct Config {
     pub header_timeout: Duration,
     /// How long an idle keep-alive connection or a stalled transfer is kept.
     pub idle_timeout: Duration,
+    /// What pubsub channels keep, and how much they accept.
+    pub pubsub: PubsubLimits,
+    /// Silence after which a streaming subscription gets a keepalive.
+    pub keepalive: Duration,
     /// The log level before `RUST_LOG` is applied.
     pub log_level: log::LevelFilter,
+}
+
+/// Retention and size limits of pubsub channels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PubsubLimits {
+    /// Messages kept per channel.
+    pub retain_count: usize,
+    /// Bytes kept per channel (the newest message is kept whatever its size).
+    pub retain_bytes: usize,
+    /// How long a message is kept.
+    pub retain_age: Duration,
+    /// Bytes kept across all channels.
+    pub memory: usize,
+    /// The largest message accepted.
+    pub max_message: usize,
 }
 
 impl Config {
@@ -70,12 +89,30 @@ impl Config {
         if args.max_connections == 0 {
             return Err("--max-connections must be at least 1".into());
         }
+        let size = |name: &str, bytes: u64| {
+            usize::try_from(bytes).map_err(|_| format!("{name} {bytes} is too large here"))
+        };
+        let pubsub = PubsubLimits {
+            retain_count: args.pubsub_retain_count,
+            retain_bytes: size("--pubsub-retain-bytes", args.pubsub_retain_bytes)?,
+            retain_age: positive("--pubsub-retain-secs", args.pubsub_retain_secs)?,
+            memory: size("--pubsub-memory", args.pubsub_memory)?,
+            max_message: size("--pubsub-max-message", args.pubsub_max_message)?,
+        };
+        if pubsub.retain_count == 0 {
+            return Err("--pubsub-retain-count must be at least 1".into());
+        }
+        if pubsub.memory < pubsub.max_message {
+            return Err("--pubsub-memory must be at least --pubsub-max-message".into());
+        }
         Ok(Config {
             listen,
             max_wait: (!max_wait.is_zero()).then_some(max_wait),
             max_connections: args.max_connections,
             header_timeout: positive("--header-timeout", args.header_timeout)?,
             idle_timeout: positive("--idle-timeout", args.idle_timeout)?,
+            pubsub,
+            keepalive: positive("--keepalive-secs", args.keepalive_secs)?,
             log_level: level,
         })
     }
@@ -133,6 +170,17 @@ mod tests {
         assert_eq!(c.max_connections, 10_000);
         assert_eq!(c.header_timeout, Duration::from_secs(10));
         assert_eq!(c.idle_timeout, Duration::from_secs(60));
+        assert_eq!(
+            c.pubsub,
+            PubsubLimits {
+                retain_count: 100,
+                retain_bytes: 1 << 20,
+                retain_age: Duration::from_secs(3600),
+                memory: 64 << 20,
+                max_message: 1 << 20,
+            }
+        );
+        assert_eq!(c.keepalive, Duration::from_secs(30));
     }
 
     #[test]
@@ -157,5 +205,14 @@ mod tests {
         assert!(config(&["--listen", "nowhere"], &[]).is_err());
         assert!(config(&[], &[("PORT", "http")]).is_err());
         assert!(config(&["--max-connections", "0"], &[]).is_err());
+        assert!(config(&["--pubsub-retain-count", "0"], &[]).is_err());
+        assert!(
+            config(
+                &["--pubsub-memory", "1K", "--pubsub-max-message", "2K"],
+                &[]
+            )
+            .is_err()
+        );
+        assert!(config(&["--keepalive-secs", "0"], &[]).is_err());
     }
 }

@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::error::{Error, Reject};
 use crate::http::request::{HeadError, HeadTimeouts, read_head};
 use crate::http::{Conn, Exchange, Head, refuse};
+use crate::mode::pubsub::Pubsub;
 use crate::mode::queue::Queues;
 use crate::route::{self, Action, CHANNEL_METHODS, Mode, Route};
 
@@ -40,6 +41,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 pub struct Relay {
     config: Config,
     queues: Queues,
+    pubsub: Pubsub,
     /// Set once on SIGINT/SIGTERM; from then on every request gets 503.
     stopping: AtomicBool,
     /// Open connections, for --max-connections.
@@ -79,6 +81,7 @@ pub fn run(config: Config) -> Result<(), Error> {
 
     let relay = Arc::new(Relay {
         queues: Queues::new(config.max_wait),
+        pubsub: Pubsub::new(config.pubsub.clone(), config.max_wait, config.keepalive),
         config,
         stopping: AtomicBool::new(false),
         open: AtomicUsize::new(0),
@@ -98,7 +101,7 @@ pub fn run(config: Config) -> Result<(), Error> {
 impl Relay {
     fn shut_down(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        let waiters = self.queues.close();
+        let waiters = self.queues.close() + self.pubsub.close();
         log::info!("stopping: answering {waiters} waiters with 503");
         let deadline = Instant::now() + SHUTDOWN_GRACE;
         while self.busy.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
@@ -293,7 +296,12 @@ fn dispatch(relay: &Relay, ex: &mut Exchange) -> Result<(), Reject> {
             action: Action::Delete,
             ..
         } => {
-            let (channels, waiters) = relay.queues.end_under(&channel.key, &Reject::deleted());
+            // A DELETE ends every mode's channels under the path, whatever
+            // mode its own path names.
+            let deleted = Reject::deleted();
+            let (queues, queue_waiters) = relay.queues.end_under(&channel.key, &deleted);
+            let (feeds, subscribers) = relay.pubsub.end_under(&channel.key, &deleted);
+            let (channels, waiters) = (queues + feeds, queue_waiters + subscribers);
             log::info!(
                 "deleted {channels} channels under {}; {waiters} waiters answered 410",
                 crate::mode::short(&channel.key)
@@ -310,6 +318,7 @@ fn dispatch(relay: &Relay, ex: &mut Exchange) -> Result<(), Reject> {
             query,
         } => match channel.mode {
             Mode::Queue => relay.queues.handle(ex, &channel.key, action, &query),
+            Mode::Pubsub => relay.pubsub.handle(ex, &channel.key, action, &query),
             mode => Err(Reject::new(
                 501,
                 format!(

@@ -23,8 +23,21 @@ const HEADER_SEND: &str =
     r#"curl -d "disk full" -H "Patch-H-Title: Build failed" localhost:3000/alerts"#;
 const HEADER_RECEIVE: &str = "curl -i localhost:3000/alerts";
 const RETRY: &str = r#"until curl -sf -d "$msg" localhost:3000/jobs; do sleep 1; done"#;
+const PUBLISH: &str = r#"curl -d "backup done" localhost:3000/pubsub/alerts"#;
+const NOTIFY_LOOP: &str = r#"hdr=$(mktemp); after=
+while true; do
+  msg=$(curl -sf -D "$hdr" "localhost:3000/pubsub/alerts?after=$after") || { sleep 2; continue; }
+  after=$(grep '^Patch-Id:' "$hdr" | tr -dc 0-9)
+  notify-send "$msg"
+done"#;
+const FOLLOW_SSE: &str = r#"curl -N "localhost:3000/pubsub/alerts?format=sse""#;
+const FOLLOW_NDJSON: &str = r#"curl -N "localhost:3000/pubsub/alerts?format=ndjson&after=0""#;
+const CHAT_SUBSCRIBE: &str =
+    r#"curl -N "localhost:3000/pubsub/chat?mime=text%2Fevent-stream&persist=true""#;
+const CHAT_PUBLISH: &str =
+    r#"printf 'data: hello\n\n' | curl --data-binary @- localhost:3000/pubsub/chat"#;
 
-const ALL: [&str; 14] = [
+const ALL: [&str; 20] = [
     HTTPIPE_SEND,
     HTTPIPE_RECEIVE,
     DELETE_NAMESPACE,
@@ -39,6 +52,12 @@ const ALL: [&str; 14] = [
     HEADER_SEND,
     HEADER_RECEIVE,
     RETRY,
+    PUBLISH,
+    NOTIFY_LOOP,
+    FOLLOW_SSE,
+    FOLLOW_NDJSON,
+    CHAT_SUBSCRIBE,
+    CHAT_PUBLISH,
 ];
 
 fn local(command: &str) -> String {
@@ -188,4 +207,60 @@ fn headers_travel() {
     );
     assert!(out.contains("Title: Build failed\r\n"), "{out}");
     assert!(out.ends_with("disk full"), "{out}");
+}
+
+/// The README's notification loop, with a stand-in for notify-send that takes
+/// its time: messages published meanwhile are not lost.
+#[test]
+fn the_notification_loop_loses_nothing() {
+    let server = Server::start();
+    let dir = temp_dir("ex-notify");
+    let script = format!(
+        "notify-send() {{ echo \"$1\" >> shown.txt; sleep 0.3; [ $(wc -l < shown.txt) -lt 3 ] || exit 0; }}\n{}",
+        local(NOTIFY_LOOP)
+    );
+    let subscriber = spawn_bash(&server, &dir, &script);
+    server.wait_log("parked", 1);
+    for word in ["one", "two", "three"] {
+        let out = run(&server, &dir, &PUBLISH.replace("backup done", word));
+        assert!(out.is_empty(), "{out}");
+    }
+    let output = finish(subscriber);
+    assert!(output.status.success(), "{output:?}");
+    let shown = std::fs::read_to_string(dir.join("shown.txt")).unwrap();
+    assert_eq!(shown, "one\ntwo\nthree\n");
+}
+
+#[test]
+fn streams_and_patchbay_chat() {
+    let server = Server::start();
+    let dir = temp_dir("ex-streams");
+    let sse = spawn_bash(
+        &server,
+        &dir,
+        &format!("timeout 3 {} || true", local(FOLLOW_SSE)),
+    );
+    let chat = spawn_bash(
+        &server,
+        &dir,
+        &format!("timeout 3 {} || true", local(CHAT_SUBSCRIBE)),
+    );
+    server.wait_log("started", 2);
+    run(&server, &dir, PUBLISH);
+    run(&server, &dir, CHAT_PUBLISH);
+    run(&server, &dir, CHAT_PUBLISH);
+    let sse = String::from_utf8(finish(sse).stdout).unwrap();
+    assert!(
+        sse.starts_with("id: ") && sse.ends_with("\ndata: backup done\n\n"),
+        "{sse:?}"
+    );
+    let chat = String::from_utf8(finish(chat).stdout).unwrap();
+    assert_eq!(chat, "data: hello\n\ndata: hello\n\n");
+    let ndjson = run(&server, &dir, &format!("timeout 1 {FOLLOW_NDJSON} || true"));
+    assert!(
+        ndjson.ends_with(
+            ",\"content_type\":\"application/x-www-form-urlencoded\",\"body\":\"backup done\"}\n"
+        ),
+        "{ndjson:?}"
+    );
 }

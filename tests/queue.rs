@@ -499,7 +499,8 @@ fn reserved_paths_and_later_modes_are_not_channels() {
     for path in ["/", "/healthz", "/favicon.ico", "/_/channels"] {
         assert_eq!(request(server.addr, &get(path)).status, 404, "{path}");
     }
-    assert_eq!(request(server.addr, &get("/pubsub/x")).status, 501);
+    assert_eq!(request(server.addr, &get("/req/x")).status, 501);
+    assert_eq!(request(server.addr, &get("/res/x")).status, 501);
     assert_eq!(request(server.addr, &get("/a/../b")).status, 400);
 }
 

@@ -6,4 +6,5 @@ mod support;
 mod examples;
 mod http;
 mod lifecycle;
+mod pubsub;
 mod queue;

@@ -167,6 +167,30 @@ pub fn stream_body(
     }
 }
 
+/// Appends `data` to `out` as the next piece of a body that is written as
+/// it comes, framed by `payload`: one chunk when chunked. Empty data adds
+/// nothing, since an empty chunk would end the body.
+pub fn frame(out: &mut Vec<u8>, payload: Payload, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    if payload == Payload::Chunked {
+        out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+        out.extend_from_slice(data);
+        out.extend_from_slice(b"\r\n");
+    } else {
+        out.extend_from_slice(data);
+    }
+}
+
+/// The bytes that end a body framed by `payload` that was written as it came.
+pub fn end_of_body(payload: Payload) -> &'static [u8] {
+    match payload {
+        Payload::Chunked => b"0\r\n\r\n",
+        Payload::Length(_) | Payload::UntilClose => b"",
+    }
+}
+
 /// Writes two slices with as few system calls as the socket allows.
 pub fn write_all(sink: &mut dyn Write, pieces: [&[u8]; 2]) -> io::Result<()> {
     let [mut first, mut second] = pieces;
@@ -276,5 +300,17 @@ mod tests {
         );
         assert_eq!(streamed(b"", Payload::Chunked), b"HEAD\r\n\r\n0\r\n\r\n");
         assert_eq!(streamed(b"", Payload::UntilClose), b"HEAD\r\n\r\n");
+    }
+
+    #[test]
+    fn pieces_are_framed_as_chunks() {
+        let mut out = Vec::new();
+        frame(&mut out, Payload::Chunked, b"hello");
+        frame(&mut out, Payload::Chunked, b"");
+        out.extend_from_slice(end_of_body(Payload::Chunked));
+        assert_eq!(out, b"5\r\nhello\r\n0\r\n\r\n");
+        let mut out = Vec::new();
+        frame(&mut out, Payload::UntilClose, b"hi");
+        assert_eq!(out, b"hi");
     }
 }

@@ -4,6 +4,9 @@
 //!
 //! [`Exchange`]: crate::http::Exchange
 
+mod envelope;
+mod format;
+pub mod pubsub;
 pub mod queue;
 mod wait;
 

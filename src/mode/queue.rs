@@ -22,6 +22,7 @@ use crossbeam_channel::{Sender, bounded};
 use crate::error::Reject;
 use crate::http::response::{StreamError, stream_body};
 use crate::http::{Exchange, Head, Payload, Version, is_open};
+use crate::mode::envelope::Envelope;
 use crate::mode::wait::{Waited, wait};
 use crate::mode::{deadline, short};
 use crate::registry::{ChannelState, Registry};
@@ -30,22 +31,6 @@ use crate::route::{Action, Query};
 /// How much of a waiting producer's body is read ahead, so that a client that
 /// sent a small body and hung up is seen to be gone.
 const READ_AHEAD: usize = 16 * 1024;
-
-/// Headers a producer may not relay with `Patch-H-`: hop-by-hop fields and
-/// the ones the relay sets itself (DESIGN.md §4).
-const UNRELAYED: [&str; 11] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "content-length",
-    "content-type",
-    "content-disposition",
-    "date",
-];
 
 /// Every queue channel.
 pub struct Queues {
@@ -107,11 +92,9 @@ enum Delivery {
     Ended(Reject),
 }
 
-/// What the producer relays besides the body.
+/// What the producer relays: its envelope and, for `?body=`, the text itself.
 struct Message {
-    content_type: String,
-    disposition: Option<Vec<u8>>,
-    relayed: Vec<(String, Vec<u8>)>,
+    envelope: Envelope,
     /// `?body=` text, sent instead of a request body.
     inline: Option<Vec<u8>>,
 }
@@ -350,42 +333,13 @@ fn end(queues: Vec<Queue>, reject: &Reject) -> (usize, usize) {
 
 impl Message {
     fn new(ex: &Exchange, query: &Query) -> Message {
-        let request = &ex.request;
         let inline = if ex.has_body() {
             None
         } else {
             query.body.clone()
         };
-        let content_type = match (&query.mime, request.header("content-type"), &inline) {
-            (Some(mime), _, _) => mime.clone(),
-            (None, Some(given), _) => given.to_owned(),
-            (None, None, Some(_)) => "text/plain; charset=utf-8".to_owned(),
-            (None, None, None) => "application/octet-stream".to_owned(),
-        };
-        let mut disposition = None;
-        let mut relayed = Vec::new();
-        for header in &request.headers {
-            let lower = header.name.to_ascii_lowercase();
-            if lower == "content-disposition" {
-                disposition = Some(header.value.clone());
-                continue;
-            }
-            let Some(at) = ["patch-h-", "pb-h-"]
-                .iter()
-                .find(|p| lower.starts_with(*p))
-                .map(|p| p.len())
-            else {
-                continue;
-            };
-            let name = &header.name[at..];
-            if !name.is_empty() && !UNRELAYED.contains(&name.to_ascii_lowercase().as_str()) {
-                relayed.push((name.to_owned(), header.value.clone()));
-            }
-        }
         Message {
-            content_type,
-            disposition,
-            relayed,
+            envelope: Envelope::from_request(ex, query, inline.is_some()),
             inline,
         }
     }
@@ -404,16 +358,9 @@ fn transfer(
     };
     let payload = Payload::for_body(consumer.version, length);
     let mut head = Head::new(200);
-    head.header(
-        "Content-Type",
-        consumer.mime.as_deref().unwrap_or(&message.content_type),
-    );
-    if let Some(disposition) = &message.disposition {
-        head.header("Content-Disposition", disposition);
-    }
-    for (name, value) in &message.relayed {
-        head.header(name, value);
-    }
+    message
+        .envelope
+        .write_to(&mut head, consumer.mime.as_deref());
     if length.is_none() {
         head.header("X-Accel-Buffering", "no");
     }

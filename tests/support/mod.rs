@@ -322,8 +322,13 @@ pub fn spawn_curl(args: &[&str]) -> Child {
 }
 
 /// Waits for a child, failing the test after [`STEP`] * 3.
-pub fn finish(mut child: Child) -> Output {
-    let deadline = Instant::now() + STEP * 3;
+pub fn finish(child: Child) -> Output {
+    finish_within(child, STEP * 3)
+}
+
+/// Waits for a child, failing the test after `limit`.
+pub fn finish_within(mut child: Child, limit: Duration) -> Output {
+    let deadline = Instant::now() + limit;
     while child.try_wait().expect("try_wait").is_none() {
         if Instant::now() >= deadline {
             let _ = child.kill();
@@ -336,16 +341,116 @@ pub fn finish(mut child: Child) -> Output {
 
 /// Runs a bash script with `$PC` set to the server's `host:port`, in `dir`.
 pub fn bash(server: &Server, dir: &std::path::Path, script: &str) -> Output {
-    let child = Command::new("bash")
+    finish(spawn_bash(server, dir, script))
+}
+
+/// Starts a bash script as [`bash`] does, in the background; its temporary
+/// files (`mktemp`) go to `dir`.
+pub fn spawn_bash(server: &Server, dir: &std::path::Path, script: &str) -> Child {
+    Command::new("bash")
         .args(["-euo", "pipefail", "-c", script])
         .env("PC", server.addr.to_string())
+        .env("TMPDIR", dir)
         .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("run bash");
-    finish(child)
+        .expect("run bash")
+}
+
+/// Reads a chunked response body piece by piece, as a streaming client does.
+pub struct Chunks {
+    reader: BufReader<TcpStream>,
+    /// Bytes received and not yet taken by [`Chunks::until`].
+    pub pending: Vec<u8>,
+}
+
+impl Chunks {
+    /// Reads the head of a streaming response on `stream`; the status and
+    /// headers, and the body reader.
+    pub fn start(mut stream: TcpStream) -> (Response, Chunks) {
+        let (status, headers) = read_head(&mut stream).expect("a response head");
+        let response = Response {
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        assert_eq!(
+            response.header("transfer-encoding"),
+            Some("chunked"),
+            "{response:?}"
+        );
+        let chunks = Chunks {
+            reader: BufReader::new(stream),
+            pending: Vec::new(),
+        };
+        (response, chunks)
+    }
+
+    /// The next chunk's data; None at the end of the body.
+    pub fn next_chunk(&mut self) -> io::Result<Option<Vec<u8>>> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let size = usize::from_str_radix(line.trim(), 16)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, line.clone()))?;
+        assert!(size <= 1 << 24, "chunk too large: {size}");
+        let mut chunk = vec![0; size + 2];
+        self.reader.read_exact(&mut chunk)?;
+        if size == 0 {
+            return Ok(None);
+        }
+        chunk.truncate(size);
+        Ok(Some(chunk))
+    }
+
+    /// Reads until the body received holds `n` occurrences of `separator`,
+    /// and returns the bytes up to and including the n-th; the rest stays
+    /// pending. Fails at the end of the body or after [`STEP`].
+    pub fn until(&mut self, separator: &[u8], n: usize) -> Vec<u8> {
+        let deadline = Instant::now() + STEP;
+        loop {
+            let mut found = 0;
+            let mut at = 0;
+            while found < n {
+                match find(&self.pending[at..], separator) {
+                    Some(i) => {
+                        at += i + separator.len();
+                        found += 1;
+                    }
+                    None => break,
+                }
+            }
+            if found == n {
+                return self.pending.drain(..at).collect();
+            }
+            assert!(Instant::now() < deadline, "stream too slow");
+            match self.next_chunk().expect("stream readable") {
+                Some(chunk) => self.pending.extend_from_slice(&chunk),
+                None => panic!(
+                    "stream ended with {found} of {n}: {:?}",
+                    String::from_utf8_lossy(&self.pending)
+                ),
+            }
+        }
+    }
+}
+
+/// Where `needle` first occurs in `haystack`.
+pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A field of `/proc/PID/status`, in KiB (`VmRSS`, `VmHWM`).
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
 /// A fresh empty directory under the target directory's tmp.

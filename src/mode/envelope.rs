@@ -1,0 +1,94 @@
+//! What a sender relays besides its body (DESIGN.md §4): the Content-Type,
+//! Content-Disposition and every `Patch-H-<Name>` header as `<Name>`. Queue
+//! and pubsub channels both build it from the request and both write it into
+//! the receiver's response; hop-by-hop fields never travel.
+
+use crate::http::{Exchange, Head};
+use crate::route::Query;
+
+/// Headers a sender may not relay with `Patch-H-`: hop-by-hop fields and the
+/// ones the relay sets itself.
+const UNRELAYED: [&str; 11] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "content-length",
+    "content-type",
+    "content-disposition",
+    "date",
+];
+
+/// The headers that travel with one message.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Envelope {
+    pub content_type: String,
+    pub disposition: Option<Vec<u8>>,
+    /// `Patch-H-<Name>` (or `Pb-H-<Name>`) headers, as (`<Name>`, value).
+    pub relayed: Vec<(String, Vec<u8>)>,
+}
+
+impl Envelope {
+    /// The envelope of the message `ex` sends; `inline` when the message is
+    /// `?body=` text rather than a request body.
+    pub fn from_request(ex: &Exchange, query: &Query, inline: bool) -> Envelope {
+        let request = &ex.request;
+        let content_type = match (&query.mime, request.header("content-type"), inline) {
+            (Some(mime), _, _) => mime.clone(),
+            (None, Some(given), _) => given.to_owned(),
+            (None, None, true) => "text/plain; charset=utf-8".to_owned(),
+            (None, None, false) => "application/octet-stream".to_owned(),
+        };
+        let mut disposition = None;
+        let mut relayed = Vec::new();
+        for header in &request.headers {
+            let lower = header.name.to_ascii_lowercase();
+            if lower == "content-disposition" {
+                disposition = Some(header.value.clone());
+                continue;
+            }
+            let Some(at) = ["patch-h-", "pb-h-"]
+                .iter()
+                .find(|p| lower.starts_with(*p))
+                .map(|p| p.len())
+            else {
+                continue;
+            };
+            let name = &header.name[at..];
+            if !name.is_empty() && !UNRELAYED.contains(&name.to_ascii_lowercase().as_str()) {
+                relayed.push((name.to_owned(), header.value.clone()));
+            }
+        }
+        Envelope {
+            content_type,
+            disposition,
+            relayed,
+        }
+    }
+
+    /// Writes the envelope into a receiver's response head; `mime` is the
+    /// receiver's own `?mime=`, which wins over the sender's Content-Type.
+    pub fn write_to(&self, head: &mut Head, mime: Option<&str>) {
+        head.header("Content-Type", mime.unwrap_or(&self.content_type));
+        if let Some(disposition) = &self.disposition {
+            head.header("Content-Disposition", disposition);
+        }
+        for (name, value) in &self.relayed {
+            head.header(name, value);
+        }
+    }
+
+    /// Roughly how many bytes the envelope holds, for memory accounting.
+    pub fn size(&self) -> usize {
+        self.content_type.len()
+            + self.disposition.as_ref().map_or(0, Vec::len)
+            + self
+                .relayed
+                .iter()
+                .map(|(name, value)| name.len() + value.len() + 48)
+                .sum::<usize>()
+    }
+}
