@@ -287,6 +287,36 @@ impl Client {
     fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.stream.write_all(bytes)
     }
+
+    /// Reads a response head; returns its status.
+    fn head(&mut self) -> io::Result<u16> {
+        let status = self
+            .line()?
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        while !self.line()?.is_empty() {}
+        Ok(status)
+    }
+
+    /// Reads the next chunk of a chunked body into `out`; false at its end.
+    fn chunk(&mut self, out: &mut Vec<u8>) -> io::Result<bool> {
+        let size = usize::from_str_radix(self.line()?.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+        let mut left = size;
+        while left > 0 {
+            if self.start == self.end {
+                self.fill()?;
+            }
+            let take = (self.end - self.start).min(left);
+            out.extend_from_slice(&self.buf[self.start..self.start + take]);
+            self.start += take;
+            left -= take;
+        }
+        self.line()?;
+        Ok(size > 0)
+    }
 }
 
 fn post(path: &str, body: &[u8], close: bool) -> Vec<u8> {
@@ -702,6 +732,137 @@ fn waiters(report: &mut Report, target: &Target, count: usize) {
     drop(parked);
 }
 
+/// Scenario 8: one publisher, `subscribers` streaming subscribers (raw
+/// `?persist=true`) on one pubsub channel, 64-byte messages published as
+/// fast as one keep-alive connection allows for `duration`. Each message
+/// carries its number and send time, so subscribers measure delivery latency
+/// and count what they missed (the channel's retention is the server's
+/// default).
+fn fanout(report: &mut Report, target: &Target, subscribers: usize, duration: Duration) {
+    const RECORD: usize = 64;
+    let path = "/bench/pubsub/fanout";
+    let epoch = Instant::now();
+    let ready = Arc::new(Barrier::new(subscribers + 1));
+    let mut readers = Vec::new();
+    for _ in 0..subscribers {
+        let ready = ready.clone();
+        let addr = target.addr;
+        readers.push(thread::spawn(move || -> (u64, u64, Vec<Duration>) {
+            let mut client = Client::new(addr).expect("connect");
+            client
+                .send(&get(&format!("{path}?persist=true"), false))
+                .expect("subscribe");
+            let subscribed = client.head().is_ok_and(|status| status == 200);
+            ready.wait();
+            let (mut received, mut missed, mut next) = (0u64, 0u64, 0u64);
+            let mut latencies = Vec::new();
+            let mut data = Vec::new();
+            while subscribed && client.chunk(&mut data).unwrap_or(false) {
+                let whole = data.len() / RECORD * RECORD;
+                for record in data[..whole].chunks(RECORD) {
+                    let text = String::from_utf8_lossy(record);
+                    let mut fields = text.split_whitespace();
+                    let seq: u64 = fields.next().and_then(|f| f.parse().ok()).unwrap_or(0);
+                    let sent: u64 = fields.next().and_then(|f| f.parse().ok()).unwrap_or(0);
+                    let now = epoch.elapsed().as_nanos() as u64;
+                    latencies.push(Duration::from_nanos(now.saturating_sub(sent)));
+                    missed += seq.saturating_sub(next);
+                    next = seq + 1;
+                    received += 1;
+                }
+                data.drain(..whole);
+            }
+            (received, missed, latencies)
+        }));
+    }
+    ready.wait();
+    reset_peak(target.pid);
+    let cpu_before = cpu_us(target.pid);
+    let started = Instant::now();
+    let mut publisher = Client::new(target.addr).expect("connect");
+    let mut published = 0u64;
+    let mut publish_latencies = Vec::new();
+    while started.elapsed() < duration {
+        let sent = epoch.elapsed().as_nanos() as u64;
+        let mut body = format!("{published} {sent}").into_bytes();
+        body.resize(RECORD - 1, b' ');
+        body.push(b'\n');
+        let t = Instant::now();
+        if publisher.send(&post(path, &body, false)).is_err()
+            || publisher
+                .response()
+                .map_or(true, |(status, _)| status != 200)
+        {
+            break;
+        }
+        publish_latencies.push(t.elapsed());
+        published += 1;
+    }
+    let elapsed = started.elapsed();
+    // Let the subscribers drain, then end their streams.
+    thread::sleep(Duration::from_millis(500));
+    let cpu = cpu_us(target.pid) - cpu_before;
+    let peak = peak_rss_kib(target.pid);
+    let mut c = Client::new(target.addr).expect("connect");
+    let _ = c.send(format!("DELETE {path} HTTP/1.1\r\nHost: bench\r\n\r\n").as_bytes());
+    let _ = c.response();
+    let (mut received, mut missed, mut latencies) = (0u64, 0u64, Vec::new());
+    for reader in readers {
+        if let Ok((r, m, l)) = reader.join() {
+            received += r;
+            missed += m;
+            latencies.extend(l);
+        }
+    }
+    latencies.sort();
+    publish_latencies.sort();
+    let scenario = format!("fan-out 1 -> {subscribers} (pubsub)");
+    let secs = elapsed.as_secs_f64();
+    report.add(
+        &scenario,
+        "messages published per second",
+        published as f64 / secs,
+        "msg/s",
+    );
+    report.add(
+        &scenario,
+        "messages delivered per second",
+        received as f64 / secs,
+        "msg/s",
+    );
+    report.add(
+        &scenario,
+        "missed (fell behind retention)",
+        missed as f64,
+        "msgs",
+    );
+    report.add(
+        &scenario,
+        "publish p99",
+        percentile(&publish_latencies, 0.99).as_secs_f64() * 1e3,
+        "ms",
+    );
+    report.add(
+        &scenario,
+        "delivery p50",
+        percentile(&latencies, 0.5).as_secs_f64() * 1e3,
+        "ms",
+    );
+    report.add(
+        &scenario,
+        "delivery p99",
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+        "ms",
+    );
+    report.add(
+        &scenario,
+        "server CPU per delivery",
+        cpu as f64 / received.max(1) as f64,
+        "us",
+    );
+    report.add(&scenario, "peak RSS", peak as f64 / 1024.0, "MiB");
+}
+
 /// The harness holds one descriptor per waiter: says how to raise its soft
 /// limit when it is below the hard one (std cannot raise it itself).
 fn warn_if_open_files_limited() {
@@ -828,12 +989,7 @@ fn main() {
         }
     }
     if wanted("fanout") {
-        report.add(
-            "fan-out 1 -> 100 (pubsub)",
-            "messages delivered per second",
-            f64::NAN,
-            "msg/s",
-        );
+        fanout(&mut report, &fresh(), if smoke { 10 } else { 100 }, seconds);
     }
     if let Some(path) = &options.json {
         std::fs::write(path, report.json()).expect("write --json file");
