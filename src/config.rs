@@ -112,7 +112,7 @@ impl Config {
             header_timeout: positive("--header-timeout", args.header_timeout)?,
             idle_timeout: positive("--idle-timeout", args.idle_timeout)?,
             pubsub,
-            keepalive: positive("--keepalive-secs", args.keepalive_secs)?,
+            keepalive: keepalive(args.keepalive_secs)?,
             log_level: level,
         })
     }
@@ -133,6 +133,17 @@ fn resolve(listen: &str) -> Result<SocketAddr, String> {
 pub fn seconds(name: &str, secs: f64) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs)
         .map_err(|_| format!("{name} {secs} is not a number of seconds"))
+}
+
+/// The keepalive interval: from 0.1 s (more often would flood streams) to a
+/// day (beyond, it is no keepalive at all).
+fn keepalive(secs: f64) -> Result<Duration, String> {
+    if !(0.1..=86_400.0).contains(&secs) {
+        return Err(format!(
+            "--keepalive-secs {secs} must be between 0.1 and 86400"
+        ));
+    }
+    seconds("--keepalive-secs", secs)
 }
 
 fn positive(name: &str, secs: f64) -> Result<Duration, String> {
@@ -214,5 +225,6 @@ mod tests {
             .is_err()
         );
         assert!(config(&["--keepalive-secs", "0"], &[]).is_err());
+        assert!(config(&["--keepalive-secs", "1e19"], &[]).is_err());
     }
 }

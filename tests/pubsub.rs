@@ -54,6 +54,7 @@ fn every_waiting_get_gets_a_copy_with_the_headers() {
     let answer = request(
         server.addr,
         b"POST /pubsub/alerts HTTP/1.1\r\nHost: t\r\nPatch-H-Title: Build failed\r\n\
+          Patch-H-Patch-Id: 99\r\nPatch-H-Access-Control-Allow-Origin: https://evil\r\n\
           Content-Type: text/plain\r\nContent-Length: 9\r\n\r\ndisk full",
     );
     assert_eq!(answer.status, 200);
@@ -66,6 +67,14 @@ fn every_waiting_get_gets_a_copy_with_the_headers() {
         assert_eq!(got.header("title"), Some("Build failed"));
         assert_eq!(got.header("content-type"), Some("text/plain"));
         assert_eq!(got.header("patch-id"), answer.header("patch-id"));
+        // The relay's own headers cannot be faked by a publisher.
+        for name in ["patch-id", "access-control-allow-origin"] {
+            let count = got
+                .headers
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name));
+            assert_eq!(count.count(), 1, "{name}: {:?}", got.headers);
+        }
     }
     // Nobody waiting: publishing still returns at once.
     let alone = request(server.addr, &post("/pubsub/alerts", b"x"));
@@ -141,7 +150,7 @@ fn cursors_resume_and_evictions_are_reported_as_missed() {
 }
 
 #[test]
-fn a_cursor_from_before_a_restart_waits_for_the_next_message() {
+fn a_cursor_beyond_every_id_given_waits_for_the_next_message() {
     let server = Server::start();
     let mut waiter = connect(server.addr);
     send(&mut waiter, &get("/pubsub/new?after=99999999999999999"));
@@ -291,9 +300,10 @@ fn sse_streams_resume_with_last_event_id() {
     // Published while the client was away; it comes back as EventSource does.
     publish(&server, "/pubsub/feed", b"four");
     publish(&server, "/pubsub/feed", b"five");
+    // EventSource reconnects to the same URL: Last-Event-ID wins over after=.
     let (_, mut events) = subscribe(
         &server,
-        "/pubsub/feed",
+        "/pubsub/feed?after=0",
         &format!(
             "Accept: text/event-stream\r\nLast-Event-ID: {}\r\n",
             first + 1
@@ -404,6 +414,32 @@ fn a_stalled_subscriber_slows_nobody_and_holds_no_memory() {
     let mut first = [0u8; 64];
     (&stalled).read_exact(&mut first).unwrap();
     assert!(first.starts_with(b"HTTP/1.1 200 OK"));
+}
+
+/// Streams that stopped reading in the middle of a large binary message
+/// each hold a small buffer, not the encoded message.
+#[test]
+fn stalled_streams_of_a_large_message_hold_little_memory() {
+    const STREAMS: usize = 50;
+    let server = Server::start_with(&["--idle-timeout", "120"]);
+    publish(&server, "/pubsub/blob", &pattern(1 << 20, 9));
+    let before = status_kib(server.pid(), "VmRSS");
+    let stalled: Vec<TcpStream> = (0..STREAMS)
+        .map(|_| {
+            let mut stream = connect(server.addr);
+            send(&mut stream, &get("/pubsub/blob?format=ndjson&after=0"));
+            stream
+        })
+        .collect();
+    server.wait_log("started", STREAMS);
+    // Let each stream write until its socket is full.
+    thread::sleep(Duration::from_millis(500));
+    let grown = status_kib(server.pid(), "VmRSS").saturating_sub(before);
+    assert!(
+        grown < 24 << 10,
+        "{STREAMS} stalled streams grew RSS by {grown} KiB"
+    );
+    drop(stalled);
 }
 
 #[test]

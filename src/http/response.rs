@@ -167,20 +167,21 @@ pub fn stream_body(
     }
 }
 
-/// Appends `data` to `out` as the next piece of a body that is written as
-/// it comes, framed by `payload`: one chunk when chunked. Empty data adds
-/// nothing, since an empty chunk would end the body.
-pub fn frame(out: &mut Vec<u8>, payload: Payload, data: &[u8]) {
-    if data.is_empty() {
-        return;
+/// Writes `prefix` (a response head, or nothing), then `data` as the next
+/// piece of a body that is written as it comes, framed by `payload` (one
+/// chunk when chunked), in one system call where the socket allows. Empty
+/// data is not framed, since an empty chunk would end the body.
+pub fn write_piece(
+    sink: &mut dyn Write,
+    payload: Payload,
+    prefix: &[u8],
+    data: &[u8],
+) -> io::Result<()> {
+    if payload != Payload::Chunked || data.is_empty() {
+        return write_all(sink, [prefix, data]);
     }
-    if payload == Payload::Chunked {
-        out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-        out.extend_from_slice(data);
-        out.extend_from_slice(b"\r\n");
-    } else {
-        out.extend_from_slice(data);
-    }
+    let size_line = format!("{:x}\r\n", data.len());
+    write_all(sink, [prefix, size_line.as_bytes(), data, b"\r\n"])
 }
 
 /// The bytes that end a body framed by `payload` that was written as it came.
@@ -191,19 +192,21 @@ pub fn end_of_body(payload: Payload) -> &'static [u8] {
     }
 }
 
-/// Writes two slices with as few system calls as the socket allows.
-pub fn write_all(sink: &mut dyn Write, pieces: [&[u8]; 2]) -> io::Result<()> {
-    let [mut first, mut second] = pieces;
-    while !first.is_empty() || !second.is_empty() {
-        let n = match sink.write_vectored(&[IoSlice::new(first), IoSlice::new(second)]) {
+/// Writes the slices in order, with as few system calls as the socket allows.
+pub fn write_all<const N: usize>(sink: &mut dyn Write, mut pieces: [&[u8]; N]) -> io::Result<()> {
+    while pieces.iter().any(|piece| !piece.is_empty()) {
+        let slices = pieces.map(IoSlice::new);
+        let mut n = match sink.write_vectored(&slices) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        let from_first = n.min(first.len());
-        first = &first[from_first..];
-        second = &second[n - from_first..];
+        for piece in &mut pieces {
+            let done = n.min(piece.len());
+            *piece = &piece[done..];
+            n -= done;
+        }
     }
     Ok(())
 }
@@ -305,12 +308,12 @@ mod tests {
     #[test]
     fn pieces_are_framed_as_chunks() {
         let mut out = Vec::new();
-        frame(&mut out, Payload::Chunked, b"hello");
-        frame(&mut out, Payload::Chunked, b"");
+        write_piece(&mut out, Payload::Chunked, b"HEAD\r\n\r\n", b"hello").unwrap();
+        write_piece(&mut out, Payload::Chunked, b"", b"").unwrap();
         out.extend_from_slice(end_of_body(Payload::Chunked));
-        assert_eq!(out, b"5\r\nhello\r\n0\r\n\r\n");
+        assert_eq!(out, b"HEAD\r\n\r\n5\r\nhello\r\n0\r\n\r\n");
         let mut out = Vec::new();
-        frame(&mut out, Payload::UntilClose, b"hi");
+        write_piece(&mut out, Payload::UntilClose, b"", b"hi").unwrap();
         assert_eq!(out, b"hi");
     }
 }

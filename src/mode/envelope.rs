@@ -6,9 +6,10 @@
 use crate::http::{Exchange, Head};
 use crate::route::Query;
 
-/// Headers a sender may not relay with `Patch-H-`: hop-by-hop fields and the
-/// ones the relay sets itself.
-const UNRELAYED: [&str; 11] = [
+/// Headers a sender may not relay with `Patch-H-`: hop-by-hop fields, the
+/// ones the relay sets itself, and cookies (every channel shares the relay's
+/// origin). Names starting with [`UNRELAYED_PREFIXES`] are refused too.
+const UNRELAYED: [&str; 14] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -20,7 +21,13 @@ const UNRELAYED: [&str; 11] = [
     "content-type",
     "content-disposition",
     "date",
+    "cache-control",
+    "x-accel-buffering",
+    "set-cookie",
 ];
+
+/// Name prefixes of headers the relay sets itself (`Patch-Id`, CORS).
+const UNRELAYED_PREFIXES: [&str; 3] = ["patch-", "pb-", "access-control-"];
 
 /// The headers that travel with one message.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -29,6 +36,14 @@ pub struct Envelope {
     pub disposition: Option<Vec<u8>>,
     /// `Patch-H-<Name>` (or `Pb-H-<Name>`) headers, as (`<Name>`, value).
     pub relayed: Vec<(String, Vec<u8>)>,
+}
+
+/// Whether `<name>` may travel as `Patch-H-<name>`.
+fn is_relayed(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    !lower.is_empty()
+        && !UNRELAYED.contains(&lower.as_str())
+        && !UNRELAYED_PREFIXES.iter().any(|p| lower.starts_with(p))
 }
 
 impl Envelope {
@@ -58,7 +73,7 @@ impl Envelope {
                 continue;
             };
             let name = &header.name[at..];
-            if !name.is_empty() && !UNRELAYED.contains(&name.to_ascii_lowercase().as_str()) {
+            if is_relayed(name) {
                 relayed.push((name.to_owned(), header.value.clone()));
             }
         }
@@ -90,5 +105,31 @@ impl Envelope {
                 .iter()
                 .map(|(name, value)| name.len() + value.len() + 48)
                 .sum::<usize>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_relays_own_headers_never_travel() {
+        for name in ["Title", "X-Priority", "Tags"] {
+            assert!(is_relayed(name), "{name}");
+        }
+        for name in [
+            "",
+            "Patch-Id",
+            "patch-missed",
+            "Pb-H-Title",
+            "Access-Control-Allow-Origin",
+            "Cache-Control",
+            "X-Accel-Buffering",
+            "Set-Cookie",
+            "Transfer-Encoding",
+            "Content-Length",
+        ] {
+            assert!(!is_relayed(name), "{name}");
+        }
     }
 }

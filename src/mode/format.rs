@@ -1,7 +1,9 @@
 //! How a streaming pubsub subscription writes its messages: raw (patchbay's
 //! `?persist=true`: bodies back to back, as the publishers framed them),
 //! Server-Sent Events, or NDJSON. Pure: bytes in, bytes out; the stream loop
-//! in `pubsub.rs` frames and writes them.
+//! in `pubsub.rs` frames and writes them. A message is encoded piece by
+//! piece ([`Encoder`]), so that a stream's buffer stays small whatever the
+//! size of the message it is writing.
 
 use std::time::UNIX_EPOCH;
 
@@ -12,8 +14,13 @@ use crate::error::Reject;
 use crate::mode::pubsub::Message;
 use crate::route::{Query, parse_flag};
 
-/// SSE field names a relayed header may not take: they would change the event.
-const SSE_FIELDS: [&str; 4] = ["data", "id", "event", "retry"];
+/// SSE field names a relayed header may not take: they would change the
+/// event, or fake the relay's own `encoding` field.
+const SSE_FIELDS: [&str; 5] = ["data", "id", "event", "retry", "encoding"];
+
+/// Body bytes encoded per piece (a multiple of 3, so that base64 pieces join
+/// without padding); a piece of output is at most 6 times this (JSON escapes).
+const PIECE: usize = 6 * 1024;
 
 /// The framing of a streaming subscription.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,12 +46,7 @@ impl Format {
                 _ => Err(Reject::bad_request("format= takes sse, ndjson or raw")),
             };
         }
-        let wants_sse = accept.is_some_and(|accept| {
-            accept
-                .split(',')
-                .any(|range| range.trim().starts_with("text/event-stream"))
-        });
-        if wants_sse && query.mime.is_none() {
+        if accept.is_some_and(accepts_event_stream) && query.mime.is_none() {
             return Ok(Some(Format::Sse));
         }
         let persist = match query.get("persist") {
@@ -65,27 +67,15 @@ impl Format {
         }
     }
 
-    /// Appends `message` to `out`.
-    pub fn write_message(self, message: &Message, out: &mut Vec<u8>) {
-        match self {
-            Format::Raw => out.extend_from_slice(&message.body),
-            Format::Sse => sse_event(message, out),
-            Format::Ndjson => ndjson_line(message, out),
-        }
-    }
-
     /// Appends a notice that `count` messages were evicted before this
     /// subscriber could read them (a raw stream has no room for one).
     pub fn write_missed(self, count: u64, out: &mut Vec<u8>) {
-        match self {
-            Format::Raw => {}
-            Format::Sse => {
-                out.extend_from_slice(format!("event: missed\ndata: {count}\n\n").as_bytes())
-            }
-            Format::Ndjson => out.extend_from_slice(
-                format!("{{\"event\":\"missed\",\"count\":{count}}}\n").as_bytes(),
-            ),
-        }
+        let notice = match self {
+            Format::Raw => return,
+            Format::Sse => format!("event: missed\ndata: {count}\n\n"),
+            Format::Ndjson => format!("{{\"event\":\"missed\",\"count\":{count}}}\n"),
+        };
+        out.extend_from_slice(notice.as_bytes());
     }
 
     /// Appends a keepalive (nothing for a raw stream, which has no room for one).
@@ -98,82 +88,168 @@ impl Format {
     }
 }
 
-/// One Server-Sent Event: `id:`, the relayed headers as extra fields (which
-/// EventSource ignores and line readers see), and the body as `data:` lines,
-/// split where the body has line breaks so that the client joins it back
-/// (WHATWG HTML §9.2.6). A body that is not UTF-8 goes as one base64 line
-/// after `encoding: base64`.
-fn sse_event(message: &Message, out: &mut Vec<u8>) {
-    out.extend_from_slice(format!("id: {}\n", message.id).as_bytes());
-    for (name, value) in headers(message) {
-        if !SSE_FIELDS.contains(&name.to_ascii_lowercase().as_str()) {
-            out.extend_from_slice(
-                format!("{name}: {}\n", String::from_utf8_lossy(value)).as_bytes(),
-            );
-        }
-    }
-    match std::str::from_utf8(&message.body) {
-        Ok(text) => {
-            let mut rest = text;
-            loop {
-                let Some(at) = rest.find(['\r', '\n']) else {
-                    out.extend_from_slice(b"data: ");
-                    out.extend_from_slice(rest.as_bytes());
-                    out.push(b'\n');
-                    break;
-                };
-                out.extend_from_slice(b"data: ");
-                out.extend_from_slice(&rest.as_bytes()[..at]);
-                out.push(b'\n');
-                let skip = if rest[at..].starts_with("\r\n") { 2 } else { 1 };
-                rest = &rest[at + skip..];
-            }
-        }
-        Err(_) => {
-            out.extend_from_slice(b"encoding: base64\ndata: ");
-            out.extend_from_slice(BASE64.encode(&message.body).as_bytes());
-            out.push(b'\n');
-        }
-    }
-    out.push(b'\n');
+/// Whether an Accept header lists `text/event-stream` (in any case) without
+/// `q=0`, which would mean "not acceptable" (RFC 9110 §12.4.2).
+fn accepts_event_stream(accept: &str) -> bool {
+    accept.split(',').any(|range| {
+        let mut params = range.split(';').map(str::trim);
+        let is_sse = params
+            .next()
+            .is_some_and(|t| t.eq_ignore_ascii_case("text/event-stream"));
+        let refused = params.any(|p| {
+            p.strip_prefix("q=")
+                .is_some_and(|q| q.parse::<f32>().is_ok_and(|q| q == 0.0))
+        });
+        is_sse && !refused
+    })
 }
 
-/// One NDJSON line: `{"id","time","content_type","body"}`, with `"headers"`
-/// when any travel, and `"encoding":"base64"` when the body is not UTF-8.
-fn ndjson_line(message: &Message, out: &mut Vec<u8>) {
-    let time = message
-        .time
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    out.extend_from_slice(
-        format!("{{\"id\":{},\"time\":{time},\"content_type\":", message.id).as_bytes(),
-    );
-    json_string(&message.envelope.content_type, out);
-    let mut headers = headers(message).peekable();
-    if headers.peek().is_some() {
-        out.extend_from_slice(b",\"headers\":{");
-        for (i, (name, value)) in headers.enumerate() {
-            if i > 0 {
-                out.push(b',');
+/// One message being encoded, piece by piece.
+///
+/// SSE: an `id:` line, the relayed headers as extra fields (which
+/// EventSource ignores and line readers see), and the body as `data:` lines,
+/// split where the body has line breaks so that the client joins it back
+/// (WHATWG HTML §9.2.6); a body that is not UTF-8 goes as one base64 line
+/// after `encoding: base64`. NDJSON: `{"id","time","content_type","body"}`,
+/// with `"headers"` when any travel and `"encoding":"base64"` for a body that
+/// is not UTF-8. Raw: the body.
+pub struct Encoder<'m> {
+    format: Format,
+    message: &'m Message,
+    /// Whether the body goes as base64 (not UTF-8, in SSE or NDJSON).
+    base64: bool,
+    stage: Stage,
+    /// Body bytes encoded so far.
+    at: usize,
+    /// The last body byte encoded was a CR (SSE: a CRLF is one line break).
+    after_cr: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Start,
+    Body,
+    End,
+    Done,
+}
+
+impl<'m> Encoder<'m> {
+    /// Starts encoding `message` as `format`.
+    pub fn new(format: Format, message: &'m Message) -> Encoder<'m> {
+        let base64 = format != Format::Raw && std::str::from_utf8(&message.body).is_err();
+        Encoder {
+            format,
+            message,
+            base64,
+            stage: Stage::Start,
+            at: 0,
+            after_cr: false,
+        }
+    }
+
+    /// Appends the next piece of the message to `out`; false (and nothing
+    /// appended) once the message is complete.
+    pub fn write_next(&mut self, out: &mut Vec<u8>) -> bool {
+        match self.stage {
+            Stage::Start => {
+                self.start(out);
+                self.stage = Stage::Body;
             }
-            json_string(name, out);
-            out.push(b':');
-            json_string(&String::from_utf8_lossy(value), out);
+            Stage::Body => {
+                let body = &self.message.body;
+                let end = body.len().min(self.at + PIECE);
+                let piece = &body[self.at..end];
+                if self.base64 {
+                    out.extend_from_slice(BASE64.encode(piece).as_bytes());
+                } else {
+                    match self.format {
+                        Format::Raw => out.extend_from_slice(piece),
+                        Format::Sse => self.sse_lines(piece, out),
+                        Format::Ndjson => json_bytes(piece, out),
+                    }
+                }
+                self.at = end;
+                if end == body.len() {
+                    self.stage = Stage::End;
+                }
+            }
+            Stage::End => {
+                match self.format {
+                    Format::Raw => {}
+                    Format::Sse => out.extend_from_slice(b"\n\n"),
+                    Format::Ndjson => out.extend_from_slice(b"\"}\n"),
+                }
+                self.stage = Stage::Done;
+            }
+            Stage::Done => return false,
         }
-        out.push(b'}');
+        true
     }
-    match std::str::from_utf8(&message.body) {
-        Ok(text) => {
-            out.extend_from_slice(b",\"body\":");
-            json_string(text, out);
-        }
-        Err(_) => {
-            out.extend_from_slice(b",\"encoding\":\"base64\",\"body\":\"");
-            out.extend_from_slice(BASE64.encode(&message.body).as_bytes());
-            out.push(b'"');
+
+    /// What comes before the body.
+    fn start(&self, out: &mut Vec<u8>) {
+        let message = self.message;
+        match self.format {
+            Format::Raw => {}
+            Format::Sse => {
+                out.extend_from_slice(format!("id: {}\n", message.id).as_bytes());
+                for (name, value) in headers(message) {
+                    if !SSE_FIELDS.contains(&name.to_ascii_lowercase().as_str()) {
+                        let value = String::from_utf8_lossy(value);
+                        out.extend_from_slice(format!("{name}: {value}\n").as_bytes());
+                    }
+                }
+                if self.base64 {
+                    out.extend_from_slice(b"encoding: base64\n");
+                }
+                out.extend_from_slice(b"data: ");
+            }
+            Format::Ndjson => {
+                let time = message
+                    .time
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let id = message.id;
+                out.extend_from_slice(format!("{{\"id\":{id},\"time\":{time}").as_bytes());
+                out.extend_from_slice(b",\"content_type\":\"");
+                json_bytes(message.envelope.content_type.as_bytes(), out);
+                out.push(b'"');
+                let mut headers = headers(message).peekable();
+                if headers.peek().is_some() {
+                    out.extend_from_slice(b",\"headers\":{");
+                    for (i, (name, value)) in headers.enumerate() {
+                        if i > 0 {
+                            out.push(b',');
+                        }
+                        out.push(b'"');
+                        json_bytes(name.as_bytes(), out);
+                        out.extend_from_slice(b"\":\"");
+                        json_bytes(String::from_utf8_lossy(value).as_bytes(), out);
+                        out.push(b'"');
+                    }
+                    out.push(b'}');
+                }
+                if self.base64 {
+                    out.extend_from_slice(b",\"encoding\":\"base64\"");
+                }
+                out.extend_from_slice(b",\"body\":\"");
+            }
         }
     }
-    out.extend_from_slice(b"}\n");
+
+    /// SSE: a body's bytes, each line break (CR, LF or CRLF) starting a new
+    /// `data:` line. CR and LF never occur inside a UTF-8 sequence, so a
+    /// piece may end anywhere.
+    fn sse_lines(&mut self, piece: &[u8], out: &mut Vec<u8>) {
+        for &byte in piece {
+            match byte {
+                b'\n' if self.after_cr => {}
+                b'\r' | b'\n' => out.extend_from_slice(b"\ndata: "),
+                _ => out.push(byte),
+            }
+            self.after_cr = byte == b'\r';
+        }
+    }
 }
 
 /// The headers that travel with `message`, besides its Content-Type.
@@ -191,24 +267,21 @@ fn headers(message: &Message) -> impl Iterator<Item = (&str, &[u8])> {
     )
 }
 
-/// Appends `text` as a JSON string (RFC 8259 §7).
-fn json_string(text: &str, out: &mut Vec<u8>) {
-    out.push(b'"');
-    for c in text.chars() {
-        match c {
-            '"' => out.extend_from_slice(b"\\\""),
-            '\\' => out.extend_from_slice(b"\\\\"),
-            '\n' => out.extend_from_slice(b"\\n"),
-            '\r' => out.extend_from_slice(b"\\r"),
-            '\t' => out.extend_from_slice(b"\\t"),
-            c if c < ' ' => out.extend_from_slice(format!("\\u{:04x}", c as u32).as_bytes()),
-            c => {
-                let mut utf8 = [0; 4];
-                out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
-            }
+/// Appends the bytes of UTF-8 text, escaped for the inside of a JSON string
+/// (RFC 8259 §7). Only ASCII bytes are escaped, so a piece may end inside a
+/// multi-byte character.
+fn json_bytes(text: &[u8], out: &mut Vec<u8>) {
+    for &byte in text {
+        match byte {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            byte if byte < b' ' => out.extend_from_slice(format!("\\u{byte:04x}").as_bytes()),
+            byte => out.push(byte),
         }
     }
-    out.push(b'"');
 }
 
 #[cfg(test)]
@@ -233,21 +306,28 @@ mod tests {
         )
     }
 
-    fn written(format: Format, message: &Message) -> String {
+    fn encoded(format: Format, message: &Message) -> Vec<u8> {
         let mut out = Vec::new();
-        format.write_message(message, &mut out);
-        String::from_utf8(out).unwrap()
+        let mut encoder = Encoder::new(format, message);
+        let mut pieces = 0;
+        while encoder.write_next(&mut out) {
+            pieces += 1;
+            assert!(pieces < 10_000);
+        }
+        out
+    }
+
+    fn written(format: Format, message: &Message) -> String {
+        String::from_utf8(encoded(format, message)).unwrap()
     }
 
     #[test]
     fn sse_splits_lines_and_keeps_its_own_fields() {
-        let m = message(
-            b"one\ntwo\r\nthree\n",
-            &[("Title", "Build failed"), ("id", "99")],
-        );
+        let relayed = [("Title", "Build failed"), ("id", "99"), ("Encoding", "x")];
+        let m = message(b"one\ntwo\r\nthree\rfour\n", &relayed);
         assert_eq!(
             written(Format::Sse, &m),
-            "id: 7\nTitle: Build failed\ndata: one\ndata: two\ndata: three\ndata: \n\n"
+            "id: 7\nTitle: Build failed\ndata: one\ndata: two\ndata: three\ndata: four\ndata: \n\n"
         );
         assert_eq!(
             written(Format::Sse, &message(b"", &[])),
@@ -275,6 +355,25 @@ mod tests {
     }
 
     #[test]
+    fn large_bodies_are_encoded_in_pieces_that_join_up() {
+        // A CRLF across the boundary of two pieces is still one line break.
+        let mut text = vec![b'a'; PIECE - 1];
+        text.extend_from_slice(b"\r\nb");
+        let expected = format!("id: 7\ndata: {}\ndata: b\n\n", "a".repeat(PIECE - 1));
+        assert_eq!(written(Format::Sse, &message(&text, &[])), expected);
+        let binary: Vec<u8> = (0..3 * PIECE + 5).map(|i| (i % 113) as u8 | 0x80).collect();
+        let ndjson = written(Format::Ndjson, &message(&binary, &[]));
+        let tail = format!("\"body\":\"{}\"}}\n", BASE64.encode(&binary));
+        assert!(ndjson.ends_with(&tail));
+        let mut accented = "é".repeat(PIECE).into_bytes();
+        accented.push(b'"');
+        let ndjson = written(Format::Ndjson, &message(&accented, &[]));
+        let tail = format!("\"body\":\"{}\\\"\"}}\n", "é".repeat(PIECE));
+        assert!(ndjson.ends_with(&tail));
+        assert!(encoded(Format::Raw, &message(&binary, &[])) == binary);
+    }
+
+    #[test]
     fn raw_streams_add_nothing() {
         let m = message(b"data: hi\n\n", &[("Title", "T")]);
         assert_eq!(written(Format::Raw, &m), "data: hi\n\n");
@@ -294,23 +393,16 @@ mod tests {
             mime: mime.map(str::to_owned),
             ..Query::default()
         };
-        let sse = Some("text/html, text/event-stream;q=0.9");
-        assert_eq!(Format::requested(&query(&[], None), None), Ok(None));
-        assert_eq!(
-            Format::requested(&query(&[], None), sse),
-            Ok(Some(Format::Sse))
-        );
-        assert_eq!(
-            Format::requested(
-                &query(&[("persist", "true")], Some("text/event-stream")),
-                sse
-            ),
-            Ok(Some(Format::Raw))
-        );
-        assert_eq!(
-            Format::requested(&query(&[("format", "ndjson")], None), sse),
-            Ok(Some(Format::Ndjson))
-        );
+        let none = query(&[], None);
+        let sse = Some("text/html, Text/Event-Stream;q=0.9");
+        assert_eq!(Format::requested(&none, None), Ok(None));
+        assert_eq!(Format::requested(&none, sse), Ok(Some(Format::Sse)));
+        let refused = Some("text/event-stream; q=0, */*");
+        assert_eq!(Format::requested(&none, refused), Ok(None));
+        let chat = query(&[("persist", "true")], Some("text/event-stream"));
+        assert_eq!(Format::requested(&chat, sse), Ok(Some(Format::Raw)));
+        let ndjson = query(&[("format", "ndjson")], None);
+        assert_eq!(Format::requested(&ndjson, sse), Ok(Some(Format::Ndjson)));
         assert!(Format::requested(&query(&[("format", "xml")], None), None).is_err());
         assert!(Format::requested(&query(&[("persist", "maybe")], None), None).is_err());
     }

@@ -22,6 +22,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{self, Read, Write};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -30,16 +31,19 @@ use crossbeam_channel::{RecvTimeoutError, Sender, bounded};
 
 use crate::config::PubsubLimits;
 use crate::error::Reject;
-use crate::http::response::{end_of_body, frame};
+use crate::http::response::{end_of_body, write_piece};
 use crate::http::{Exchange, Head, Payload, is_open};
 use crate::mode::envelope::Envelope;
-use crate::mode::format::Format;
+use crate::mode::format::{Encoder, Format};
 use crate::mode::wait::{SWEEP, Waited, wait};
 use crate::mode::{deadline, short};
 use crate::route::{Action, Query};
 
 /// About how many bytes of messages a stream takes from its channel at once.
-const PULL_BYTES: usize = 256 * 1024;
+const PULL_BYTES: usize = 64 * 1024;
+
+/// How many encoded bytes a stream gathers before it writes them.
+const FLUSH_AT: usize = 32 * 1024;
 
 /// Every pubsub channel.
 pub struct Pubsub {
@@ -90,6 +94,9 @@ pub struct Message {
     /// Publication order across all channels.
     seq: u64,
     published: Instant,
+    /// Bytes it holds, as retention counts them: body, headers, the
+    /// channel's name (kept twice per channel) and some overhead.
+    cost: usize,
     /// When it was published, as subscribers are told.
     pub time: SystemTime,
     pub envelope: Envelope,
@@ -136,15 +143,11 @@ impl Message {
             id,
             seq: 0,
             published: Instant::now(),
+            cost: body.len() + envelope.size() + 128,
             time,
             envelope,
             body,
         }
-    }
-
-    /// Bytes the message holds, as retention counts them.
-    fn cost(&self) -> usize {
-        self.body.len() + self.envelope.size() + 128
     }
 }
 
@@ -197,15 +200,15 @@ impl Channels {
     }
 
     /// Evicts the oldest message of channel `key`, forgetting the channel if
-    /// that leaves it idle.
-    fn evict_oldest_of(&mut self, key: &str) {
+    /// that leaves it idle; false if it had none.
+    fn evict_oldest_of(&mut self, key: &str) -> bool {
         let Some(feed) = self.feeds.get_mut(key) else {
-            return;
+            return false;
         };
         let Some(message) = feed.retained.pop_front() else {
-            return;
+            return false;
         };
-        let cost = message.cost();
+        let cost = message.cost;
         feed.bytes -= cost;
         self.bytes -= cost;
         self.oldest.remove(&message.seq);
@@ -214,6 +217,7 @@ impl Channels {
         } else if feed.is_idle() {
             self.feeds.remove(key);
         }
+        true
     }
 
     /// Evicts every message older than `max_age`, oldest first.
@@ -231,7 +235,9 @@ impl Channels {
                 break;
             }
             let key = key.clone();
-            self.evict_oldest_of(&key);
+            if !self.evict_oldest_of(&key) {
+                self.oldest.remove(&seq);
+            }
         }
     }
 
@@ -244,7 +250,9 @@ impl Channels {
             if count <= 1 || (count <= limits.retain_count && feed.bytes <= limits.retain_bytes) {
                 break;
             }
-            self.evict_oldest_of(key);
+            if !self.evict_oldest_of(key) {
+                break;
+            }
         }
         while self.bytes > limits.memory {
             let Some((&seq, oldest_key)) = self.oldest.first_key_value() else {
@@ -254,7 +262,10 @@ impl Channels {
                 break;
             }
             let oldest_key = oldest_key.clone();
-            self.evict_oldest_of(&oldest_key);
+            if !self.evict_oldest_of(&oldest_key) {
+                // Not reachable while the index is kept right; heal it.
+                self.oldest.remove(&seq);
+            }
         }
     }
 
@@ -371,7 +382,10 @@ impl Pubsub {
                 return Err(too_large());
             }
             let mut body = Vec::new();
-            match (&mut *ex).take(max as u64 + 1).read_to_end(&mut body) {
+            match (&mut *ex)
+                .take((max as u64).saturating_add(1))
+                .read_to_end(&mut body)
+            {
                 Ok(_) => {}
                 Err(error) if error.kind() == io::ErrorKind::InvalidData => {
                     return Err(Reject::bad_request(format!(
@@ -416,6 +430,7 @@ impl Pubsub {
         feed.next_id += 1;
         let mut message = Message::new(id, SystemTime::now(), envelope, body);
         message.seq = seq;
+        message.cost += 2 * key.len();
         let message = Arc::new(message);
         let mut handed = 0;
         for waiter in feed.waiters.drain(..) {
@@ -430,7 +445,7 @@ impl Pubsub {
             let _ = listener.bell.try_send(());
         }
         handed += feed.listeners.len();
-        let cost = message.cost();
+        let cost = message.cost;
         let first = feed.retained.is_empty();
         feed.retained.push_back(message);
         feed.bytes += cost;
@@ -609,49 +624,36 @@ impl Pubsub {
             head.header("Patch-Missed", first.missed.to_string());
         }
         let payload = Payload::for_body(ex.request.version, None);
-        let mut out = ex.start_response(head, payload);
-        let mut pulled = Some(first);
-        let mut data = Vec::new();
-        let mut last_sent = Instant::now();
+        let head = ex.start_response(head, payload);
         let stream = ex.conn.stream();
+        let mut out = StreamOut {
+            sink: stream,
+            payload,
+            head,
+            data: Vec::new(),
+            last_sent: Instant::now(),
+        };
+        let mut pulled = Some(first);
         let ended = loop {
-            let mut more = false;
-            if let Some(batch) = pulled.take() {
-                let Pulled {
-                    messages,
-                    missed,
-                    more: left,
-                } = batch;
-                more = left;
-                data.clear();
-                if missed > 0 {
-                    format.write_missed(missed, &mut data);
-                }
-                for message in &messages {
-                    format.write_message(message, &mut data);
-                }
-                frame(&mut out, payload, &data);
+            let more = pulled.as_ref().is_some_and(|batch| batch.more);
+            if let Err(error) = out.send(format, pulled.take()) {
+                log::debug!("pubsub {key:?}: stream {id} hung up: {error}");
+                self.leave(key, id);
+                ex.close();
+                return Ok(());
             }
-            if !out.is_empty() {
-                if let Err(error) = (&mut &*stream).write_all(&out) {
-                    log::debug!("pubsub {key:?}: stream {id} hung up: {error}");
-                    self.leave(key, id);
-                    ex.close();
-                    return Ok(());
-                }
-                out.clear();
-                last_sent = Instant::now();
-            }
-            let keepalive_at = last_sent + self.keepalive;
+            // A keepalive too far off to represent is never sent.
+            let keepalive_at = out.last_sent.checked_add(self.keepalive);
+            let sweep_at = Instant::now() + SWEEP;
             let rung = if more {
                 Ok(())
             } else {
-                bell_rx.recv_deadline(keepalive_at.min(Instant::now() + SWEEP))
+                bell_rx.recv_deadline(keepalive_at.map_or(sweep_at, |k| k.min(sweep_at)))
             };
             match rung {
                 Ok(()) | Err(RecvTimeoutError::Disconnected) => {
                     match self.pull(key, id, &mut cursor, None) {
-                        Ok(new) => pulled = Some(new),
+                        Ok(batch) => pulled = Some(batch),
                         Err(reject) => break reject,
                     }
                 }
@@ -662,27 +664,75 @@ impl Pubsub {
                         ex.close();
                         return Ok(());
                     }
-                    if Instant::now() >= keepalive_at {
-                        data.clear();
-                        format.write_keepalive(&mut data);
-                        frame(&mut out, payload, &data);
-                        last_sent = Instant::now();
+                    if keepalive_at.is_some_and(|k| Instant::now() >= k) {
+                        format.write_keepalive(&mut out.data);
+                        // A raw stream has no keepalive: its timer just restarts.
+                        out.last_sent = Instant::now();
                     }
                 }
             }
         };
         log::debug!("pubsub {key:?}: stream {id} ended: {}", ended.reason);
+        let _ = out.flush();
         let _ = (&mut &*stream).write_all(end_of_body(payload));
         ex.close();
         Ok(())
     }
 }
 
-/// The subscriber's cursor: `?after=ID`, else the `Last-Event-ID` header of
-/// a reconnecting EventSource; empty means none. A malformed `after=` is
-/// refused, a malformed `Last-Event-ID` ignored (EventSource would resend it
-/// forever).
+/// The writing side of a stream: the response head, until the first write,
+/// and a small buffer of encoded bytes, written out whenever it fills.
+struct StreamOut<'s> {
+    sink: &'s TcpStream,
+    payload: Payload,
+    /// The response head, sent with the first piece.
+    head: Vec<u8>,
+    data: Vec<u8>,
+    /// When something was last written, for the keepalive timer.
+    last_sent: Instant,
+}
+
+impl StreamOut<'_> {
+    /// Encodes and writes `batch`, and whatever is pending (the head, a
+    /// keepalive).
+    fn send(&mut self, format: Format, batch: Option<Pulled>) -> io::Result<()> {
+        if let Some(batch) = batch {
+            if batch.missed > 0 {
+                format.write_missed(batch.missed, &mut self.data);
+            }
+            for message in &batch.messages {
+                let mut encoder = Encoder::new(format, message);
+                while encoder.write_next(&mut self.data) {
+                    if self.data.len() >= FLUSH_AT {
+                        self.flush()?;
+                    }
+                }
+            }
+        }
+        self.flush()
+    }
+
+    /// Writes what is pending as one piece of the body.
+    fn flush(&mut self) -> io::Result<()> {
+        if self.head.is_empty() && self.data.is_empty() {
+            return Ok(());
+        }
+        write_piece(&mut self.sink, self.payload, &self.head, &self.data)?;
+        self.head.clear();
+        self.data.clear();
+        self.last_sent = Instant::now();
+        Ok(())
+    }
+}
+
+/// The subscriber's cursor: the `Last-Event-ID` header of a reconnecting
+/// EventSource (which reconnects to the same URL, `?after=` included), else
+/// `?after=ID`; empty means none. A malformed `Last-Event-ID` is ignored
+/// (EventSource would resend it forever), a malformed `after=` refused.
 fn cursor(query: &Query, last_event_id: Option<&str>) -> Result<Option<u64>, Reject> {
+    if let Some(id) = last_event_id.and_then(|id| id.trim().parse().ok()) {
+        return Ok(Some(id));
+    }
     if let Some(after) = query.get("after") {
         let after = after.trim();
         if after.is_empty() {
@@ -693,7 +743,7 @@ fn cursor(query: &Query, last_event_id: Option<&str>) -> Result<Option<u64>, Rej
             .map(Some)
             .map_err(|_| Reject::bad_request("after= takes a message id (Patch-Id)"));
     }
-    Ok(last_event_id.and_then(|id| id.trim().parse().ok()))
+    Ok(None)
 }
 
 /// 408 for a subscriber: nothing was published within its wait.
@@ -802,6 +852,20 @@ mod tests {
     }
 
     #[test]
+    fn long_channel_names_count_against_the_memory() {
+        let pubsub = pubsub(PubsubLimits {
+            memory: 64 << 10,
+            ..limits()
+        });
+        for i in 0..100 {
+            publish(&pubsub, &format!("/{i}/{}", "x".repeat(1000)), b"");
+        }
+        let channels = pubsub.lock();
+        assert!(channels.bytes <= 64 << 10);
+        assert!(channels.feeds.len() < 32, "{}", channels.feeds.len());
+    }
+
+    #[test]
     fn old_messages_expire_and_empty_channels_are_forgotten() {
         let pubsub = pubsub(PubsubLimits {
             retain_age: Duration::from_millis(1),
@@ -823,8 +887,9 @@ mod tests {
                 .unwrap_or_default(),
             ..Query::default()
         };
-        assert_eq!(cursor(&query(Some("42")), Some("7")), Ok(Some(42)));
-        assert_eq!(cursor(&query(Some("")), Some("7")), Ok(None));
+        assert_eq!(cursor(&query(Some("42")), Some("7")), Ok(Some(7)));
+        assert_eq!(cursor(&query(Some("42")), Some("junk")), Ok(Some(42)));
+        assert_eq!(cursor(&query(Some("")), None), Ok(None));
         assert_eq!(cursor(&query(None), Some("7")), Ok(Some(7)));
         assert_eq!(cursor(&query(None), Some("junk")), Ok(None));
         assert!(cursor(&query(Some("x")), None).is_err());
