@@ -4,13 +4,29 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 BINDIR ?= $(PREFIX)/bin
 MANDIR ?= $(PREFIX)/share/man
-CARGO ?= cargo
+# cargo from PATH (rustup's or Debian's cargo-web), else rustup's usual place
+# (which sudo's PATH leaves out), else Debian's.
+CARGO ?= $(shell command -v cargo 2>/dev/null || { [ -x "$$HOME/.cargo/bin/cargo" ] && echo "$$HOME/.cargo/bin/cargo"; } || echo /usr/bin/cargo)
 LISTEN ?= 0.0.0.0:3000
+
+# The Raspberry Pi: Debian's Rust 1.85 (cargo-web) and its cross toolchains,
+# installed by scripts/pi-toolchain.sh; ARM binaries run under qemu-user.
+DEBIAN_CARGO := RUSTC=/usr/bin/rustc /usr/bin/cargo
+ARMV7 := armv7-unknown-linux-gnueabihf
+AARCH64 := aarch64-unknown-linux-gnu
+CROSS_DIR := target/cross
+CROSS_ENV := \
+	CARGO_TARGET_ARMV7_UNKNOWN_LINUX_GNUEABIHF_LINKER=arm-linux-gnueabihf-gcc \
+	CARGO_TARGET_ARMV7_UNKNOWN_LINUX_GNUEABIHF_RUNNER="qemu-arm-static -L /usr/arm-linux-gnueabihf" \
+	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
+	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64-static -L /usr/aarch64-linux-gnu"
+# The tests run against the aarch64 binary: the documented examples.
+AARCH64_SMOKE ?= examples::
 
 BIN := target/release/patchcord
 SOURCES := $(shell find src -name '*.rs') Cargo.toml Cargo.lock
 
-.PHONY: all build run test check lint-man bench install uninstall clean
+.PHONY: all build run test check lint-man bench install uninstall clean msrv cross cross-test
 
 all: build
 
@@ -34,6 +50,24 @@ check: test lint-man
 # The benchmark: a table of figures (BENCH_ARGS, e.g. --json out.json, --only stream).
 bench:
 	$(CARGO) bench --locked --bench relay -- $(BENCH_ARGS)
+
+# Debian's Rust 1.85 (what a Pi owner has): build, and run the unit tests.
+msrv:
+	bash scripts/pi-toolchain.sh msrv
+	$(DEBIAN_CARGO) test --locked --bins --target-dir target/msrv
+
+# Release binaries for 32-bit (armv7) and 64-bit (aarch64) Raspberry Pi OS.
+cross:
+	bash scripts/pi-toolchain.sh cross
+	$(CROSS_ENV) $(DEBIAN_CARGO) build --release --locked --target $(ARMV7) --target-dir $(CROSS_DIR)
+	$(CROSS_ENV) $(DEBIAN_CARGO) build --release --locked --target $(AARCH64) --target-dir $(CROSS_DIR)
+	@ls -l $(CROSS_DIR)/$(ARMV7)/release/patchcord $(CROSS_DIR)/$(AARCH64)/release/patchcord
+
+# The whole suite against the armv7 binary under qemu-arm (test binaries and
+# server emulated, curl and bash native); the examples against aarch64.
+cross-test: cross
+	$(CROSS_ENV) $(DEBIAN_CARGO) test --locked --target $(ARMV7) --target-dir $(CROSS_DIR)
+	$(CROSS_ENV) $(DEBIAN_CARGO) test --locked --target $(AARCH64) --target-dir $(CROSS_DIR) -- $(AARCH64_SMOKE)
 
 lint-man:
 	@if command -v mandoc >/dev/null 2>&1; then \

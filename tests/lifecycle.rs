@@ -1,6 +1,5 @@
 //! The process: signals, exit status, command line.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::support::*;
@@ -44,16 +43,12 @@ fn sigint_on_an_idle_server_exits_0() {
 
 #[test]
 fn usage_errors_exit_2_and_bind_errors_exit_1() {
-    let binary = env!("CARGO_BIN_EXE_patchcord");
-    let usage = Command::new(binary).arg("--no-such-flag").output().unwrap();
+    let usage = command().arg("--no-such-flag").output().unwrap();
     assert_eq!(usage.status.code(), Some(2));
-    let bad = Command::new(binary)
-        .args(["--timeout=-3"])
-        .output()
-        .unwrap();
+    let bad = command().args(["--timeout=-3"]).output().unwrap();
     assert_eq!(bad.status.code(), Some(2));
     let server = Server::start();
-    let taken = Command::new(binary)
+    let taken = command()
         .args(["--listen", &server.addr.to_string()])
         .output()
         .unwrap();
@@ -63,8 +58,7 @@ fn usage_errors_exit_2_and_bind_errors_exit_1() {
 
 #[test]
 fn help_and_version_name_the_flags() {
-    let binary = env!("CARGO_BIN_EXE_patchcord");
-    let output = Command::new(binary).arg("--help").output().unwrap();
+    let output = command().arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&output.stdout);
     for flag in [
         "--listen",
@@ -77,6 +71,6 @@ fn help_and_version_name_the_flags() {
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
-    let version = Command::new(binary).arg("--version").output().unwrap();
+    let version = command().arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&version.stdout).starts_with("patchcord "));
 }

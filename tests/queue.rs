@@ -186,7 +186,7 @@ fn continue_is_sent_only_when_a_consumer_arrives() {
         producer.read(&mut byte).is_err(),
         "nothing may arrive before a consumer"
     );
-    producer.set_read_timeout(Some(STEP)).unwrap();
+    producer.set_read_timeout(Some(*STEP)).unwrap();
     let mut consumer = connect(server.addr);
     send(&mut consumer, &get("/c"));
     let (status, _) = read_head(&mut producer).unwrap();

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod capacity;
 mod examples;
 mod http;
 mod lifecycle;

@@ -2,8 +2,10 @@
 //! client on TcpStream (every socket with timeouts), curl and bash runners,
 //! and the server's debug log, so tests wait for "parked" instead of sleeping.
 //!
-//! `PATCHCORD_TEST_RUNNER` (e.g. `qemu-arm-static -L /usr/arm-linux-gnueabihf`)
-//! starts the binary through an emulator; `PATCHCORD_TEST_LOG=1` echoes its log.
+//! The binary is started through an emulator when the tests were built for
+//! another machine: `PATCHCORD_TEST_RUNNER` (e.g. `qemu-arm-static -L
+//! /usr/arm-linux-gnueabihf`), else the `CARGO_TARGET_<TRIPLE>_RUNNER` that
+//! cargo used to start this test binary. `PATCHCORD_TEST_LOG=1` echoes its log.
 
 #![allow(dead_code)] // each test module uses a different part of the support
 
@@ -14,8 +16,12 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// How long any single step of a test may take before it fails.
-pub const STEP: Duration = Duration::from_secs(20);
+/// How long any single step of a test may take before it fails; four times
+/// as long under an emulator, where everything is several times slower.
+pub static STEP: std::sync::LazyLock<Duration> = std::sync::LazyLock::new(|| {
+    let step = Duration::from_secs(20);
+    if is_emulated() { step * 4 } else { step }
+});
 
 /// A running patchcord, killed when dropped.
 pub struct Server {
@@ -32,17 +38,7 @@ impl Server {
 
     /// Starts patchcord with `args` added after `--listen 127.0.0.1:0 --log-level debug`.
     pub fn start_with(args: &[&str]) -> Server {
-        let binary = env!("CARGO_BIN_EXE_patchcord");
-        let runner = std::env::var("PATCHCORD_TEST_RUNNER").unwrap_or_default();
-        let mut words = runner.split_whitespace();
-        let mut command = match words.next() {
-            Some(program) => {
-                let mut c = Command::new(program);
-                c.args(words).arg(binary);
-                c
-            }
-            None => Command::new(binary),
-        };
+        let mut command = command();
         command
             .args(["--listen", "127.0.0.1:0", "--log-level", "debug"])
             .args(args)
@@ -76,7 +72,7 @@ impl Server {
             let _ = io::copy(&mut reader, &mut io::sink());
         });
         let line = rx
-            .recv_timeout(STEP)
+            .recv_timeout(*STEP)
             .expect("patchcord printed its address");
         let addr = line
             .trim()
@@ -109,7 +105,7 @@ impl Server {
 
     /// Waits until `n` log lines contain `needle`; panics after [`STEP`].
     pub fn wait_log(&self, needle: &str, n: usize) {
-        let deadline = Instant::now() + STEP;
+        let deadline = Instant::now() + *STEP;
         while self.log_count(needle) < n {
             assert!(
                 Instant::now() < deadline,
@@ -157,6 +153,41 @@ impl Server {
     }
 }
 
+/// A command that runs the patchcord binary, through the emulator if any.
+pub fn command() -> Command {
+    let binary = env!("CARGO_BIN_EXE_patchcord");
+    let runner = runner();
+    let mut words = runner.split_whitespace();
+    match words.next() {
+        Some(program) => {
+            let mut command = Command::new(program);
+            command.args(words).arg(binary);
+            command
+        }
+        None => Command::new(binary),
+    }
+}
+
+/// The emulator that starts the binary, if any (see the module's comment).
+pub fn runner() -> String {
+    if let Ok(runner) = std::env::var("PATCHCORD_TEST_RUNNER") {
+        return runner;
+    }
+    // The triple this test binary was built for, as cargo spells it in
+    // CARGO_TARGET_<TRIPLE>_RUNNER; none for the machine's own.
+    let triple = match (std::env::consts::ARCH, cfg!(target_env = "gnu")) {
+        ("arm", true) => "ARMV7_UNKNOWN_LINUX_GNUEABIHF",
+        ("aarch64", true) => "AARCH64_UNKNOWN_LINUX_GNU",
+        _ => return String::new(),
+    };
+    std::env::var(format!("CARGO_TARGET_{triple}_RUNNER")).unwrap_or_default()
+}
+
+/// Whether the binary runs under an emulator (everything several times slower).
+pub fn is_emulated() -> bool {
+    !runner().is_empty()
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -166,9 +197,9 @@ impl Drop for Server {
 
 /// A TCP connection with read and write timeouts of [`STEP`].
 pub fn connect(addr: SocketAddr) -> TcpStream {
-    let stream = TcpStream::connect_timeout(&addr, STEP).expect("connect");
-    stream.set_read_timeout(Some(STEP)).unwrap();
-    stream.set_write_timeout(Some(STEP)).unwrap();
+    let stream = TcpStream::connect_timeout(&addr, *STEP).expect("connect");
+    stream.set_read_timeout(Some(*STEP)).unwrap();
+    stream.set_write_timeout(Some(*STEP)).unwrap();
     stream.set_nodelay(true).unwrap();
     stream
 }
@@ -323,7 +354,7 @@ pub fn spawn_curl(args: &[&str]) -> Child {
 
 /// Waits for a child, failing the test after [`STEP`] * 3.
 pub fn finish(child: Child) -> Output {
-    finish_within(child, STEP * 3)
+    finish_within(child, *STEP * 3)
 }
 
 /// Waits for a child, failing the test after `limit`.
@@ -410,7 +441,7 @@ impl Chunks {
     /// and returns the bytes up to and including the n-th; the rest stays
     /// pending. Fails at the end of the body or after [`STEP`].
     pub fn until(&mut self, separator: &[u8], n: usize) -> Vec<u8> {
-        let deadline = Instant::now() + STEP;
+        let deadline = Instant::now() + *STEP;
         loop {
             let mut found = 0;
             let mut at = 0;
