@@ -91,7 +91,18 @@ impl Drop for Target {
 
 fn start_patchcord() -> Target {
     let binary = env!("CARGO_BIN_EXE_patchcord").to_owned();
-    let mut child = Command::new(&binary)
+    // Under an emulator the server starts through it, as this harness did.
+    let runner = runner();
+    let mut words = runner.split_whitespace();
+    let mut command = match words.next() {
+        Some(program) => {
+            let mut command = Command::new(program);
+            command.args(words).arg(&binary);
+            command
+        }
+        None => Command::new(&binary),
+    };
+    let mut child = command
         .args([
             "--listen",
             "127.0.0.1:0",
@@ -900,9 +911,26 @@ fn idle(report: &mut Report, target: &Target) {
     }
 }
 
+/// The emulator cargo started this harness with (`CARGO_TARGET_<TRIPLE>_RUNNER`
+/// for the ARM target it was built for); empty on the machine's own target.
+fn runner() -> String {
+    let triple = match (std::env::consts::ARCH, cfg!(target_env = "gnu")) {
+        ("arm", true) => "ARMV7_UNKNOWN_LINUX_GNUEABIHF",
+        ("aarch64", true) => "AARCH64_UNKNOWN_LINUX_GNU",
+        _ => return String::new(),
+    };
+    std::env::var(format!("CARGO_TARGET_{triple}_RUNNER")).unwrap_or_default()
+}
+
+/// Whether this harness runs under qemu-user: started through a runner, or
+/// built for ARM but seeing an x86 CPU (binfmt_misc), or qemu's own marks.
 fn under_emulation() -> bool {
-    // qemu-user reports the emulated CPU; binfmt or a runner shows in the maps.
-    std::fs::read_to_string("/proc/self/maps").is_ok_and(|m| m.contains("qemu"))
+    let arm = matches!(std::env::consts::ARCH, "arm" | "aarch64");
+    let x86_cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .is_ok_and(|c| c.contains("GenuineIntel") || c.contains("AuthenticAMD"));
+    !runner().is_empty()
+        || (arm && x86_cpu)
+        || std::fs::read_to_string("/proc/self/maps").is_ok_and(|m| m.contains("qemu"))
         || std::env::var_os("QEMU_LD_PREFIX").is_some()
 }
 
