@@ -24,6 +24,7 @@ use crate::http::request::{HeadError, HeadTimeouts, read_head};
 use crate::http::{Conn, Exchange, Head, refuse};
 use crate::mode::pubsub::Pubsub;
 use crate::mode::queue::Queues;
+use crate::mode::{self, Family};
 use crate::route::{self, Action, CHANNEL_METHODS, Mode, Route};
 
 /// Stack size of connection threads: small so that 32-bit Pis can hold
@@ -101,13 +102,18 @@ pub fn run(config: Config) -> Result<(), Error> {
 impl Relay {
     fn shut_down(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        let waiters = self.queues.close() + self.pubsub.close();
+        let waiters: usize = self.families().iter().map(|family| family.close()).sum();
         log::info!("stopping: answering {waiters} waiters with 503");
         let deadline = Instant::now() + SHUTDOWN_GRACE;
         while self.busy.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(10));
         }
         log::info!("stopped");
+    }
+
+    /// Every family of channels, for what spans them all (DELETE, shutdown).
+    fn families(&self) -> [&dyn Family; 2] {
+        [&self.queues, &self.pubsub]
     }
 
     fn is_stopping(&self) -> bool {
@@ -299,9 +305,11 @@ fn dispatch(relay: &Relay, ex: &mut Exchange) -> Result<(), Reject> {
             // A DELETE ends every mode's channels under the path, whatever
             // mode its own path names.
             let deleted = Reject::deleted();
-            let (queues, queue_waiters) = relay.queues.end_under(&channel.key, &deleted);
-            let (feeds, subscribers) = relay.pubsub.end_under(&channel.key, &deleted);
-            let (channels, waiters) = (queues + feeds, queue_waiters + subscribers);
+            let (channels, waiters) = relay
+                .families()
+                .iter()
+                .map(|family| family.end_under(&channel.key, &deleted))
+                .fold((0, 0), |(c, w), (more_c, more_w)| (c + more_c, w + more_w));
             log::info!(
                 "deleted {channels} channels under {}; {waiters} waiters answered 410",
                 crate::mode::short(&channel.key)
@@ -317,8 +325,8 @@ fn dispatch(relay: &Relay, ex: &mut Exchange) -> Result<(), Reject> {
             action,
             query,
         } => match channel.mode {
-            Mode::Queue => relay.queues.handle(ex, &channel.key, action, &query),
-            Mode::Pubsub => relay.pubsub.handle(ex, &channel.key, action, &query),
+            Mode::Queue => mode::handle(&relay.queues, ex, &channel.key, action, &query),
+            Mode::Pubsub => mode::handle(&relay.pubsub, ex, &channel.key, action, &query),
             mode => Err(Reject::new(
                 501,
                 format!(

@@ -12,6 +12,43 @@ mod wait;
 
 use std::time::{Duration, Instant};
 
+use crate::error::Reject;
+use crate::http::Exchange;
+use crate::route::{Action, Query};
+
+/// A family of channels (a mode), as the server drives it.
+pub trait Family {
+    /// Serves a send (POST, PUT, GET with `?body=`) on channel `key`.
+    fn send(&self, ex: &mut Exchange, key: &str, query: &Query) -> Result<(), Reject>;
+
+    /// Serves a receive (GET) on channel `key`.
+    fn receive(&self, ex: &mut Exchange, key: &str, query: &Query) -> Result<(), Reject>;
+
+    /// Ends channel `prefix` and every channel under it, answering their
+    /// waiters with `reject`; returns how many channels and waiters.
+    fn end_under(&self, prefix: &str, reject: &Reject) -> (usize, usize);
+
+    /// Closes every channel for shutdown; returns how many waiters were answered.
+    fn close(&self) -> usize;
+}
+
+/// Serves one request on channel `key` of `family`.
+pub fn handle(
+    family: &dyn Family,
+    ex: &mut Exchange,
+    key: &str,
+    action: Action,
+    query: &Query,
+) -> Result<(), Reject> {
+    match action {
+        Action::Send => family.send(ex, key, query),
+        Action::Receive => family.receive(ex, key, query),
+        // A DELETE spans every family: the server answers it with end_under.
+        Action::Delete => Ok(()),
+        Action::NotAllowed(allow) => Err(Reject::method_not_allowed(allow)),
+    }
+}
+
 /// When a wait that started now ends: the request's own `?timeout=`, capped by
 /// the server's maximum; `None` waits forever.
 pub fn deadline(requested: Option<Duration>, max_wait: Option<Duration>) -> Option<Instant> {

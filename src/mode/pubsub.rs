@@ -36,8 +36,8 @@ use crate::http::{Exchange, Head, Payload, is_open};
 use crate::mode::envelope::Envelope;
 use crate::mode::format::{Encoder, Format};
 use crate::mode::wait::{SWEEP, Waited, wait};
-use crate::mode::{deadline, short};
-use crate::route::{Action, Query};
+use crate::mode::{Family, deadline, short};
+use crate::route::Query;
 
 /// About how many bytes of messages a stream takes from its channel at once.
 const PULL_BYTES: usize = 64 * 1024;
@@ -316,55 +316,11 @@ impl Pubsub {
         Ok(channels)
     }
 
-    /// Serves one request on pubsub channel `key`.
-    pub fn handle(
-        &self,
-        ex: &mut Exchange,
-        key: &str,
-        action: Action,
-        query: &Query,
-    ) -> Result<(), Reject> {
-        match action {
-            Action::Send => self.publish(ex, key, query),
-            Action::Receive => self.receive(ex, key, query),
-            Action::Delete => Ok(()),
-            Action::NotAllowed(allow) => Err(Reject::method_not_allowed(allow)),
-        }
-    }
-
-    /// Deletes channel `prefix` and every channel under it with what they
-    /// retain, ending their subscribers with `reject`; returns how many
-    /// channels and subscribers were ended.
-    pub fn end_under(&self, prefix: &str, reject: &Reject) -> (usize, usize) {
-        let feeds: Vec<Feed> = {
-            let mut channels = self.lock();
-            let keys: Vec<String> = channels
-                .feeds
-                .keys()
-                .filter(|key| crate::registry::is_under(key, prefix))
-                .cloned()
-                .collect();
-            keys.iter().filter_map(|key| channels.remove(key)).collect()
-        };
-        end(feeds, reject)
-    }
-
-    /// Closes every channel for shutdown: waiters get 503, streams end.
-    pub fn close(&self) -> usize {
-        let feeds: Vec<Feed> = {
-            let mut channels = self.lock();
-            channels.closed = true;
-            channels.oldest.clear();
-            channels.bytes = 0;
-            channels.feeds.drain().map(|(_, feed)| feed).collect()
-        };
-        end(feeds, &Reject::shutting_down()).1
-    }
-
     fn next_subscriber(&self) -> u64 {
         self.next_subscriber.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// A publisher: reads the message whole, then adds it.
     fn publish(&self, ex: &mut Exchange, key: &str, query: &Query) -> Result<(), Reject> {
         let max = self.limits.max_message;
         let too_large = || {
@@ -458,7 +414,9 @@ impl Pubsub {
         Ok((id, handed))
     }
 
-    fn receive(&self, ex: &mut Exchange, key: &str, query: &Query) -> Result<(), Reject> {
+    /// A subscriber: a stream, or one message (retained after its cursor,
+    /// or the next one published).
+    fn subscribe(&self, ex: &mut Exchange, key: &str, query: &Query) -> Result<(), Reject> {
         if ex.has_body() {
             return Err(Reject::bad_request(
                 "a receive (GET) takes no body; publish with POST or PUT",
@@ -677,6 +635,44 @@ impl Pubsub {
         let _ = (&mut &*stream).write_all(end_of_body(payload));
         ex.close();
         Ok(())
+    }
+}
+
+impl Family for Pubsub {
+    fn send(&self, ex: &mut Exchange, key: &str, query: &Query) -> Result<(), Reject> {
+        self.publish(ex, key, query)
+    }
+
+    fn receive(&self, ex: &mut Exchange, key: &str, query: &Query) -> Result<(), Reject> {
+        self.subscribe(ex, key, query)
+    }
+
+    /// Deletes the channels with what they retain: waiters get `reject`,
+    /// streams end.
+    fn end_under(&self, prefix: &str, reject: &Reject) -> (usize, usize) {
+        let feeds: Vec<Feed> = {
+            let mut channels = self.lock();
+            let keys: Vec<String> = channels
+                .feeds
+                .keys()
+                .filter(|key| crate::registry::is_under(key, prefix))
+                .cloned()
+                .collect();
+            keys.iter().filter_map(|key| channels.remove(key)).collect()
+        };
+        end(feeds, reject)
+    }
+
+    /// Waiters get 503, streams end.
+    fn close(&self) -> usize {
+        let feeds: Vec<Feed> = {
+            let mut channels = self.lock();
+            channels.closed = true;
+            channels.oldest.clear();
+            channels.bytes = 0;
+            channels.feeds.drain().map(|(_, feed)| feed).collect()
+        };
+        end(feeds, &Reject::shutting_down()).1
     }
 }
 

@@ -24,9 +24,9 @@ use crate::http::response::{StreamError, stream_body};
 use crate::http::{Exchange, Head, Payload, Version, is_open};
 use crate::mode::envelope::Envelope;
 use crate::mode::wait::{Waited, wait};
-use crate::mode::{deadline, short};
+use crate::mode::{Family, deadline, short};
 use crate::registry::{ChannelState, Registry};
-use crate::route::{Action, Query};
+use crate::route::Query;
 
 /// How much of a waiting producer's body is read ahead, so that a client that
 /// sent a small body and hung up is seen to be gone.
@@ -109,38 +109,12 @@ impl Queues {
         }
     }
 
-    /// Serves one request on queue channel `key`.
-    pub fn handle(
-        &self,
-        ex: &mut Exchange,
-        key: &str,
-        action: Action,
-        query: &Query,
-    ) -> Result<(), Reject> {
-        match action {
-            Action::Send => self.send(ex, key, query),
-            Action::Receive => self.receive(ex, key, query),
-            Action::Delete => Ok(()),
-            Action::NotAllowed(allow) => Err(Reject::method_not_allowed(allow)),
-        }
-    }
-
-    /// Ends the waiters of channel `prefix` and of every channel under it with
-    /// `reject`; returns how many channels and waiters were ended.
-    pub fn end_under(&self, prefix: &str, reject: &Reject) -> (usize, usize) {
-        end(self.registry.remove_under(prefix), reject)
-    }
-
-    /// Closes every channel for shutdown, answering each waiter with 503.
-    pub fn close(&self) -> usize {
-        end(self.registry.close(), &Reject::shutting_down()).1
-    }
-
     fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn receive(&self, ex: &mut Exchange, key: &str, query: &Query) -> Result<(), Reject> {
+    /// A consumer: takes the first live producer, or waits for one.
+    fn consume(&self, ex: &mut Exchange, key: &str, query: &Query) -> Result<(), Reject> {
         if ex.has_body() {
             return Err(Reject::bad_request(
                 "a receive (GET) takes no body; send with POST or PUT",
@@ -230,7 +204,9 @@ impl Queues {
         }
     }
 
-    fn send(&self, ex: &mut Exchange, key: &str, query: &Query) -> Result<(), Reject> {
+    /// A producer: takes the first live consumer, or waits for one, then
+    /// streams its body to it.
+    fn produce(&self, ex: &mut Exchange, key: &str, query: &Query) -> Result<(), Reject> {
         let message = Message::new(ex, query);
         let (wake_tx, wake_rx) = bounded(1);
         let id = self.next_id();
@@ -299,6 +275,24 @@ impl Queues {
     /// Takes a waiter out of channel `key` if it is still parked there.
     fn unpark(&self, key: &str, take: impl FnOnce(&mut Queue) -> bool) -> bool {
         self.registry.with_existing(key, take).unwrap_or(false)
+    }
+}
+
+impl Family for Queues {
+    fn send(&self, ex: &mut Exchange, key: &str, query: &Query) -> Result<(), Reject> {
+        self.produce(ex, key, query)
+    }
+
+    fn receive(&self, ex: &mut Exchange, key: &str, query: &Query) -> Result<(), Reject> {
+        self.consume(ex, key, query)
+    }
+
+    fn end_under(&self, prefix: &str, reject: &Reject) -> (usize, usize) {
+        end(self.registry.remove_under(prefix), reject)
+    }
+
+    fn close(&self) -> usize {
+        end(self.registry.close(), &Reject::shutting_down()).1
     }
 }
 
