@@ -4,8 +4,8 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 BINDIR ?= $(PREFIX)/bin
 MANDIR ?= $(PREFIX)/share/man
-# cargo from PATH (rustup's or Debian's cargo-web), else rustup's usual place
-# (which sudo's PATH leaves out), else Debian's.
+# cargo from PATH (rustup's or Debian's cargo-web), else rustup's usual
+# place, else Debian's. `sudo make install` after `make` needs none: it copies.
 CARGO ?= $(shell command -v cargo 2>/dev/null || { [ -x "$$HOME/.cargo/bin/cargo" ] && echo "$$HOME/.cargo/bin/cargo"; } || echo /usr/bin/cargo)
 LISTEN ?= 0.0.0.0:3000
 
@@ -62,6 +62,8 @@ cross:
 	$(CROSS_ENV) $(DEBIAN_CARGO) build --release --locked --target $(ARMV7) --target-dir $(CROSS_DIR)
 	$(CROSS_ENV) $(DEBIAN_CARGO) build --release --locked --target $(AARCH64) --target-dir $(CROSS_DIR)
 	@ls -l $(CROSS_DIR)/$(ARMV7)/release/patchcord $(CROSS_DIR)/$(AARCH64)/release/patchcord
+	@size=$$(stat -c %s $(CROSS_DIR)/$(ARMV7)/release/patchcord); \
+	if [ "$$size" -gt 2097152 ]; then echo "armv7 binary is $$size bytes, over the 2 MiB budget"; exit 1; fi
 
 # The whole suite against the armv7 binary under qemu-arm (test binaries and
 # server emulated, curl and bash native); the examples against aarch64.

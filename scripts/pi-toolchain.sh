@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Installs Debian's Rust 1.85 (the rustc-web/cargo-web that Debian bookworm
-# and Raspberry Pi OS ship) and, with `cross`, what building and running
-# patchcord for the Raspberry Pi needs on an x86_64 Debian 12 machine:
-# gcc cross compilers and C libraries for armhf and arm64, qemu-user-static,
-# and the Rust standard library of both ARM targets, extracted from Debian's
-# packages (installing the :armhf packages would pull libllvm and can fail on
-# multiarch version skew; the rlibs are all a build needs).
+# and Raspberry Pi OS released with) and, with `cross`, what building and
+# running patchcord for the Raspberry Pi needs on an x86_64 Debian 12
+# machine: gcc cross compilers and C libraries for armhf and arm64,
+# qemu-user-static, and the Rust standard library of both ARM targets,
+# extracted from Debian's packages (installing the :armhf packages would pull
+# libllvm and can fail on multiarch version skew; the rlibs are all a build
+# needs).
 #
 # usage: scripts/pi-toolchain.sh msrv|cross
-# Does nothing for what is already there. Runs apt-get, so it needs root
-# (or sudo). PATCHCORD_RUST_WEB_VERSION picks another Debian version of
-# rustc-web; the host and target libraries must all be that one version.
+# Does nothing for what is already there, and needs root (or sudo) only to
+# install. The version is the newest 1.85.x the archive has, or the 1.85.x
+# already installed; PATCHCORD_RUST_WEB_VERSION picks another Debian version
+# of rustc-web. A newer rustc-web (bookworm-security ships one) is replaced
+# by it: /usr/bin/rustc is then 1.85, the version patchcord promises to build with.
 set -euo pipefail
 
 what=${1:-}
@@ -19,42 +22,60 @@ case "$what" in
   *) echo "usage: $0 msrv|cross" >&2; exit 2 ;;
 esac
 
-V=${PATCHCORD_RUST_WEB_VERSION:-1.85.0+dfsg3-1~deb12u3}
 TARGETS=(armv7-unknown-linux-gnueabihf aarch64-unknown-linux-gnu)
+export DEBIAN_FRONTEND=noninteractive
 
 fail() { echo "pi-toolchain: $*" >&2; exit 1; }
 
-if [ "$(id -u)" -eq 0 ]; then
-  as_root=()
-elif command -v sudo >/dev/null 2>&1; then
-  as_root=(sudo)
-else
-  fail "needs root (or sudo) to install packages with apt-get"
-fi
-export DEBIAN_FRONTEND=noninteractive
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then
+    "$@"
+  elif command -v sudo >/dev/null 2>&1; then
+    sudo "$@"
+  else
+    fail "needs root (or sudo) to run: $*"
+  fi
+}
 
 updated=false
 apt_update() {
   if ! $updated; then
     # A mirror mid-sync can make one index fail; what we need still resolves.
-    "${as_root[@]}" apt-get update -qq || echo "pi-toolchain: apt-get update reported errors; going on" >&2
+    as_root apt-get update -qq || echo "pi-toolchain: apt-get update reported errors; going on" >&2
     updated=true
   fi
 }
 
 apt_install() {
   apt_update
-  if ! "${as_root[@]}" apt-get install -y -qq --no-install-recommends "$@" >/dev/null; then
-    fail "could not install: $* (is Debian's bookworm or bookworm-security archive reachable? 'apt-cache madison rustc-web' lists the versions; set PATCHCORD_RUST_WEB_VERSION to one)"
+  if ! as_root apt-get install -y -qq --no-install-recommends --allow-downgrades "$@" >/dev/null; then
+    fail "could not install: $* ('apt-cache madison rustc-web' lists the versions the archive has; PATCHCORD_RUST_WEB_VERSION picks one)"
   fi
 }
 
-has_version() { dpkg-query -W -f '${Version}' "$1" 2>/dev/null | grep -qxF "$V"; }
+installed() { dpkg-query -W -f '${Version}' "$1" 2>/dev/null || true; }
 
-# Debian's Rust 1.85: /usr/bin/rustc and /usr/bin/cargo, beside any rustup one.
-if ! has_version rustc-web || ! has_version cargo-web || ! has_version libstd-rust-web-dev; then
+# The version: asked for, else the 1.85.x installed, else the newest 1.85.x.
+V=${PATCHCORD_RUST_WEB_VERSION:-}
+if [ -z "$V" ]; then
+  V=$(installed rustc-web)
+  case "$V" in
+    1.85.*) ;;
+    *)
+      apt_update
+      V=$(apt-cache madison rustc-web | awk '$3 ~ /^1\.85\./ {print $3}' | sort -V | tail -n 1)
+      [ -n "$V" ] || fail "no rustc-web 1.85.x in the archive ('apt-cache madison rustc-web' lists what there is; PATCHCORD_RUST_WEB_VERSION picks one)"
+      ;;
+  esac
+fi
+# The standard library package is named after the upstream version (1.85).
+STD=libstd-rust-web-$(echo "$V" | cut -d. -f1,2)
+
+# Debian's Rust: /usr/bin/rustc and /usr/bin/cargo, beside any rustup one.
+if [ "$(installed rustc-web)" != "$V" ] || [ "$(installed cargo-web)" != "$V" ] \
+   || [ "$(installed libstd-rust-web-dev)" != "$V" ]; then
   echo "pi-toolchain: installing Debian's rustc-web $V"
-  apt_install "rustc-web=$V" "cargo-web=$V" "libstd-rust-web-dev=$V"
+  apt_install "rustc-web=$V" "cargo-web=$V" "libstd-rust-web-dev=$V" "$STD=$V"
 fi
 [ -x /usr/bin/rustc ] && [ -x /usr/bin/cargo ] || fail "/usr/bin/rustc or /usr/bin/cargo missing after installing rustc-web"
 
@@ -62,7 +83,7 @@ fi
 
 for arch in armhf arm64; do
   if ! dpkg --print-foreign-architectures | grep -qx "$arch"; then
-    "${as_root[@]}" dpkg --add-architecture "$arch"
+    as_root dpkg --add-architecture "$arch"
     updated=false
   fi
 done
@@ -76,28 +97,32 @@ if [ ${#tools[@]} -gt 0 ]; then
   apt_install "${tools[@]}"
 fi
 
+# The ARM standard libraries must be exactly the host compiler's version:
+# each extracted one records its version, and is replaced when it differs.
 rustlib=$(/usr/bin/rustc --print sysroot)/lib/rustlib
-missing=()
+stale=()
 for target in "${TARGETS[@]}"; do
-  ls "$rustlib/$target/lib"/libstd-*.rlib >/dev/null 2>&1 || missing+=("$target")
+  [ "$(cat "$rustlib/$target/patchcord-version" 2>/dev/null)" = "$V" ] || stale+=("$target")
 done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "pi-toolchain: extracting the Rust standard library for ${missing[*]}"
+if [ ${#stale[@]} -gt 0 ]; then
+  echo "pi-toolchain: extracting the Rust $V standard library for ${stale[*]}"
   apt_update
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
   # apt-get download fetches as the _apt user, which must be able to write here.
-  chmod 777 "$work"
+  chown _apt "$work" 2>/dev/null || true
   (
     cd "$work"
-    apt-get download -qq "libstd-rust-web-dev:armhf=$V" "libstd-rust-web-1.85:armhf=$V" \
-      "libstd-rust-web-dev:arm64=$V" "libstd-rust-web-1.85:arm64=$V" \
+    apt-get download -qq "libstd-rust-web-dev:armhf=$V" "$STD:armhf=$V" \
+      "libstd-rust-web-dev:arm64=$V" "$STD:arm64=$V" \
       || fail "could not download the armhf/arm64 libstd-rust-web packages of version $V"
     for deb in *.deb; do dpkg -x "$deb" root; done
   )
-  for target in "${missing[@]}"; do
+  for target in "${stale[@]}"; do
     [ -d "$work/root/usr/lib/rustlib/$target" ] || fail "no $target standard library in the downloaded packages"
-    "${as_root[@]}" cp -r "$work/root/usr/lib/rustlib/$target" "$rustlib/"
+    as_root rm -rf "${rustlib:?}/$target"
+    as_root cp -r "$work/root/usr/lib/rustlib/$target" "$rustlib/"
+    echo "$V" | as_root tee "$rustlib/$target/patchcord-version" >/dev/null
   done
 fi
 echo "pi-toolchain: ready ($(/usr/bin/rustc --version); ${TARGETS[*]})"

@@ -25,10 +25,10 @@ fn sigterm_answers_waiters_503_and_exits_0_within_2_s() {
         assert_eq!(read_response(&mut waiter).unwrap().status, 503);
     }
     let status = server
-        .wait_exit(Duration::from_secs(2))
+        .wait_exit(patience(Duration::from_secs(2)))
         .expect("exited within 2 s");
     assert!(status.success(), "{status:?}");
-    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(started.elapsed() < patience(Duration::from_secs(2)));
 }
 
 #[test]
@@ -36,7 +36,7 @@ fn sigint_on_an_idle_server_exits_0() {
     let mut server = Server::start();
     server.signal(libc::SIGINT);
     let status = server
-        .wait_exit(Duration::from_secs(2))
+        .wait_exit(patience(Duration::from_secs(2)))
         .expect("exited within 2 s");
     assert_eq!(status.code(), Some(0));
 }

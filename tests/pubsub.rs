@@ -473,6 +473,8 @@ fn shutdown_answers_waiters_and_ends_streams() {
     server.signal(libc::SIGTERM);
     assert_eq!(read_response(&mut waiter).unwrap().status, 503);
     assert_eq!(stream.next_chunk().unwrap(), None);
-    let status = server.wait_exit(Duration::from_secs(5)).expect("exited");
+    let status = server
+        .wait_exit(patience(Duration::from_secs(5)))
+        .expect("exited");
     assert!(status.success());
 }

@@ -4,8 +4,10 @@
 //!
 //! The binary is started through an emulator when the tests were built for
 //! another machine: `PATCHCORD_TEST_RUNNER` (e.g. `qemu-arm-static -L
-//! /usr/arm-linux-gnueabihf`), else the `CARGO_TARGET_<TRIPLE>_RUNNER` that
-//! cargo used to start this test binary. `PATCHCORD_TEST_LOG=1` echoes its log.
+//! /usr/arm-linux-gnueabihf`), else the `CARGO_TARGET_<TRIPLE>_RUNNER`
+//! environment variable for the ARM target this test binary was built for
+//! (what `make cross-test` sets; a runner set only in `.cargo/config.toml`
+//! or through binfmt_misc is not seen). `PATCHCORD_TEST_LOG=1` echoes its log.
 
 #![allow(dead_code)] // each test module uses a different part of the support
 
@@ -18,10 +20,32 @@ use std::time::{Duration, Instant};
 
 /// How long any single step of a test may take before it fails; four times
 /// as long under an emulator, where everything is several times slower.
-pub static STEP: std::sync::LazyLock<Duration> = std::sync::LazyLock::new(|| {
-    let step = Duration::from_secs(20);
-    if is_emulated() { step * 4 } else { step }
-});
+pub static STEP: std::sync::LazyLock<Duration> =
+    std::sync::LazyLock::new(|| patience(Duration::from_secs(20)));
+
+/// `limit`, or four times `limit` under an emulator.
+pub fn patience(limit: Duration) -> Duration {
+    if is_emulated() { limit * 4 } else { limit }
+}
+
+/// Raises this process's soft limit on open files to the hard limit, once:
+/// some tests hold thousands of sockets, and Debian starts at 1024.
+fn raise_open_files_limit() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit and setrlimit read or write one rlimit, owned here.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+                limit.rlim_cur = limit.rlim_max.min(1 << 20);
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            }
+        }
+    });
+}
 
 /// A running patchcord, killed when dropped.
 pub struct Server {
@@ -38,6 +62,7 @@ impl Server {
 
     /// Starts patchcord with `args` added after `--listen 127.0.0.1:0 --log-level debug`.
     pub fn start_with(args: &[&str]) -> Server {
+        raise_open_files_limit();
         let mut command = command();
         command
             .args(["--listen", "127.0.0.1:0", "--log-level", "debug"])
@@ -330,10 +355,15 @@ fn read_body(stream: &mut TcpStream, mut response: Response) -> io::Result<Respo
     Ok(response)
 }
 
+/// curl's `--max-time`: a minute, longer under an emulator.
+fn max_time() -> String {
+    patience(Duration::from_secs(60)).as_secs().to_string()
+}
+
 /// Runs curl with `args` (silent, bounded by --max-time).
 pub fn curl(args: &[&str]) -> Output {
     Command::new("curl")
-        .args(["-sS", "--max-time", "60"])
+        .args(["-sS", "--max-time", &max_time()])
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -343,7 +373,7 @@ pub fn curl(args: &[&str]) -> Output {
 /// Starts curl with `args` in the background.
 pub fn spawn_curl(args: &[&str]) -> Child {
     Command::new("curl")
-        .args(["-sS", "--max-time", "60"])
+        .args(["-sS", "--max-time", &max_time()])
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
