@@ -432,26 +432,23 @@ impl Pubsub {
         let (wake_tx, wake_rx) = bounded(1);
         let found = {
             let mut channels = self.open()?;
-            let found = match (cursor, channels.feeds.get(key)) {
+            // Without a cursor, or on a channel with no history, the next
+            // message is the one to wait for, and nothing was missed.
+            let (next, missed) = match (cursor, channels.feeds.get(key)) {
                 (Some(after), Some(feed)) => {
                     let (mut messages, missed) = feed.after(after);
-                    Some((messages.next().cloned(), missed))
+                    (messages.next().cloned(), missed)
                 }
-                _ => None,
+                _ => (None, 0),
             };
-            match found {
-                Some((Some(message), missed)) => Some((message, missed)),
-                _ if !may_park => return Err(no_message()),
-                other => {
-                    let missed = other.map_or(0, |(_, missed)| missed);
-                    channels.feed(key).waiters.push(Waiter {
-                        id,
-                        missed,
-                        wake: wake_tx,
-                    });
-                    None
+            if next.is_none() {
+                if !may_park {
+                    return Err(no_message());
                 }
+                let wake = wake_tx;
+                channels.feed(key).waiters.push(Waiter { id, missed, wake });
             }
+            next.map(|message| (message, missed))
         };
         let (message, missed) = match found {
             Some(found) => found,
