@@ -11,11 +11,14 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
+
+#[path = "../tests/support/runner.rs"]
+mod runner;
 
 const MIB: u64 = 1 << 20;
 
@@ -92,17 +95,7 @@ impl Drop for Target {
 fn start_patchcord() -> Target {
     let binary = env!("CARGO_BIN_EXE_patchcord").to_owned();
     // Under an emulator the server starts through it, as this harness did.
-    let runner = runner();
-    let mut words = runner.split_whitespace();
-    let mut command = match words.next() {
-        Some(program) => {
-            let mut command = Command::new(program);
-            command.args(words).arg(&binary);
-            command
-        }
-        None => Command::new(&binary),
-    };
-    let mut child = command
+    let mut child = runner::through(&runner::cargo_runner(), &binary)
         .args([
             "--listen",
             "127.0.0.1:0",
@@ -911,17 +904,6 @@ fn idle(report: &mut Report, target: &Target) {
     }
 }
 
-/// The emulator cargo started this harness with (`CARGO_TARGET_<TRIPLE>_RUNNER`
-/// for the ARM target it was built for); empty on the machine's own target.
-fn runner() -> String {
-    let triple = match (std::env::consts::ARCH, cfg!(target_env = "gnu")) {
-        ("arm", true) => "ARMV7_UNKNOWN_LINUX_GNUEABIHF",
-        ("aarch64", true) => "AARCH64_UNKNOWN_LINUX_GNU",
-        _ => return String::new(),
-    };
-    std::env::var(format!("CARGO_TARGET_{triple}_RUNNER")).unwrap_or_default()
-}
-
 /// Whether this harness runs under qemu-user: started through a runner, or
 /// built for ARM but seeing an x86 CPU (binfmt_misc with qemu 7, which does
 /// not fake /proc/cpuinfo for ARM), or given qemu's QEMU_LD_PREFIX.
@@ -929,7 +911,9 @@ fn under_emulation() -> bool {
     let arm = matches!(std::env::consts::ARCH, "arm" | "aarch64");
     let x86_cpu = std::fs::read_to_string("/proc/cpuinfo")
         .is_ok_and(|c| c.contains("GenuineIntel") || c.contains("AuthenticAMD"));
-    !runner().is_empty() || (arm && x86_cpu) || std::env::var_os("QEMU_LD_PREFIX").is_some()
+    !runner::cargo_runner().is_empty()
+        || (arm && x86_cpu)
+        || std::env::var_os("QEMU_LD_PREFIX").is_some()
 }
 
 fn main() {

@@ -11,6 +11,8 @@
 
 #![allow(dead_code)] // each test module uses a different part of the support
 
+mod runner;
+
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -180,32 +182,12 @@ impl Server {
 
 /// A command that runs the patchcord binary, through the emulator if any.
 pub fn command() -> Command {
-    let binary = env!("CARGO_BIN_EXE_patchcord");
-    let runner = runner();
-    let mut words = runner.split_whitespace();
-    match words.next() {
-        Some(program) => {
-            let mut command = Command::new(program);
-            command.args(words).arg(binary);
-            command
-        }
-        None => Command::new(binary),
-    }
+    runner::through(&runner(), env!("CARGO_BIN_EXE_patchcord"))
 }
 
 /// The emulator that starts the binary, if any (see the module's comment).
 pub fn runner() -> String {
-    if let Ok(runner) = std::env::var("PATCHCORD_TEST_RUNNER") {
-        return runner;
-    }
-    // The triple this test binary was built for, as cargo spells it in
-    // CARGO_TARGET_<TRIPLE>_RUNNER; none for the machine's own.
-    let triple = match (std::env::consts::ARCH, cfg!(target_env = "gnu")) {
-        ("arm", true) => "ARMV7_UNKNOWN_LINUX_GNUEABIHF",
-        ("aarch64", true) => "AARCH64_UNKNOWN_LINUX_GNU",
-        _ => return String::new(),
-    };
-    std::env::var(format!("CARGO_TARGET_{triple}_RUNNER")).unwrap_or_default()
+    std::env::var("PATCHCORD_TEST_RUNNER").unwrap_or_else(|_| runner::cargo_runner())
 }
 
 /// Whether the binary runs under an emulator (everything several times slower).
