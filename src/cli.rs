@@ -2,8 +2,10 @@
 //! environment twin; the doc comments are the `--help` text. Validation and
 //! defaults that depend on other variables live in `config.rs`.
 
-use clap::builder::BoolishValueParser;
-use clap::{Args, Parser, Subcommand};
+use std::ffi::OsString;
+
+use clap::builder::{BoolishValueParser, PossibleValuesParser, TypedValueParser};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// An HTTP relay: programs meet on named channels, with nothing but curl.
 ///
@@ -29,23 +31,25 @@ pub enum Command {
 /// Options of `patchcord serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// Address to listen on (`HOST:PORT`); port 0 picks a free port.
-    #[arg(
-        short,
-        long,
-        env = "PATCHCORD_LISTEN",
-        default_value = "0.0.0.0:3000",
-        value_name = "ADDR"
-    )]
-    pub listen: String,
+    /// Address to listen on (`HOST:PORT`; default 0.0.0.0:3000, every
+    /// interface); port 0 picks a free port.
+    #[arg(short, long, env = "PATCHCORD_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
 
-    /// Port to listen on, replacing the port of --listen (also read from PORT).
+    /// Port to listen on, replacing the port of --listen (PORT is read when
+    /// neither --port nor --listen is given).
     #[arg(short, long, env = "PATCHCORD_PORT", value_name = "PORT")]
     pub port: Option<u16>,
 
     /// Longest wait for a counterpart, in seconds; 0 waits forever (also read
     /// from REQUEST_TIMEOUT). A request's `?timeout=` is capped by it.
-    #[arg(short, long, env = "PATCHCORD_TIMEOUT", value_name = "SECS")]
+    #[arg(
+        short,
+        long,
+        env = "PATCHCORD_TIMEOUT",
+        value_name = "SECS",
+        allow_negative_numbers = true
+    )]
     pub timeout: Option<f64>,
 
     /// Most connections open at once; beyond it new ones get 503 and are closed.
@@ -61,6 +65,7 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "PATCHCORD_HEADER_TIMEOUT",
+        allow_negative_numbers = true,
         default_value_t = 10.0,
         value_name = "SECS"
     )]
@@ -70,6 +75,7 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "PATCHCORD_IDLE_TIMEOUT",
+        allow_negative_numbers = true,
         default_value_t = 60.0,
         value_name = "SECS"
     )]
@@ -98,6 +104,7 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "PATCHCORD_PUBSUB_RETAIN_SECS",
+        allow_negative_numbers = true,
         default_value_t = 3600.0,
         value_name = "SECS"
     )]
@@ -129,17 +136,31 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "PATCHCORD_KEEPALIVE_SECS",
+        allow_negative_numbers = true,
         default_value_t = 30.0,
         value_name = "SECS"
     )]
     pub keepalive_secs: f64,
 
-    /// Log level: error, warn, info, debug or trace (RUST_LOG overrides it).
+    /// The origin allowed to read responses from a browser page on another
+    /// origin (Access-Control-Allow-Origin); an empty value sends no CORS header.
+    #[arg(
+        long,
+        env = "PATCHCORD_CORS_ORIGIN",
+        default_value = "*",
+        value_name = "ORIGIN"
+    )]
+    pub cors_origin: String,
+
+    /// Log level (RUST_LOG overrides it).
     #[arg(
         long,
         env = "PATCHCORD_LOG_LEVEL",
         default_value = "info",
-        value_name = "LEVEL"
+        value_name = "LEVEL",
+        value_parser = PossibleValuesParser::new(["off", "error", "warn", "info", "debug", "trace"])
+            .map(|level| level.parse::<log::LevelFilter>().unwrap_or(log::LevelFilter::Info)),
+        ignore_case = true
     )]
     pub log_level: log::LevelFilter,
 
@@ -153,13 +174,51 @@ pub struct ServeArgs {
 }
 
 impl Cli {
-    /// The serve options, whether given before or after the `serve` subcommand.
-    pub fn into_serve_args(self) -> ServeArgs {
-        match self.command {
-            Some(Command::Serve(args)) => args,
-            None => self.serve,
-        }
+    /// Parses the process's arguments; on a usage error, prints it and exits 2.
+    pub fn parse_args() -> Cli {
+        let args = serve_first(std::env::args_os().collect());
+        Cli::from_arg_matches(&Cli::command().get_matches_from(args))
+            .unwrap_or_else(|error| error.exit())
     }
+
+    /// What to do: the subcommand, or `serve` with the options given.
+    pub fn into_command(self) -> Command {
+        self.command.unwrap_or(Command::Serve(self.serve))
+    }
+}
+
+/// Moves a `serve` given after options to the front, so that the options
+/// work before it as after it (`patchcord -q serve` is `patchcord serve
+/// -q`): `serve` is the default, and its options are the top level's.
+fn serve_first(mut args: Vec<OsString>) -> Vec<OsString> {
+    let command = Cli::command();
+    let takes_value = |flag: &str| {
+        command.get_arguments().any(|arg| {
+            let named = match flag.strip_prefix("--") {
+                Some(long) => arg.get_long() == Some(long),
+                None => flag.len() == 2 && arg.get_short() == flag.chars().nth(1),
+            };
+            named && arg.get_action().takes_values()
+        })
+    };
+    let mut i = 1;
+    while i < args.len() {
+        let Some(word) = args[i].to_str() else { break };
+        if word == "--" || !word.starts_with('-') || word == "-" {
+            if word == "serve" && i > 1 {
+                let serve = args.remove(i);
+                args.insert(1, serve);
+            }
+            break;
+        }
+        // `--flag value` skips the value; `--flag=value` and `-tVALUE` do not.
+        i += if !word.contains('=') && takes_value(word) {
+            2
+        } else {
+            1
+        };
+    }
+    args
 }
 
 /// A byte count: digits, optionally followed by K, M or G (binary multiples;
@@ -213,12 +272,50 @@ mod tests {
         }
     }
 
+    fn serve_args(argv: &[&str]) -> ServeArgs {
+        let args = serve_first(argv.iter().map(OsString::from).collect());
+        match Cli::try_parse_from(args).unwrap().into_command() {
+            Command::Serve(args) => args,
+        }
+    }
+
     #[test]
-    fn serve_is_the_default_subcommand() {
-        let plain = Cli::try_parse_from(["patchcord", "--port", "8080"]).unwrap();
-        assert_eq!(plain.into_serve_args().port, Some(8080));
-        let explicit = Cli::try_parse_from(["patchcord", "serve", "--port", "8081"]).unwrap();
-        assert_eq!(explicit.into_serve_args().port, Some(8081));
+    fn serve_is_the_default_subcommand_and_takes_options_before_it() {
+        assert_eq!(
+            serve_args(&["patchcord", "--port", "8080"]).port,
+            Some(8080)
+        );
+        assert_eq!(
+            serve_args(&["patchcord", "serve", "--port", "8081"]).port,
+            Some(8081)
+        );
+        let before = serve_args(&[
+            "patchcord",
+            "-q",
+            "--listen",
+            "127.0.0.1:1",
+            "serve",
+            "-p",
+            "2",
+        ]);
+        assert!(before.quiet);
+        assert_eq!(before.listen.as_deref(), Some("127.0.0.1:1"));
+        assert_eq!(before.port, Some(2));
+        assert!(
+            serve_args(&["patchcord", "--listen=serve", "serve"])
+                .listen
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn usage_errors_say_what_is_wrong() {
+        let error = Cli::try_parse_from(["patchcord", "--log-level", "loud"]).unwrap_err();
+        assert!(error.to_string().contains("possible values"), "{error}");
+        let negative = Cli::try_parse_from(["patchcord", "--timeout", "-1"]).unwrap();
+        match negative.into_command() {
+            Command::Serve(args) => assert_eq!(args.timeout, Some(-1.0)),
+        }
     }
 
     #[test]

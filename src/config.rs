@@ -5,6 +5,10 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 use crate::cli::ServeArgs;
+use crate::error::ConfigError;
+
+/// Where the relay listens when neither --listen nor a port is given.
+const DEFAULT_LISTEN: &str = "0.0.0.0:3000";
 
 /// Everything the running server needs to know, already checked.
 #[derive(Debug, Clone)]
@@ -23,6 +27,8 @@ pub struct Config {
     pub pubsub: PubsubLimits,
     /// Silence after which a streaming subscription gets a keepalive.
     pub keepalive: Duration,
+    /// The origin in `Access-Control-Allow-Origin`; None sends no CORS header.
+    pub cors_origin: Option<String>,
     /// The log level before `RUST_LOG` is applied.
     pub log_level: log::LevelFilter,
 }
@@ -43,25 +49,26 @@ pub struct PubsubLimits {
 }
 
 impl Config {
-    /// Checks `args`, filling in the legacy variables `PORT` and `REQUEST_TIMEOUT`
-    /// (httpipe's) where the flag and its `PATCHCORD_*` twin were both absent.
-    pub fn from_args(args: ServeArgs) -> Result<Config, String> {
+    /// Checks `args`, filling in the legacy variables `PORT` and
+    /// `REQUEST_TIMEOUT` (httpipe's) where the flags and their `PATCHCORD_*`
+    /// twins say nothing.
+    pub fn from_args(args: ServeArgs) -> Result<Config, ConfigError> {
         Config::from_args_and_env(args, |name| std::env::var(name).ok())
     }
 
     fn from_args_and_env(
         args: ServeArgs,
         env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Config, String> {
-        let mut listen = resolve(&args.listen)?;
-        let port = match args.port {
-            Some(port) => Some(port),
-            None => match env("PORT") {
-                Some(text) => Some(
-                    text.trim()
-                        .parse::<u16>()
-                        .map_err(|_| format!("PORT={text:?} is not a port number"))?,
-                ),
+    ) -> Result<Config, ConfigError> {
+        let mut listen = resolve(args.listen.as_deref().unwrap_or(DEFAULT_LISTEN))?;
+        // --port wins; PORT only replaces the default, never a given address.
+        let port = match (args.port, &args.listen) {
+            (Some(port), _) => Some(port),
+            (None, Some(_)) => None,
+            (None, None) => match env("PORT") {
+                Some(text) => Some(text.trim().parse::<u16>().map_err(|e| {
+                    ConfigError::caused(format!("PORT={text:?} is not a port number"), e)
+                })?),
                 None => None,
             },
         };
@@ -71,10 +78,12 @@ impl Config {
         let timeout = match args.timeout {
             Some(secs) => secs,
             None => match env("REQUEST_TIMEOUT") {
-                Some(text) => text
-                    .trim()
-                    .parse::<f64>()
-                    .map_err(|_| format!("REQUEST_TIMEOUT={text:?} is not a number of seconds"))?,
+                Some(text) => text.trim().parse::<f64>().map_err(|e| {
+                    ConfigError::caused(
+                        format!("REQUEST_TIMEOUT={text:?} is not a number of seconds"),
+                        e,
+                    )
+                })?,
                 None => 0.0,
             },
         };
@@ -87,10 +96,11 @@ impl Config {
             args.log_level
         };
         if args.max_connections == 0 {
-            return Err("--max-connections must be at least 1".into());
+            return Err(ConfigError::new("--max-connections must be at least 1"));
         }
         let size = |name: &str, bytes: u64| {
-            usize::try_from(bytes).map_err(|_| format!("{name} {bytes} is too large here"))
+            usize::try_from(bytes)
+                .map_err(|_| ConfigError::new(format!("{name} {bytes} is too large here")))
         };
         let pubsub = PubsubLimits {
             retain_count: args.pubsub_retain_count,
@@ -100,11 +110,24 @@ impl Config {
             max_message: size("--pubsub-max-message", args.pubsub_max_message)?,
         };
         if pubsub.retain_count == 0 {
-            return Err("--pubsub-retain-count must be at least 1".into());
+            return Err(ConfigError::new("--pubsub-retain-count must be at least 1"));
         }
         if pubsub.memory < pubsub.max_message {
-            return Err("--pubsub-memory must be at least --pubsub-max-message".into());
+            return Err(ConfigError::new(
+                "--pubsub-memory must be at least --pubsub-max-message",
+            ));
         }
+        let cors_origin = match args.cors_origin.trim() {
+            "" => None,
+            origin if crate::http::request::is_valid_value(origin.as_bytes()) => {
+                Some(origin.to_owned())
+            }
+            origin => {
+                return Err(ConfigError::new(format!(
+                    "--cors-origin {origin:?} has a control character"
+                )));
+            }
+        };
         Ok(Config {
             listen,
             max_wait: (!max_wait.is_zero()).then_some(max_wait),
@@ -113,43 +136,64 @@ impl Config {
             idle_timeout: positive("--idle-timeout", args.idle_timeout)?,
             pubsub,
             keepalive: keepalive(args.keepalive_secs)?,
+            cors_origin,
             log_level: level,
         })
     }
 }
 
-fn resolve(listen: &str) -> Result<SocketAddr, String> {
+/// The address to bind: an IP address and port, or a host name to look up.
+fn resolve(listen: &str) -> Result<SocketAddr, ConfigError> {
     if let Ok(addr) = listen.parse() {
         return Ok(addr);
     }
-    listen
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .ok_or_else(|| format!("--listen {listen:?} is not an address of the form HOST:PORT"))
+    let Some((host, port)) = listen.rsplit_once(':') else {
+        return Err(ConfigError::new(format!(
+            "--listen {listen:?} is not of the form HOST:PORT (e.g. 127.0.0.1:3000)"
+        )));
+    };
+    if port.parse::<u16>().is_err() {
+        return Err(ConfigError::new(format!(
+            "--listen {listen:?}: {port:?} is not a port number"
+        )));
+    }
+    match listen.to_socket_addrs() {
+        Ok(mut addrs) => addrs.next().ok_or_else(|| {
+            ConfigError::new(format!("--listen {listen:?}: host {host:?} has no address"))
+        }),
+        Err(e) => Err(ConfigError::caused(
+            format!("--listen {listen:?}: cannot resolve host {host:?}"),
+            e,
+        )),
+    }
 }
 
 /// A non-negative, finite number of seconds as a Duration.
-pub fn seconds(name: &str, secs: f64) -> Result<Duration, String> {
+pub fn seconds(name: &str, secs: f64) -> Result<Duration, ConfigError> {
+    if secs < 0.0 {
+        return Err(ConfigError::new(format!(
+            "{name} {secs}: a number of seconds cannot be negative"
+        )));
+    }
     Duration::try_from_secs_f64(secs)
-        .map_err(|_| format!("{name} {secs} is not a number of seconds"))
+        .map_err(|_| ConfigError::new(format!("{name} {secs} is not a number of seconds")))
 }
 
 /// The keepalive interval: from 0.1 s (more often would flood streams) to a
 /// day (beyond, it is no keepalive at all).
-fn keepalive(secs: f64) -> Result<Duration, String> {
+fn keepalive(secs: f64) -> Result<Duration, ConfigError> {
     if !(0.1..=86_400.0).contains(&secs) {
-        return Err(format!(
+        return Err(ConfigError::new(format!(
             "--keepalive-secs {secs} must be between 0.1 and 86400"
-        ));
+        )));
     }
     seconds("--keepalive-secs", secs)
 }
 
-fn positive(name: &str, secs: f64) -> Result<Duration, String> {
+fn positive(name: &str, secs: f64) -> Result<Duration, ConfigError> {
     let duration = seconds(name, secs)?;
     if duration.is_zero() {
-        return Err(format!("{name} must be more than 0"));
+        return Err(ConfigError::new(format!("{name} must be more than 0")));
     }
     Ok(duration)
 }
@@ -163,14 +207,15 @@ mod tests {
     fn config(argv: &[&str], env: &[(&str, &str)]) -> Result<Config, String> {
         let mut full = vec!["patchcord"];
         full.extend_from_slice(argv);
-        let args = Cli::try_parse_from(full)
+        let crate::cli::Command::Serve(args) = Cli::try_parse_from(full)
             .map_err(|e| e.to_string())?
-            .into_serve_args();
+            .into_command();
         Config::from_args_and_env(args, |name| {
             env.iter()
                 .find(|(k, _)| *k == name)
                 .map(|(_, v)| v.to_string())
         })
+        .map_err(|e| e.to_string())
     }
 
     #[test]
@@ -192,6 +237,7 @@ mod tests {
             }
         );
         assert_eq!(c.keepalive, Duration::from_secs(30));
+        assert_eq!(c.cors_origin.as_deref(), Some("*"));
     }
 
     #[test]
@@ -206,6 +252,23 @@ mod tests {
         .unwrap();
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.max_wait, None);
+        // An explicit address keeps its port whatever PORT says.
+        let c = config(&["--listen", "127.0.0.1:4000"], &[("PORT", "8080")]).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:4000".parse().unwrap());
+    }
+
+    #[test]
+    fn errors_name_the_setting_and_the_cause() {
+        let error = config(&["--timeout", "-1"], &[]).unwrap_err();
+        assert!(error.contains("cannot be negative"), "{error}");
+        let error = config(&["--listen", "nowhere"], &[]).unwrap_err();
+        assert!(error.contains("HOST:PORT"), "{error}");
+        let error = config(&["--listen", "no-such-host.invalid:80"], &[]).unwrap_err();
+        assert!(error.contains("cannot resolve host"), "{error}");
+        assert_eq!(
+            config(&["--cors-origin", ""], &[]).unwrap().cors_origin,
+            None
+        );
     }
 
     #[test]

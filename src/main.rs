@@ -2,17 +2,23 @@
 //!
 //! Reading order:
 //! - `cli.rs`, `config.rs`: flags and environment → a checked [`config::Config`]
-//! - `server.rs`: bind, accept loop, worker threads, shutdown
+//! - `server.rs`: bind, accept loop, worker threads, the connection loop, shutdown
 //! - `http/`: the HTTP/1.1 layer (heads, bodies, responses)
-//! - `route.rs`: the URL grammar, method and path → route
-//! - `registry.rs`: channel key → channel state
-//! - `mode/`: the channel families (`queue.rs`)
-//! - `error.rs`: fatal errors and per-request refusals
+//! - `app.rs`: the one entry point: route → policy → endpoint or family → observe
+//! - `route.rs`: the URL grammar, a request head → its route
+//! - `registry.rs`: channel key → channel state, for every family
+//! - `mailbox.rs`: how a thread waits for word from another
+//! - `mode/`: the channel families (`handoff.rs`, `queue.rs`, `pubsub/`)
+//! - `metrics.rs`: the counters, and the one observation of each request
+//! - `error.rs`: fatal errors, per-request refusals, exit statuses
 
+mod app;
 mod cli;
 mod config;
 mod error;
 mod http;
+mod mailbox;
+mod metrics;
 mod mode;
 mod registry;
 mod route;
@@ -20,26 +26,15 @@ mod server;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use cli::{Cli, Command};
+use error::{Error, Exit};
 
 fn main() -> ExitCode {
-    let args = cli::Cli::parse().into_serve_args();
-    let config = match config::Config::from_args(args) {
-        Ok(config) => config,
-        Err(message) => {
-            eprintln!("patchcord: {message}");
-            return ExitCode::from(2);
-        }
+    let result = match Cli::parse_args().into_command() {
+        Command::Serve(args) => serve(args),
     };
-    let started = simple_logger::SimpleLogger::new()
-        .with_level(config.log_level)
-        .env()
-        .with_utc_timestamps()
-        .init()
-        .map_err(error::Error::Logger)
-        .and_then(|()| server::run(config));
-    match started {
-        Ok(()) => ExitCode::SUCCESS,
+    match result {
+        Ok(exit) => exit.into(),
         Err(err) => {
             eprint!("patchcord: {err}");
             let mut source = std::error::Error::source(&err);
@@ -48,7 +43,21 @@ fn main() -> ExitCode {
                 source = cause.source();
             }
             eprintln!();
-            ExitCode::FAILURE
+            err.exit().into()
         }
     }
+}
+
+/// `patchcord serve`: checks the configuration, starts logging, runs the
+/// relay until SIGINT or SIGTERM.
+fn serve(args: cli::ServeArgs) -> Result<Exit, Error> {
+    let config = config::Config::from_args(args)?;
+    simple_logger::SimpleLogger::new()
+        .with_level(config.log_level)
+        .env()
+        .with_utc_timestamps()
+        .init()
+        .map_err(Error::Logger)?;
+    server::run(config)?;
+    Ok(Exit::Clean)
 }

@@ -1,116 +1,174 @@
-//! Channel key → channel state, for one mode. A channel appears on first use
-//! and is removed as soon as it is idle again, so the map never grows with
-//! channels that were used once. The lock guards only the map: callers do
-//! their matching inside [`Registry::with`] in microseconds and move bytes
-//! after it returns. Poisoning is ignored: a panicking thread never holds the
-//! lock across anything that could leave the map inconsistent.
+//! Channel key → channel state, for every family: one lock, one closed flag
+//! for shutdown, one prefix removal for DELETE. What a family keeps is a
+//! [`Channels`] collection: a plain map of per-channel state (queues,
+//! request/responder), or a store with cross-channel bookkeeping (pubsub's
+//! retention). The lock guards only that collection: callers do their
+//! matching in microseconds and move bytes after it is released. Poisoning is
+//! ignored: no critical section can leave a collection half-changed.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
-/// What a mode keeps per channel.
+/// What a family keeps for its channels, as the registry handles it.
+pub trait Channels: Default {
+    /// What one channel holds when it is taken out (to tell its waiters).
+    type Channel;
+
+    /// The keys of the channels that exist now.
+    fn keys(&self) -> Vec<String>;
+
+    /// Takes channel `key` out, with everything it holds.
+    fn take(&mut self, key: &str) -> Option<Self::Channel>;
+}
+
+/// Per-channel state in a plain map: kept while it holds something.
 pub trait ChannelState: Default {
     /// True when the channel holds nothing worth keeping (no waiters, no messages).
     fn is_idle(&self) -> bool;
+}
+
+impl<S: ChannelState> Channels for HashMap<String, S> {
+    type Channel = S;
+
+    fn keys(&self) -> Vec<String> {
+        HashMap::keys(self).cloned().collect()
+    }
+
+    fn take(&mut self, key: &str) -> Option<S> {
+        self.remove(key)
+    }
 }
 
 /// The registry was closed for shutdown; nothing new may park.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Closed;
 
-/// The channels of one mode.
-pub struct Registry<S> {
-    /// Guards the map; never held across socket I/O or a blocking call.
-    inner: Mutex<Inner<S>>,
+/// The channels of one family.
+pub struct Registry<C> {
+    /// Guards the collection; never held across socket I/O or a blocking call.
+    inner: Mutex<Inner<C>>,
 }
 
-struct Inner<S> {
-    channels: HashMap<String, S>,
+struct Inner<C> {
+    channels: C,
     closed: bool,
 }
 
-impl<S: ChannelState> Default for Registry<S> {
+impl<C: Channels> Default for Registry<C> {
     fn default() -> Self {
         Registry {
             inner: Mutex::new(Inner {
-                channels: HashMap::new(),
+                channels: C::default(),
                 closed: false,
             }),
         }
     }
 }
 
-impl<S: ChannelState> Registry<S> {
-    fn lock(&self) -> MutexGuard<'_, Inner<S>> {
+/// The registry's collection, locked.
+pub struct Guard<'r, C> {
+    inner: MutexGuard<'r, Inner<C>>,
+}
+
+impl<C> std::ops::Deref for Guard<'_, C> {
+    type Target = C;
+    fn deref(&self) -> &C {
+        &self.inner.channels
+    }
+}
+
+impl<C> std::ops::DerefMut for Guard<'_, C> {
+    fn deref_mut(&mut self) -> &mut C {
+        &mut self.inner.channels
+    }
+}
+
+impl<C: Channels> Registry<C> {
+    fn lock_inner(&self) -> MutexGuard<'_, Inner<C>> {
         self.inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Runs `f` on the channel `key`, creating it first if needed and removing
-    /// it afterwards if it is idle. Fails once the registry is closed.
-    pub fn with<R>(&self, key: &str, f: impl FnOnce(&mut S) -> R) -> Result<R, Closed> {
-        let mut inner = self.lock();
+    /// Locks the collection for a change; fails once the registry is closed.
+    pub fn lock(&self) -> Result<Guard<'_, C>, Closed> {
+        let inner = self.lock_inner();
         if inner.closed {
             return Err(Closed);
         }
-        let result;
-        let idle;
-        if let Some(state) = inner.channels.get_mut(key) {
-            result = f(state);
-            idle = state.is_idle();
-        } else {
-            let mut state = S::default();
-            result = f(&mut state);
-            idle = state.is_idle();
-            if !idle {
-                inner.channels.insert(key.to_owned(), state);
+        Ok(Guard { inner })
+    }
+
+    /// Locks the collection, closed or not: for leaving it (a waiter taking
+    /// itself out), which shutdown must not prevent.
+    pub fn lock_even_closed(&self) -> Guard<'_, C> {
+        Guard {
+            inner: self.lock_inner(),
+        }
+    }
+
+    /// Takes out channel `prefix` and every channel under it (`/a` takes
+    /// `/a`, `/a/b` and `/a/b/c`, not `/ab`), for their waiters to be told.
+    pub fn remove_under(&self, prefix: &str) -> Vec<C::Channel> {
+        let mut inner = self.lock_inner();
+        let keys: Vec<String> = inner
+            .channels
+            .keys()
+            .into_iter()
+            .filter(|key| is_under(key, prefix))
+            .collect();
+        keys.iter()
+            .filter_map(|key| inner.channels.take(key))
+            .collect()
+    }
+
+    /// Closes the registry for shutdown and takes out every channel.
+    pub fn close(&self) -> Vec<C::Channel> {
+        let mut inner = self.lock_inner();
+        inner.closed = true;
+        let keys = inner.channels.keys();
+        keys.iter()
+            .filter_map(|key| inner.channels.take(key))
+            .collect()
+    }
+}
+
+impl<S: ChannelState> Registry<HashMap<String, S>> {
+    /// Runs `f` on the channel `key`, creating it first if needed and removing
+    /// it afterwards if it is idle. Fails once the registry is closed.
+    pub fn with<R>(&self, key: &str, f: impl FnOnce(&mut S) -> R) -> Result<R, Closed> {
+        let mut channels = self.lock()?;
+        if let Some(state) = channels.get_mut(key) {
+            let result = f(state);
+            if state.is_idle() {
+                channels.remove(key);
             }
             return Ok(result);
         }
-        if idle {
-            inner.channels.remove(key);
+        let mut state = S::default();
+        let result = f(&mut state);
+        if !state.is_idle() {
+            channels.insert(key.to_owned(), state);
         }
         Ok(result)
     }
 
-    /// Runs `f` on channel `key` only if it exists, removing it if it is then idle.
+    /// Runs `f` on channel `key` only if it exists, removing it if it is then
+    /// idle; works after closing too.
     pub fn with_existing<R>(&self, key: &str, f: impl FnOnce(&mut S) -> R) -> Option<R> {
-        let mut inner = self.lock();
-        let state = inner.channels.get_mut(key)?;
+        let mut channels = self.lock_even_closed();
+        let state = channels.get_mut(key)?;
         let result = f(state);
         if state.is_idle() {
-            inner.channels.remove(key);
+            channels.remove(key);
         }
         Some(result)
-    }
-
-    /// Removes channel `prefix` and every channel under it (`/a` takes `/a`,
-    /// `/a/b` and `/a/b/c`, not `/ab`), returning them for their waiters to be told.
-    pub fn remove_under(&self, prefix: &str) -> Vec<S> {
-        let mut inner = self.lock();
-        let keys: Vec<String> = inner
-            .channels
-            .keys()
-            .filter(|key| is_under(key, prefix))
-            .cloned()
-            .collect();
-        keys.iter()
-            .filter_map(|key| inner.channels.remove(key))
-            .collect()
-    }
-
-    /// Closes the registry for shutdown and returns every channel.
-    pub fn close(&self) -> Vec<S> {
-        let mut inner = self.lock();
-        inner.closed = true;
-        inner.channels.drain().map(|(_, state)| state).collect()
     }
 
     /// How many channels exist now.
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.lock().channels.len()
+        self.lock_even_closed().len()
     }
 }
 
@@ -135,9 +193,11 @@ mod tests {
         }
     }
 
+    type Counts = Registry<HashMap<String, Count>>;
+
     #[test]
     fn channels_live_only_while_busy() {
-        let registry: Registry<Count> = Registry::default();
+        let registry = Counts::default();
         registry.with("/a", |c| c.0 += 1).unwrap();
         registry.with("/b", |_| ()).unwrap();
         assert_eq!(registry.len(), 1);
@@ -153,7 +213,7 @@ mod tests {
         assert!(is_under("/a/b", "/a/"));
         assert!(!is_under("/ab", "/a"));
         assert!(!is_under("/a", "/a/b"));
-        let registry: Registry<Count> = Registry::default();
+        let registry = Counts::default();
         for key in ["/a", "/a/b", "/ab"] {
             registry.with(key, |c| c.0 = 1).unwrap();
         }
@@ -163,9 +223,10 @@ mod tests {
 
     #[test]
     fn closing_refuses_new_channels() {
-        let registry: Registry<Count> = Registry::default();
+        let registry = Counts::default();
         registry.with("/a", |c| c.0 = 1).unwrap();
         assert_eq!(registry.close().len(), 1);
         assert_eq!(registry.with("/a", |_| ()), Err(Closed));
+        assert!(registry.lock().is_err());
     }
 }

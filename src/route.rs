@@ -1,38 +1,61 @@
-//! The URL grammar of DESIGN.md §2: (method, request target) → [`Route`].
-//! Pure: no sockets, no state, table-tested below. The normalized path made
-//! here is the one string used for routing, logs and (later) access control.
+//! The URL grammar of DESIGN.md §2: a request head → [`Routed`], what every
+//! later step needs: the normalized path (the one string used for routing,
+//! access control, metrics and logs), the endpoint or the channel (mode,
+//! namespace, name, pairing key), the action decided per mode, the query,
+//! and the credential the client presented. Pure: no sockets, no state,
+//! table-tested below.
 
+use std::borrow::Cow;
+use std::fmt;
 use std::time::Duration;
 
 use crate::error::Reject;
-use crate::http::Method;
+use crate::http::{Method, Request};
 
-/// Paths that are never channels.
-const RESERVED: [&str; 8] = [
-    "/",
-    "/favicon.ico",
-    "/robots.txt",
-    "/healthz",
-    "/status",
-    "/metrics",
-    "/h",
-    "/r",
-];
+/// A request, routed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routed {
+    pub method: Method,
+    /// The percent-decoded path without its query (`*` for `OPTIONS *`).
+    pub path: String,
+    pub route: Route,
+    pub query: Query,
+    /// The relay's own credentials, if the client gave any; never logged,
+    /// never forwarded to another client.
+    pub credential: Credential,
+}
 
 /// Where a request goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
-    /// A reserved path (the normalized path): a server endpoint, not a channel.
-    Reserved(String),
-    /// A channel, what the request does on it, and its query.
-    Channel {
-        channel: Channel,
-        action: Action,
-        query: Query,
-    },
-    /// `OPTIONS *` or `OPTIONS` on any path: a CORS preflight.
+    /// A server endpoint: a reserved path, never a channel.
+    Endpoint(Endpoint),
+    /// A channel, and what the request does on it.
+    Channel { channel: Channel, action: Action },
+    /// `OPTIONS *`, or `OPTIONS` anywhere but on a requester: a CORS preflight.
     Preflight,
 }
+
+/// The server's own paths (DESIGN.md §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `GET /status`: the counters as JSON.
+    Status,
+    /// A path reserved for an endpoint this version does not serve.
+    Reserved,
+}
+
+/// Paths that are never channels, and the endpoint each one is.
+const RESERVED: [(&str, Endpoint); 8] = [
+    ("/", Endpoint::Reserved),
+    ("/favicon.ico", Endpoint::Reserved),
+    ("/robots.txt", Endpoint::Reserved),
+    ("/healthz", Endpoint::Reserved),
+    ("/status", Endpoint::Status),
+    ("/metrics", Endpoint::Reserved),
+    ("/h", Endpoint::Reserved),
+    ("/r", Endpoint::Reserved),
+];
 
 /// The family of a channel, set by the first mode segment of its path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +67,10 @@ pub enum Mode {
 }
 
 impl Mode {
-    /// The mode's name, as in paths and logs.
+    /// Every mode, in the order counters list them.
+    pub const ALL: [Mode; 4] = [Mode::Queue, Mode::Pubsub, Mode::Requester, Mode::Responder];
+
+    /// The mode's name, as in paths, logs and counters.
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Queue => "queue",
@@ -52,6 +78,11 @@ impl Mode {
             Mode::Requester => "req",
             Mode::Responder => "res",
         }
+    }
+
+    /// The mode's place in [`Mode::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -67,20 +98,39 @@ pub struct Channel {
     pub name: String,
 }
 
-/// What a request does on a channel.
+impl Channel {
+    /// The key two waiters must share to be paired: the channel key for
+    /// queue and pubsub; for req and res, the namespace and the first
+    /// segment of the name, so that `/req/site/a.css` meets `/res/site`.
+    pub fn pair_key(&self) -> Cow<'_, str> {
+        match self.mode {
+            Mode::Queue | Mode::Pubsub => Cow::Borrowed(&self.key),
+            Mode::Requester | Mode::Responder => {
+                let id = self.name.split('/').next().unwrap_or("");
+                Cow::Owned(format!("{}/{id}", self.namespace))
+            }
+        }
+    }
+}
+
+/// What a request does on a channel, decided by its method and its mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    /// POST, PUT, or GET with `?body=`: send a message.
+    /// Queue and pubsub: POST, PUT, or GET with `?body=`: send a message.
     Send,
-    /// GET: receive a message.
+    /// Queue and pubsub: GET: receive a message.
     Receive,
     /// DELETE: end the waiters of the channel and of every channel under it.
     Delete,
-    /// Any other method; the value lists the allowed ones.
+    /// A requester (`req`): any method; it waits for a responder's answer.
+    Request,
+    /// A responder (`res`): takes a request to answer.
+    Respond,
+    /// A method the mode does not accept; the value lists the allowed ones.
     NotAllowed(&'static str),
 }
 
-/// The methods a channel accepts, for `Allow`.
+/// The methods a queue or pubsub channel accepts, for `Allow`.
 pub const CHANNEL_METHODS: &str = "GET, POST, PUT, DELETE, OPTIONS";
 
 /// The query parameters every mode understands, decoded and checked.
@@ -92,7 +142,8 @@ pub struct Query {
     pub body: Option<Vec<u8>>,
     /// `mime=TYPE`: the Content-Type to give the message or the response.
     pub mime: Option<String>,
-    /// Every parameter, decoded, in order, for the modes' own (`token` excluded).
+    /// Every other parameter, decoded, in order, for the modes' own
+    /// (`token` and `secret` are never here: they are the [`Credential`]).
     pub params: Vec<(String, String)>,
 }
 
@@ -106,43 +157,137 @@ impl Query {
     }
 }
 
-/// Routes a request by its method and target (origin form).
-pub fn route(method: &Method, target: &str) -> Result<Route, Reject> {
+/// The relay's own credentials in a request (DESIGN.md §2).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Credential {
+    /// The access token, and which part of the request carried it.
+    pub token: Option<(Secret, TokenSource)>,
+    /// `?secret=`: a hook's capability.
+    pub secret: Option<Secret>,
+}
+
+/// Where a request's access token came from; that header or parameter
+/// never travels to another client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSource {
+    /// The `Patch-Token` header (first choice).
+    PatchToken,
+    /// The `?token=` parameter (second).
+    Query,
+    /// `Authorization: Bearer` (last: when neither of the others is given,
+    /// so that a client can pass its own `Authorization` on).
+    Bearer,
+}
+
+/// A credential's text: compared, never printed (`Debug` shows nothing of it).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The text, for comparing against what the server knows.
+    #[allow(dead_code)] // read by the access check, which comes with access control
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// Routes a request by its head.
+pub fn route(request: &Request) -> Result<Routed, Reject> {
+    let method = request.method.clone();
+    let target = request.target.as_str();
     if target == "*" {
-        return Ok(Route::Preflight);
+        return Ok(Routed {
+            method,
+            path: "*".to_owned(),
+            route: Route::Preflight,
+            query: Query::default(),
+            credential: Credential::default(),
+        });
     }
     let (raw_path, raw_query) = target.split_once('?').unwrap_or((target, ""));
     let path = normalize(raw_path)?;
-    if *method == Method::Options {
-        return Ok(Route::Preflight);
-    }
-    if RESERVED.contains(&path.as_str()) || path == "/_" || path.starts_with("/_/") {
-        return Ok(Route::Reserved(path));
-    }
-    let query = parse_query(raw_query)?;
-    let mut channel = channel(path);
-    if channel.mode == Mode::Queue {
-        if let Some(flag) = query.get("pubsub") {
-            if parse_flag(flag)
-                .ok_or_else(|| Reject::bad_request("pubsub= takes true, false, 1, 0, yes or no"))?
-            {
-                channel.mode = Mode::Pubsub;
+    let (query, token, secret) = parse_query(raw_query)?;
+    let credential = credential(request, token, secret);
+    let route = if let Some((_, endpoint)) = RESERVED.iter().find(|(p, _)| *p == path) {
+        Route::Endpoint(*endpoint)
+    } else if path == "/_" || path.starts_with("/_/") {
+        Route::Endpoint(Endpoint::Reserved)
+    } else {
+        let mut channel = channel(path.clone());
+        if channel.mode == Mode::Queue {
+            if let Some(flag) = query.get("pubsub") {
+                if parse_flag(flag).ok_or_else(|| {
+                    Reject::bad_request("pubsub= takes true, false, 1, 0, yes or no")
+                })? {
+                    channel.mode = Mode::Pubsub;
+                }
             }
         }
-    }
-    let action = match method {
-        // `?body=` makes a GET a send (patchbay's `?method=post&body=` too).
-        Method::Get if query.body.is_some() => Action::Send,
-        Method::Get => Action::Receive,
-        Method::Post | Method::Put => Action::Send,
-        Method::Delete => Action::Delete,
-        _ => Action::NotAllowed(CHANNEL_METHODS),
+        match action(&method, channel.mode, &query, request) {
+            Some(action) => Route::Channel { channel, action },
+            None => Route::Preflight,
+        }
     };
-    Ok(Route::Channel {
-        channel,
-        action,
+    let route = match route {
+        Route::Endpoint(_) if method == Method::Options => Route::Preflight,
+        route => route,
+    };
+    Ok(Routed {
+        method,
+        path,
+        route,
         query,
+        credential,
     })
+}
+
+/// What `method` does on a channel of `mode`; None for a CORS preflight.
+fn action(method: &Method, mode: Mode, query: &Query, request: &Request) -> Option<Action> {
+    let preflight = *method == Method::Options
+        && (mode != Mode::Requester || request.header("access-control-request-method").is_some());
+    if preflight {
+        return None;
+    }
+    Some(match (mode, method) {
+        (Mode::Requester, _) => Action::Request,
+        (_, Method::Delete) => Action::Delete,
+        (Mode::Responder, _) => Action::Respond,
+        // `?body=` makes a GET a send (patchbay's `?method=post&body=` too).
+        (_, Method::Get) if query.body.is_some() => Action::Send,
+        (_, Method::Get) => Action::Receive,
+        (_, Method::Post | Method::Put) => Action::Send,
+        _ => Action::NotAllowed(CHANNEL_METHODS),
+    })
+}
+
+/// The request's credentials: `Patch-Token`, else `?token=`, else
+/// `Authorization: Bearer`; and `?secret=`.
+fn credential(request: &Request, token: Option<String>, secret: Option<String>) -> Credential {
+    let header_token = request
+        .header("patch-token")
+        .map(|t| (t.to_owned(), TokenSource::PatchToken));
+    let query_token = token.map(|t| (t, TokenSource::Query));
+    let bearer = || {
+        let value = request.header("authorization")?;
+        let (scheme, token) = value.split_once(' ')?;
+        scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| (token.trim().to_owned(), TokenSource::Bearer))
+    };
+    let token = header_token
+        .or(query_token)
+        .or_else(bearer)
+        .map(|(text, source)| (Secret(text), source));
+    Credential {
+        token,
+        secret: secret.map(Secret),
+    }
 }
 
 /// Splits a normalized path into mode, namespace and name: the first segment
@@ -204,8 +349,12 @@ pub fn normalize(raw: &str) -> Result<String, Reject> {
     Ok(path)
 }
 
-fn parse_query(raw: &str) -> Result<Query, Reject> {
+/// The query's parameters; `token` and `secret` are taken out and returned
+/// apart, so that they can never be forwarded or logged with the rest.
+fn parse_query(raw: &str) -> Result<(Query, Option<String>, Option<String>), Reject> {
     let mut query = Query::default();
+    let mut token = None;
+    let mut secret = None;
     for pair in raw.split('&').filter(|p| !p.is_empty()) {
         let (raw_name, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
         let bad = || Reject::bad_request("malformed percent-encoding in query");
@@ -217,7 +366,17 @@ fn parse_query(raw: &str) -> Result<Query, Reject> {
                 query.body = Some(value);
                 continue;
             }
-            "token" | "secret" => continue,
+            "token" | "secret" => {
+                let value = String::from_utf8(value)
+                    .map_err(|_| Reject::bad_request(format!("{name}= is not UTF-8")))?;
+                let slot = if name == "token" {
+                    &mut token
+                } else {
+                    &mut secret
+                };
+                slot.get_or_insert(value);
+                continue;
+            }
             _ => {}
         }
         let value = String::from_utf8(value)
@@ -245,7 +404,7 @@ fn parse_query(raw: &str) -> Result<Query, Reject> {
         }
         query.params.push((name, value));
     }
-    Ok(query)
+    Ok((query, token, secret))
 }
 
 /// `true`/`1`/`yes`/empty are on, `false`/`0`/`no` off, anything else None.
@@ -289,11 +448,13 @@ fn percent_decode(text: &str, plus_is_space: bool) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
 
+    fn routed(method: Method, target: &str, headers: &[(&str, &str)]) -> Result<Routed, Reject> {
+        route(&Request::fake(method, target, headers))
+    }
+
     fn channel_of(method: Method, target: &str) -> (Mode, String, String, String, Action) {
-        match route(&method, target) {
-            Ok(Route::Channel {
-                channel, action, ..
-            }) => (
+        match routed(method, target, &[]).map(|r| r.route) {
+            Ok(Route::Channel { channel, action }) => (
                 channel.mode,
                 channel.key,
                 channel.namespace,
@@ -374,7 +535,20 @@ mod tests {
     }
 
     #[test]
-    fn methods_pick_the_action() {
+    fn requesters_and_responders_pair_on_namespace_and_id() {
+        let pair = |target: &str| match routed(Method::Get, target, &[]).map(|r| r.route) {
+            Ok(Route::Channel { channel, .. }) => channel.pair_key().into_owned(),
+            other => panic!("{target}: {other:?}"),
+        };
+        assert_eq!(pair("/req/site/a.css"), "/site");
+        assert_eq!(pair("/res/site"), "/site");
+        assert_eq!(pair("/u/alice/req/api/users/7"), "/u/alice/api");
+        assert_eq!(pair("/u/alice/res/api"), "/u/alice/api");
+        assert_eq!(pair("/jobs"), "/jobs");
+    }
+
+    #[test]
+    fn methods_pick_the_action_per_mode() {
         assert_eq!(channel_of(Method::Get, "/a").4, Action::Receive);
         assert_eq!(channel_of(Method::Post, "/a").4, Action::Send);
         assert_eq!(channel_of(Method::Put, "/a").4, Action::Send);
@@ -389,11 +563,32 @@ mod tests {
             Action::NotAllowed(CHANNEL_METHODS)
         );
         assert_eq!(
-            channel_of(Method::Patch, "/a").4,
+            channel_of(Method::Patch, "/pubsub/a").4,
             Action::NotAllowed(CHANNEL_METHODS)
         );
-        assert_eq!(route(&Method::Options, "/a"), Ok(Route::Preflight));
-        assert_eq!(route(&Method::Options, "*"), Ok(Route::Preflight));
+        // A requester may use any method, DELETE and OPTIONS included.
+        for method in [
+            Method::Get,
+            Method::Head,
+            Method::Patch,
+            Method::Delete,
+            Method::Options,
+            Method::Other("PROPFIND".into()),
+        ] {
+            assert_eq!(channel_of(method, "/req/x/y").4, Action::Request);
+        }
+        assert_eq!(channel_of(Method::Post, "/res/x").4, Action::Respond);
+        assert_eq!(channel_of(Method::Get, "/res/x").4, Action::Respond);
+        let preflight = |target, headers: &[(&str, &str)]| {
+            routed(Method::Options, target, headers).map(|r| r.route)
+        };
+        assert_eq!(preflight("/a", &[]), Ok(Route::Preflight));
+        assert_eq!(preflight("*", &[]), Ok(Route::Preflight));
+        assert_eq!(preflight("/status", &[]), Ok(Route::Preflight));
+        assert_eq!(
+            preflight("/req/x", &[("Access-Control-Request-Method", "PUT")]),
+            Ok(Route::Preflight)
+        );
     }
 
     #[test]
@@ -412,12 +607,19 @@ mod tests {
             "/%68ealthz",
         ] {
             assert!(
-                matches!(route(&Method::Get, path), Ok(Route::Reserved(_))),
+                matches!(
+                    routed(Method::Get, path, &[]).map(|r| r.route),
+                    Ok(Route::Endpoint(_))
+                ),
                 "{path}"
             );
         }
+        assert_eq!(
+            routed(Method::Get, "/status", &[]).map(|r| r.route),
+            Ok(Route::Endpoint(Endpoint::Status))
+        );
         assert!(matches!(
-            route(&Method::Get, "/healthz/x"),
+            routed(Method::Get, "/healthz/x", &[]).map(|r| r.route),
             Ok(Route::Channel { .. })
         ));
     }
@@ -441,7 +643,7 @@ mod tests {
             "/a?pubsub=maybe",
             "/%2E%2E/x",
         ] {
-            match route(&Method::Get, target) {
+            match routed(Method::Get, target, &[]) {
                 Err(r) => assert_eq!(r.status, 400, "{target}"),
                 Ok(r) => panic!("{target} was routed: {r:?}"),
             }
@@ -450,16 +652,50 @@ mod tests {
 
     #[test]
     fn query_parameters_are_decoded() {
-        let Ok(Route::Channel { query, .. }) = route(
-            &Method::Get,
+        let routed = routed(
+            Method::Get,
             "/a?timeout=1.5&body=hello+world%21&mime=text%2Fplain&token=s3cret&x=1",
-        ) else {
-            panic!("not a channel");
-        };
+            &[],
+        )
+        .unwrap();
+        let query = routed.query;
         assert_eq!(query.timeout, Some(Duration::from_millis(1500)));
         assert_eq!(query.body.as_deref(), Some(&b"hello world!"[..]));
         assert_eq!(query.mime.as_deref(), Some("text/plain"));
         assert_eq!(query.get("x"), Some("1"));
         assert_eq!(query.get("token"), None);
+    }
+
+    #[test]
+    fn the_credential_is_patch_token_then_query_then_bearer() {
+        let token = |target: &str, headers: &[(&str, &str)]| {
+            let routed = routed(Method::Get, target, headers).unwrap();
+            routed
+                .credential
+                .token
+                .map(|(secret, source)| (secret.expose().to_owned(), source))
+        };
+        let bearer = ("Authorization", "Bearer b");
+        let patch = ("Patch-Token", "p");
+        assert_eq!(
+            token("/a?token=q", &[bearer, patch]),
+            Some(("p".into(), TokenSource::PatchToken))
+        );
+        assert_eq!(
+            token("/a?token=q", &[bearer]),
+            Some(("q".into(), TokenSource::Query))
+        );
+        assert_eq!(
+            token("/a", &[bearer]),
+            Some(("b".into(), TokenSource::Bearer))
+        );
+        assert_eq!(token("/a", &[("Authorization", "Basic eDp5")]), None);
+        let routed = routed(Method::Get, "/a?secret=s&token=t&x=1", &[]).unwrap();
+        assert_eq!(
+            routed.credential.secret.as_ref().map(Secret::expose),
+            Some("s")
+        );
+        assert!(!format!("{routed:?}").contains("s3") && !format!("{routed:?}").contains("\"t\""));
+        assert_eq!(routed.query.params, vec![("x".to_owned(), "1".to_owned())]);
     }
 }

@@ -1,7 +1,9 @@
 //! The server: bind, print the bound address, accept connections and hand each
 //! to a worker thread, serve requests on it in order, and shut down cleanly on
 //! SIGINT/SIGTERM. Reading order: [`run`] → [`accept_loop`] (the main loop) →
-//! [`serve_connection`] → [`dispatch`].
+//! [`serve_connection`], which reads each request head and hands the request
+//! to `app::serve`. This file knows HTTP framing and connections, not modes
+//! or endpoints.
 //!
 //! Threads: one per open connection, from an elastic pool. A finished worker
 //! offers itself for the next connection for [`RETIRE_AFTER`], then exits; the
@@ -11,21 +13,18 @@
 
 use std::io::{self, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 
+use crate::app::{self, Relay};
 use crate::config::Config;
 use crate::error::{Error, Reject};
 use crate::http::request::{HeadError, HeadTimeouts, read_head};
-use crate::http::{Conn, Exchange, Head, refuse};
-use crate::mode::pubsub::Pubsub;
-use crate::mode::queue::Queues;
-use crate::mode::{self, Family};
-use crate::route::{self, Action, CHANNEL_METHODS, Mode, Route};
+use crate::http::{Conn, Exchange, refuse};
 
 /// Stack size of connection threads: small so that 32-bit Pis can hold
 /// thousands of waiters; nothing on a connection thread recurses or keeps
@@ -37,19 +36,6 @@ const RETIRE_AFTER: Duration = Duration::from_secs(30);
 
 /// How long shutdown waits for waiters to be answered and transfers to end.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
-
-/// What every connection thread shares.
-pub struct Relay {
-    config: Config,
-    queues: Queues,
-    pubsub: Pubsub,
-    /// Set once on SIGINT/SIGTERM; from then on every request gets 503.
-    stopping: AtomicBool,
-    /// Open connections, for --max-connections.
-    open: AtomicUsize,
-    /// Connections in the middle of a request, for the shutdown grace.
-    busy: AtomicUsize,
-}
 
 /// Binds, prints `listening on http://ADDR`, serves until SIGINT or SIGTERM,
 /// then answers every waiter with 503 and returns (the process then exits 0).
@@ -80,14 +66,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         env!("CARGO_PKG_VERSION")
     );
 
-    let relay = Arc::new(Relay {
-        queues: Queues::new(config.max_wait),
-        pubsub: Pubsub::new(config.pubsub.clone(), config.max_wait, config.keepalive),
-        config,
-        stopping: AtomicBool::new(false),
-        open: AtomicUsize::new(0),
-        busy: AtomicUsize::new(0),
-    });
+    let relay = Arc::new(Relay::new(config));
     let accepting = Arc::clone(&relay);
     thread::Builder::new()
         .name("accept".into())
@@ -95,30 +74,20 @@ pub fn run(config: Config) -> Result<(), Error> {
         .map_err(Error::Spawn)?;
 
     let _ = signal_rx.recv();
-    relay.shut_down();
+    shut_down(&relay);
     Ok(())
 }
 
-impl Relay {
-    fn shut_down(&self) {
-        self.stopping.store(true, Ordering::SeqCst);
-        let waiters: usize = self.families().iter().map(|family| family.close()).sum();
-        log::info!("stopping: answering {waiters} waiters with 503");
-        let deadline = Instant::now() + SHUTDOWN_GRACE;
-        while self.busy.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(10));
-        }
-        log::info!("stopped");
+/// Answers every waiter with 503, then waits a short grace for the requests
+/// in progress to finish.
+fn shut_down(relay: &Relay) {
+    let waiters = relay.stop();
+    log::info!("stopping: answering {waiters} waiters with 503");
+    let deadline = Instant::now() + SHUTDOWN_GRACE;
+    while relay.stats.busy.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
     }
-
-    /// Every family of channels, for what spans them all (DELETE, shutdown).
-    fn families(&self) -> [&dyn Family; 2] {
-        [&self.queues, &self.pubsub]
-    }
-
-    fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::SeqCst)
-    }
+    log::info!("stopped");
 }
 
 /// Accepts connections forever. An accept error (out of descriptors, a
@@ -148,15 +117,16 @@ fn admit(
     idle_rx: &Receiver<TcpStream>,
 ) {
     if relay.is_stopping() {
-        return turn_away(stream, "server shutting down");
+        return turn_away(stream, relay, "server shutting down");
     }
-    if relay.open.fetch_add(1, Ordering::SeqCst) >= relay.config.max_connections {
-        relay.open.fetch_sub(1, Ordering::SeqCst);
+    let open = &relay.stats.open;
+    if open.fetch_add(1, Ordering::SeqCst) >= relay.config.max_connections {
+        open.fetch_sub(1, Ordering::SeqCst);
         log::warn!(
             "refused a connection: --max-connections {} reached",
             relay.config.max_connections
         );
-        return turn_away(stream, "too many connections; try again later");
+        return turn_away(stream, relay, "too many connections; try again later");
     }
     let stream = match idle_tx.try_send(stream) {
         Ok(()) => return,
@@ -179,18 +149,18 @@ fn admit(
             }
         });
     if let Err(e) = spawned {
-        relay.open.fetch_sub(1, Ordering::SeqCst);
+        relay.stats.open.fetch_sub(1, Ordering::SeqCst);
         log::warn!("cannot start a connection thread: {e}");
         if let Some(stream) = slot.lock().ok().and_then(|mut s| s.take()) {
-            turn_away(stream, "server out of threads; try again later");
+            turn_away(stream, relay, "server out of threads; try again later");
         }
     }
 }
 
 /// Answers a connection that will not be served with 503 and closes it.
-fn turn_away(stream: TcpStream, reason: &'static str) {
+fn turn_away(stream: TcpStream, relay: &Relay, reason: &'static str) {
     let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-    let _ = refuse(&stream, &Reject::new(503, reason));
+    let _ = refuse(&stream, &Reject::new(503, reason), &relay.common);
 }
 
 /// Decrements a counter when dropped, also when the thread unwinds.
@@ -212,7 +182,7 @@ impl Drop for Counted<'_> {
 /// Serves the requests of one connection, in order, until it closes.
 fn serve_connection(relay: &Relay, stream: TcpStream) {
     // `open` was counted in admit(); this gives it back however we leave.
-    let _open = Counted(&relay.open);
+    let _open = Counted(&relay.stats.open);
     let config = &relay.config;
     let mut conn = Conn::new(stream, config.idle_timeout);
     let timeouts = HeadTimeouts {
@@ -220,6 +190,7 @@ fn serve_connection(relay: &Relay, stream: TcpStream) {
         idle: config.idle_timeout,
     };
     let mut first = true;
+    // ── the connection's main loop: one request at a time ──
     loop {
         let request = match read_head(&mut conn, timeouts, first) {
             Ok(request) => request,
@@ -234,35 +205,15 @@ fn serve_connection(relay: &Relay, stream: TcpStream) {
             }
             Err(HeadError::Reject(reject)) => {
                 log::debug!("{:?}: {} {}", conn.peer(), reject.status, reject.reason);
-                let _ = refuse(conn.stream(), &reject);
+                let _ = refuse(conn.stream(), &reject, &relay.common);
                 return conn.linger_close();
             }
         };
         first = false;
-        let busy = Counted::new(&relay.busy);
+        let busy = Counted::new(&relay.stats.busy);
         let _ = conn.set_read_timeout(config.idle_timeout);
-        let mut ex = Exchange::new(&mut conn, request);
-        let result = if relay.is_stopping() {
-            ex.close();
-            Err(Reject::shutting_down())
-        } else {
-            dispatch(relay, &mut ex)
-        };
-        if let Err(reject) = result {
-            if !ex.is_responded() {
-                // The path only: the query may carry token= or secret=.
-                let path = ex.request.target.split('?').next().unwrap_or("");
-                log::debug!(
-                    "{} {path:?}: {} {}",
-                    ex.request.method.as_str(),
-                    reject.status,
-                    reject.reason
-                );
-                if ex.reject(&reject).is_err() {
-                    ex.close();
-                }
-            }
-        }
+        let mut ex = Exchange::new(&mut conn, request, &relay.common);
+        app::serve(relay, &mut ex);
         let reusable = ex.is_reusable();
         let linger = ex.is_responded() && !ex.is_body_read();
         drop(ex);
@@ -273,68 +224,6 @@ fn serve_connection(relay: &Relay, stream: TcpStream) {
             }
             return;
         }
-    }
-}
-
-/// Routes one request and serves it.
-fn dispatch(relay: &Relay, ex: &mut Exchange) -> Result<(), Reject> {
-    match route::route(&ex.request.method, &ex.request.target)? {
-        Route::Preflight => {
-            let mut head = Head::new(200);
-            head.header("Allow", CHANNEL_METHODS)
-                .header("Access-Control-Allow-Methods", CHANNEL_METHODS)
-                .header(
-                    "Access-Control-Allow-Headers",
-                    ex.request
-                        .header("access-control-request-headers")
-                        .unwrap_or("*"),
-                )
-                .header("Access-Control-Max-Age", "86400");
-            ex.respond(head, b"")
-                .map_err(|_| Reject::new(500, "client hung up"))
-        }
-        Route::Reserved(path) => Err(Reject::new(
-            404,
-            format!("{path:?} is reserved for the server, not a channel"),
-        )),
-        Route::Channel {
-            channel,
-            action: Action::Delete,
-            ..
-        } => {
-            // A DELETE ends every mode's channels under the path, whatever
-            // mode its own path names.
-            let deleted = Reject::deleted();
-            let (channels, waiters) = relay
-                .families()
-                .iter()
-                .map(|family| family.end_under(&channel.key, &deleted))
-                .fold((0, 0), |(c, w), (more_c, more_w)| (c + more_c, w + more_w));
-            log::info!(
-                "deleted {channels} channels under {}; {waiters} waiters answered 410",
-                crate::mode::short(&channel.key)
-            );
-            ex.respond_text(
-                200,
-                &format!("deleted {channels} channels; {waiters} waiters answered 410"),
-            )
-            .map_err(|_| Reject::new(500, "client hung up"))
-        }
-        Route::Channel {
-            channel,
-            action,
-            query,
-        } => match channel.mode {
-            Mode::Queue => mode::handle(&relay.queues, ex, &channel.key, action, &query),
-            Mode::Pubsub => mode::handle(&relay.pubsub, ex, &channel.key, action, &query),
-            mode => Err(Reject::new(
-                501,
-                format!(
-                    "{} channels are not available in this version",
-                    mode.as_str()
-                ),
-            )),
-        },
     }
 }
 

@@ -21,7 +21,7 @@ fn three_thousand_parked_consumers_leave_room_for_another_exchange() {
             stream
         })
         .collect();
-    server.wait_log("parked", WAITERS);
+    server.wait_parked(WAITERS as u64);
     let addr = server.addr;
     let producer = thread::spawn(move || request(addr, &post("/other", b"still here")));
     let got = request(server.addr, &get("/other"));
@@ -46,7 +46,7 @@ fn a_body_over_four_gib_streams_through() {
     let server = Server::start();
     let mut consumer = connect(server.addr);
     send(&mut consumer, &get("/huge"));
-    server.wait_log("parked", 1);
+    server.wait_parked(1);
     let addr = server.addr;
     let producer = thread::spawn(move || {
         let mut stream = connect(addr);

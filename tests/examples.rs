@@ -116,7 +116,7 @@ fn httpipe_example_and_namespace_delete() {
         "%{http_code}",
         &server.url("/channels/v1/other"),
     ]);
-    server.wait_log("parked", 2);
+    server.wait_parked(2);
     run(&server, &dir, DELETE_NAMESPACE);
     assert_eq!(String::from_utf8_lossy(&finish(waiter).stdout), "410");
 }
@@ -220,7 +220,7 @@ fn the_notification_loop_loses_nothing() {
         local(NOTIFY_LOOP)
     );
     let subscriber = spawn_bash(&server, &dir, &script);
-    server.wait_log("parked", 1);
+    server.wait_parked(1);
     for word in ["one", "two", "three"] {
         let out = run(&server, &dir, &PUBLISH.replace("backup done", word));
         assert!(out.is_empty(), "{out}");
@@ -245,7 +245,7 @@ fn streams_and_patchbay_chat() {
         &dir,
         &format!("timeout 3 {} || true", local(CHAT_SUBSCRIBE)),
     );
-    server.wait_log("started", 2);
+    server.wait_streams(2);
     run(&server, &dir, PUBLISH);
     run(&server, &dir, CHAT_PUBLISH);
     run(&server, &dir, CHAT_PUBLISH);

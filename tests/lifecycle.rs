@@ -18,7 +18,7 @@ fn sigterm_answers_waiters_503_and_exits_0_within_2_s() {
         send(&mut stream, &raw);
         waiters.push(stream);
     }
-    server.wait_log("parked", 3);
+    server.wait_parked(3);
     let started = Instant::now();
     server.signal(libc::SIGTERM);
     for mut waiter in waiters {

@@ -50,7 +50,7 @@ fn every_waiting_get_gets_a_copy_with_the_headers() {
             stream
         })
         .collect();
-    server.wait_log("parked", 2);
+    server.wait_parked(2);
     let answer = request(
         server.addr,
         b"POST /pubsub/alerts HTTP/1.1\r\nHost: t\r\nPatch-H-Title: Build failed\r\n\
@@ -144,7 +144,7 @@ fn cursors_resume_and_evictions_are_reported_as_missed() {
     // After the newest: wait for the next one.
     let mut waiter = connect(server.addr);
     send(&mut waiter, &get(&format!("/pubsub/log?after={}", ids[9])));
-    server.wait_log("parked", 1);
+    server.wait_parked(1);
     publish(&server, "/pubsub/log", b"m10");
     assert_eq!(read_response(&mut waiter).unwrap().text(), "m10");
 }
@@ -154,7 +154,7 @@ fn a_cursor_beyond_every_id_given_waits_for_the_next_message() {
     let server = Server::start();
     let mut waiter = connect(server.addr);
     send(&mut waiter, &get("/pubsub/new?after=99999999999999999"));
-    server.wait_log("parked", 1);
+    server.wait_parked(1);
     let id = publish(&server, "/pubsub/new", b"fresh");
     let got = read_response(&mut waiter).unwrap();
     assert_eq!(
@@ -278,7 +278,7 @@ fn sse_streams_resume_with_last_event_id() {
     let server = Server::start_with(&["--keepalive-secs", "0.3"]);
     let (head, mut events) = subscribe(&server, "/pubsub/feed", "Accept: text/event-stream\r\n");
     assert_eq!(head.header("content-type"), Some("text/event-stream"));
-    server.wait_log("started", 1);
+    server.wait_streams(1);
     let first = publish(&server, "/pubsub/feed", b"one\ntwo");
     let mut stream = connect(server.addr);
     send(
@@ -361,7 +361,7 @@ fn a_hundred_subscribers_each_get_a_thousand_messages() {
             thread::spawn(move || chunks.until(b"\n", MESSAGES))
         })
         .collect();
-    server.wait_log("started", SUBSCRIBERS);
+    server.wait_streams(SUBSCRIBERS as u64);
     let mut stream = connect(server.addr);
     for i in 0..MESSAGES {
         send(
@@ -397,7 +397,7 @@ fn a_stalled_subscriber_slows_nobody_and_holds_no_memory() {
         .write_all(b"GET /pubsub/big?persist=true HTTP/1.1\r\nHost: t\r\n\r\n")
         .unwrap();
     let (_, mut reader) = subscribe(&server, "/pubsub/big?persist=true", "");
-    server.wait_log("started", 2);
+    server.wait_streams(2);
     let message = pattern(64 << 10, 5);
     let mut publisher = connect(server.addr);
     for _ in 0..1024 {
@@ -431,7 +431,7 @@ fn stalled_streams_of_a_large_message_hold_little_memory() {
             stream
         })
         .collect();
-    server.wait_log("started", STREAMS);
+    server.wait_streams(STREAMS as u64);
     // Let each stream write until its socket is full.
     thread::sleep(Duration::from_millis(500));
     let grown = status_kib(server.pid(), "VmRSS").saturating_sub(before);
@@ -449,8 +449,8 @@ fn delete_ends_waiters_and_streams_and_drops_messages() {
     let mut waiter = connect(server.addr);
     send(&mut waiter, &get("/ns/pubsub/b"));
     let (_, mut stream) = subscribe(&server, "/ns/pubsub/c?format=sse", "");
-    server.wait_log("parked", 1);
-    server.wait_log("started", 1);
+    server.wait_parked(1);
+    server.wait_streams(1);
     let deleted = request(server.addr, b"DELETE /ns HTTP/1.1\r\nHost: t\r\n\r\n");
     assert_eq!(
         deleted.text(),
@@ -468,8 +468,8 @@ fn shutdown_answers_waiters_and_ends_streams() {
     let mut waiter = connect(server.addr);
     send(&mut waiter, &get("/pubsub/s"));
     let (_, mut stream) = subscribe(&server, "/pubsub/s?format=ndjson", "");
-    server.wait_log("parked", 1);
-    server.wait_log("started", 1);
+    server.wait_parked(1);
+    server.wait_streams(1);
     server.signal(libc::SIGTERM);
     assert_eq!(read_response(&mut waiter).unwrap().status, 503);
     assert_eq!(stream.next_chunk().unwrap(), None);

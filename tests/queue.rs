@@ -13,7 +13,7 @@ fn httpipe_readme_example_with_curl() {
     let server = Server::start();
     let url = server.url("/channels/v1/do_work");
     let producer = spawn_curl(&["-XPOST", &url, "-d", "hello"]);
-    server.wait_log("parked", 1);
+    server.wait_parked(1);
     let consumer = curl(&["-XGET", &url]);
     assert_eq!(String::from_utf8_lossy(&consumer.stdout), "hello");
     let producer = finish(producer);
@@ -30,7 +30,7 @@ fn producers_are_served_first_come_first_served() {
             &mut stream,
             &post("/fifo", format!("message {i}").as_bytes()),
         );
-        server.wait_log("parked", i + 1);
+        server.wait_parked(i as u64 + 1);
         producers.push(stream);
     }
     for i in 0..4 {
@@ -49,7 +49,7 @@ fn consumers_are_served_first_come_first_served() {
     for i in 0..4 {
         let mut stream = connect(server.addr);
         send(&mut stream, &get("/fifo"));
-        server.wait_log("parked", i + 1);
+        server.wait_parked(i as u64 + 1);
         consumers.push(stream);
     }
     for i in 0..4 {
@@ -79,7 +79,7 @@ fn two_hundred_parked_producers_are_all_delivered() {
         );
         producers.push(stream);
     }
-    server.wait_log("parked", 200);
+    server.wait_parked(200);
     let mut consumers = Vec::new();
     for i in 0..200 {
         let mut stream = connect(server.addr);
@@ -102,16 +102,16 @@ fn hung_up_consumer_is_never_paired() {
     let server = Server::start();
     let mut gone = connect(server.addr);
     send(&mut gone, &get("/jobs"));
-    server.wait_log("parked", 1);
+    server.wait_parked(1);
     drop(gone);
     // The producer must skip the dead consumer, park, and reach the fresh one.
     let mut producer = connect(server.addr);
     send(&mut producer, &post("/jobs", b"job 1"));
-    server.wait_log("parked", 2);
+    server.wait_parked(2);
     let got = request(server.addr, &get("/jobs"));
     assert_eq!(got.text(), "job 1");
     assert_eq!(read_response(&mut producer).unwrap().status, 200);
-    assert_eq!(server.log_count("had hung up"), 1, "{}", server.log());
+    assert_eq!(server.counter("hangups_total"), 1, "{}", server.log());
 }
 
 #[test]
@@ -119,7 +119,7 @@ fn hung_up_producer_never_delivers() {
     let server = Server::start();
     let mut gone = connect(server.addr);
     send(&mut gone, &post("/jobs", b"from a producer that left"));
-    server.wait_log("parked", 1);
+    server.wait_parked(1);
     drop(gone);
     // The consumer may be offered the dead producer; it must wait on instead.
     let mut consumer = connect(server.addr);
@@ -138,11 +138,11 @@ fn parked_waiters_whose_clients_left_are_swept() {
     send(&mut consumer, &get("/swept"));
     let mut producer = connect(server.addr);
     send(&mut producer, &post("/other", b"x"));
-    server.wait_log("parked", 2);
+    server.wait_parked(2);
     drop(consumer);
     drop(producer);
     // Each waiter checks its own client every 2 s and leaves when it is gone.
-    server.wait_log("hung up while waiting", 2);
+    server.wait_hangups(2);
 }
 
 #[test]
@@ -159,7 +159,7 @@ fn two_mib_body_from_curl_with_expect_arrives_intact() {
         &format!("@{}", dir.join("in").display()),
         &url,
     ]);
-    server.wait_log("parked", 1);
+    server.wait_parked(1);
     let consumer = curl(&[&url]);
     assert!(
         consumer.stdout == data,
@@ -177,7 +177,7 @@ fn continue_is_sent_only_when_a_consumer_arrives() {
         &mut producer,
         b"POST /c HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
     );
-    server.wait_log("parked", 1);
+    server.wait_parked(1);
     producer
         .set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
@@ -215,7 +215,7 @@ fn sixty_four_mib(name: &str, upload: &[&str]) {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    server.wait_log("parked", 1);
+    server.wait_parked(1);
     let consumer = curl(&["-f", "-o", output.to_str().unwrap(), &url]);
     assert!(consumer.status.success(), "{consumer:?}");
     let producer = finish(producer);
@@ -241,7 +241,7 @@ fn consumer_gone_mid_transfer_gives_the_producer_no_2xx() {
     let server = Server::start();
     let mut consumer = connect(server.addr);
     send(&mut consumer, &get("/cut"));
-    server.wait_log("parked", 1);
+    server.wait_parked(1);
     let mut producer = connect(server.addr);
     let length = 256u64 << 20;
     send(
@@ -276,7 +276,7 @@ fn producer_gone_mid_transfer_cuts_the_consumer() {
     let server = Server::start();
     let mut consumer = connect(server.addr);
     send(&mut consumer, &get("/cut"));
-    server.wait_log("parked", 1);
+    server.wait_parked(1);
     let mut producer = connect(server.addr);
     send(
         &mut producer,
@@ -303,7 +303,7 @@ fn huge_content_length_then_hang_up_leaves_the_server_serving() {
         &mut producer,
         b"POST /huge HTTP/1.1\r\nHost: t\r\nContent-Length: 200000000000\r\n\r\n",
     );
-    server.wait_log("parked", 1);
+    server.wait_parked(1);
     drop(producer);
     server.assert_serving();
     let got = request(server.addr, &get("/huge?timeout=0.3"));
@@ -352,11 +352,11 @@ fn delete_ends_waiters_of_a_channel_and_a_namespace() {
     let mut producer = connect(server.addr);
     send(&mut producer, &post("/channels/v1/a", b"x"));
     // The producer pairs with the first consumer; three waiters remain.
-    server.wait_log("parked", 3);
+    server.wait_parked(3);
     let _ = read_response(&mut producer);
     let mut solo = connect(server.addr);
     send(&mut solo, &get("/solo"));
-    server.wait_log("parked", 4);
+    server.wait_parked(4);
     let deleted = request(server.addr, b"DELETE /solo HTTP/1.1\r\nHost: t\r\n\r\n");
     assert_eq!(deleted.status, 200);
     assert_eq!(read_response(&mut solo).unwrap().status, 410);
@@ -384,7 +384,7 @@ fn head_is_refused_and_consumes_nothing() {
     let server = Server::start();
     let mut producer = connect(server.addr);
     send(&mut producer, &post("/h1", b"kept"));
-    server.wait_log("parked", 1);
+    server.wait_parked(1);
     let mut asker = connect(server.addr);
     send(&mut asker, b"HEAD /h1 HTTP/1.1\r\nHost: t\r\n\r\n");
     let (status, headers) = read_head(&mut asker).unwrap();
@@ -408,7 +408,7 @@ fn headers_travel_and_mime_overrides() {
         &mut producer,
         b"POST /hdr HTTP/1.1\r\nHost: t\r\nContent-Type: text/csv\r\nContent-Disposition: attachment; filename=\"a.csv\"\r\nPatch-H-Title: Build failed\r\nPb-H-X-Run: 42\r\nPatch-H-Connection: close\r\nPatch-H-Content-Length: 1\r\nContent-Length: 3\r\n\r\na,b",
     );
-    server.wait_log("parked", 1);
+    server.wait_parked(1);
     let got = request(server.addr, &get("/hdr"));
     assert_eq!(got.header("content-type"), Some("text/csv"));
     assert_eq!(
@@ -423,7 +423,7 @@ fn headers_travel_and_mime_overrides() {
     assert_eq!(got.text(), "a,b");
     let mut producer = connect(server.addr);
     send(&mut producer, &post("/hdr", b"{}"));
-    server.wait_log("parked", 2);
+    server.wait_parked(2);
     let got = request(server.addr, &get("/hdr?mime=application%2Fjson"));
     assert_eq!(got.header("content-type"), Some("application/json"));
 }
@@ -432,7 +432,7 @@ fn headers_travel_and_mime_overrides() {
 fn get_with_body_parameter_sends() {
     let server = Server::start();
     let producer = spawn_curl(&[&server.url("/q?body=hello+world%21")]);
-    server.wait_log("parked", 1);
+    server.wait_parked(1);
     let got = request(server.addr, &get("/q"));
     assert_eq!(got.text(), "hello world!");
     assert_eq!(
@@ -441,7 +441,7 @@ fn get_with_body_parameter_sends() {
     );
     assert!(finish(producer).status.success());
     let producer = spawn_curl(&[&server.url("/q?method=post&body=second")]);
-    server.wait_log("parked", 2);
+    server.wait_parked(2);
     assert_eq!(request(server.addr, &get("/q")).text(), "second");
     assert!(finish(producer).status.success());
 }
@@ -451,7 +451,7 @@ fn http_1_0_consumer_of_a_chunked_upload_gets_a_close_delimited_body() {
     let server = Server::start();
     let mut consumer = connect(server.addr);
     send(&mut consumer, b"GET /old HTTP/1.0\r\n\r\n");
-    server.wait_log("parked", 1);
+    server.wait_parked(1);
     let mut producer = connect(server.addr);
     send(&mut producer, b"POST /old HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n");
     let got = read_response(&mut consumer).unwrap();
@@ -513,7 +513,7 @@ fn producer_that_stopped_waiting_for_continue_and_left_never_delivers() {
         &mut gone,
         b"POST /e HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n",
     );
-    server.wait_log("parked", 1);
+    server.wait_parked(1);
     send(&mut gone, b"lost");
     thread::sleep(Duration::from_millis(50));
     drop(gone);
@@ -530,7 +530,7 @@ fn producer_that_left_behind_a_large_unread_body_never_delivers() {
     let mut gone = connect(server.addr);
     let body = vec![b'x'; 200_000];
     send(&mut gone, &post("/big-gone", &body));
-    server.wait_log("parked", 1);
+    server.wait_parked(1);
     drop(gone);
     thread::sleep(Duration::from_millis(100));
     // Its hang-up hides behind the unread body, so the consumer's response
@@ -553,7 +553,7 @@ fn consumer_that_left_behind_a_pipelined_request_is_never_paired() {
     let server = Server::start();
     let mut gone = connect(server.addr);
     send(&mut gone, &get("/pipelined"));
-    server.wait_log("parked", 1);
+    server.wait_parked(1);
     send(&mut gone, &get("/pipelined-next"));
     thread::sleep(Duration::from_millis(100));
     drop(gone);
@@ -570,7 +570,7 @@ fn huge_timeout_is_a_long_wait_not_a_crash() {
     let server = Server::start();
     let mut consumer = connect(server.addr);
     send(&mut consumer, &get("/forever?timeout=1e19"));
-    server.wait_log("parked", 1);
+    server.wait_parked(1);
     let got = request(server.addr, &post("/forever", b"still"));
     assert_eq!(got.status, 200);
     assert_eq!(read_response(&mut consumer).unwrap().text(), "still");

@@ -1,7 +1,8 @@
 //! patchcord's HTTP/1.1 layer, on httparse: one [`Exchange`] per request on a
 //! [`Conn`]. It knows framing, limits and timeouts, and nothing of channels or
 //! modes; `server.rs` drives it and the modes read bodies and write responses
-//! through it.
+//! through it. The exchange records the status and body bytes of its
+//! response, also when another thread wrote it, for `app.rs` to observe.
 //!
 //! - `conn.rs`: the socket, its read buffer, liveness probes
 //! - `request.rs`: request heads and their limits
@@ -22,32 +23,46 @@ use std::net::TcpStream;
 pub use body::BodyState;
 pub use conn::{Conn, is_open};
 pub use request::{Framing, Method, Request, Version};
-pub use response::{Head, Payload, StreamError};
+pub use response::{Common, Head, Payload, StreamError};
 
 use crate::error::Reject;
 
 /// One request on a connection: its head, how much of its body was read, and
-/// whether it was answered. Decides whether the connection can serve another.
+/// what was answered. Decides whether the connection can serve another.
 pub struct Exchange<'c> {
     pub conn: &'c mut Conn,
     pub request: Request,
+    /// The headers every response carries.
+    common: &'c Common,
     body: BodyState,
     continue_pending: bool,
-    responded: bool,
+    /// The status of the response, once one was written or started.
+    status: Option<u16>,
+    /// Body bytes of the response written so far.
+    sent: u64,
     close: bool,
 }
 
 impl<'c> Exchange<'c> {
-    /// Starts an exchange for `request`, read from `conn`.
-    pub fn new(conn: &'c mut Conn, request: Request) -> Exchange<'c> {
+    /// Starts an exchange for `request`, read from `conn`; its responses
+    /// carry the `common` headers.
+    pub fn new(conn: &'c mut Conn, request: Request, common: &'c Common) -> Exchange<'c> {
         Exchange {
             body: BodyState::new(request.framing),
             continue_pending: request.expects_continue,
             conn,
             request,
-            responded: false,
+            common,
+            status: None,
+            sent: 0,
             close: false,
         }
+    }
+
+    /// The headers every response carries, for a response this exchange
+    /// writes to another client.
+    pub fn common(&self) -> &'c Common {
+        self.common
     }
 
     /// The body's length, when the request declares it.
@@ -70,7 +85,22 @@ impl<'c> Exchange<'c> {
 
     /// Whether a response was written (or started) for this request.
     pub fn is_responded(&self) -> bool {
-        self.responded
+        self.status.is_some()
+    }
+
+    /// The status of the response, once one was written or started.
+    pub fn status(&self) -> Option<u16> {
+        self.status
+    }
+
+    /// Body bytes of the response written so far.
+    pub fn sent(&self) -> u64 {
+        self.sent
+    }
+
+    /// Counts `n` more body bytes written for a response this exchange started.
+    pub fn add_sent(&mut self, n: u64) {
+        self.sent += n;
     }
 
     /// Asks for the connection to be closed after this exchange.
@@ -79,15 +109,17 @@ impl<'c> Exchange<'c> {
     }
 
     /// Records that another thread answered this request on a clone of the
-    /// socket; `reusable` is false when that answer ended the connection.
-    pub fn mark_responded(&mut self, reusable: bool) {
-        self.responded = true;
+    /// socket, with `status` and `sent` body bytes; `reusable` is false when
+    /// that answer ended the connection.
+    pub fn mark_responded(&mut self, status: u16, sent: u64, reusable: bool) {
+        self.status = Some(status);
+        self.sent = sent;
         self.close |= !reusable;
     }
 
     /// Whether the connection can carry another request.
     pub fn is_reusable(&self) -> bool {
-        self.responded && !self.close && self.request.keep_alive && self.is_body_read()
+        self.is_responded() && !self.close && self.request.keep_alive && self.is_body_read()
     }
 
     /// Whether a response may keep the connection open, as far as is known now.
@@ -181,12 +213,13 @@ impl<'c> Exchange<'c> {
     }
 
     /// Starts a response whose body the caller streams: the head, with the
-    /// keep-alive decision made now (a body not yet read closes the connection).
+    /// keep-alive decision made now (a body not yet read closes the
+    /// connection). The caller counts the body bytes with [`Exchange::add_sent`].
     pub fn start_response(&mut self, head: Head, payload: Payload) -> Vec<u8> {
-        self.responded = true;
+        self.status = Some(head.status());
         let keep_alive = self.keeps_alive() && payload != Payload::UntilClose;
         self.close |= !keep_alive;
-        head.finish(payload, keep_alive)
+        head.finish(payload, keep_alive, self.common)
     }
 
     /// Sends a complete response with a small body.
@@ -196,7 +229,11 @@ impl<'c> Exchange<'c> {
             bytes.extend_from_slice(body);
         }
         let mut stream = self.conn.stream();
-        stream.write_all(&bytes)
+        stream.write_all(&bytes)?;
+        if self.request.method != Method::Head {
+            self.sent += body.len() as u64;
+        }
+        Ok(())
     }
 
     /// Sends a one-line plain-text response.
@@ -207,7 +244,7 @@ impl<'c> Exchange<'c> {
         self.respond(head, body.as_bytes())
     }
 
-    /// Answers with a refusal: its status, its header, its reason as the body.
+    /// Answers with a refusal: its status, its headers, its reason as the body.
     pub fn reject(&mut self, reject: &Reject) -> io::Result<()> {
         let (head, body) = refusal(reject);
         self.respond(head, body.as_bytes())
@@ -218,17 +255,21 @@ impl<'c> Exchange<'c> {
 fn refusal(reject: &Reject) -> (Head, String) {
     let mut head = Head::new(reject.status);
     head.header("Content-Type", "text/plain; charset=utf-8");
-    if let Some((name, value)) = reject.header {
-        head.header(name, value);
+    for (name, value) in &reject.headers {
+        head.header(name, value.as_bytes());
     }
     (head, format!("{}\n", reject.reason))
 }
 
 /// Answers `reject` on a connection that has no request to speak of (a
 /// malformed head, or one refused at accept), closing it afterwards.
-pub fn refuse(mut stream: &std::net::TcpStream, reject: &Reject) -> io::Result<()> {
+pub fn refuse(
+    mut stream: &std::net::TcpStream,
+    reject: &Reject,
+    common: &Common,
+) -> io::Result<()> {
     let (head, body) = refusal(reject);
-    let mut bytes = head.finish(Payload::Length(body.len() as u64), false);
+    let mut bytes = head.finish(Payload::Length(body.len() as u64), false, common);
     bytes.extend_from_slice(body.as_bytes());
     stream.write_all(&bytes)
 }

@@ -97,6 +97,27 @@ pub struct Request {
 }
 
 impl Request {
+    /// A request as if parsed from the wire, for unit tests of what comes
+    /// after parsing (rouille's `Request::fake_http`).
+    #[cfg(test)]
+    pub fn fake(method: Method, target: &str, headers: &[(&str, &str)]) -> Request {
+        Request {
+            method,
+            target: target.to_owned(),
+            version: Version::Http11,
+            headers: headers
+                .iter()
+                .map(|(name, value)| Header {
+                    name: (*name).to_owned(),
+                    value: value.as_bytes().to_vec(),
+                })
+                .collect(),
+            framing: Framing::Length(0),
+            expects_continue: false,
+            keep_alive: true,
+        }
+    }
+
     /// The first value of header `name` (case-insensitive), if it is UTF-8.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
@@ -211,6 +232,7 @@ pub fn parse(bytes: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
         Err(httparse::Error::TooManyHeaders) => {
             return Err(reject(431, "more than 100 request header fields"));
         }
+        Err(httparse::Error::Token) => return Err(reject(400, bad_token(&bytes[..line_len]))),
         Err(e) => return Err(reject(400, format!("malformed request head: {e}"))),
     };
     if used > line_len + 1 + MAX_HEADER_BYTES {
@@ -252,6 +274,18 @@ pub fn parse(bytes: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
         ));
     }
     Ok(Some((request, used)))
+}
+
+/// Why httparse found a bad token, in words a client's author can act on.
+fn bad_token(line: &[u8]) -> &'static str {
+    let target = line.split(|&b| b == b' ').nth(1).unwrap_or(b"");
+    if std::str::from_utf8(target).is_err() {
+        "request target is not UTF-8; percent-encode other bytes"
+    } else if target.iter().any(|&b| b < 0x21 || b == 0x7f) {
+        "request target has a space or a control byte; percent-encode them"
+    } else {
+        "malformed request line: expected METHOD /path HTTP/1.1"
+    }
 }
 
 fn reject(status: u16, reason: impl Into<std::borrow::Cow<'static, str>>) -> HeadError {
@@ -488,6 +522,10 @@ mod tests {
         );
         assert_eq!(status(b"GET /a HTTP/1.1\r\n\r\n"), 400);
         assert_eq!(status(b"GET a HTTP/1.1\r\nHost: x\r\n\r\n"), 400);
+        match parse(b"GET /caf\xe9 HTTP/1.1\r\nHost: x\r\n\r\n") {
+            Err(HeadError::Reject(r)) => assert!(r.reason.contains("not UTF-8"), "{r:?}"),
+            other => panic!("{other:?}"),
+        }
         assert_eq!(
             status(b"GET /a HTTP/1.1\r\nHost: x\r\nExpect: magic\r\n\r\n"),
             417

@@ -1,4 +1,4 @@
-//! Writing responses: the head (status line, Date, CORS, framing headers),
+//! Writing responses: the head (status line, Date, the common headers, framing),
 //! and bodies framed by Content-Length when the length is known, chunked for
 //! HTTP/1.1 clients otherwise, and delimited by close for HTTP/1.0 clients. A
 //! stream is never buffered to learn its length.
@@ -33,23 +33,50 @@ impl Payload {
     }
 }
 
-/// A response head being built.
+/// The headers every response carries besides Date, decided once from the
+/// configuration: the CORS origin (DESIGN.md §4), and the two that keep a
+/// relayed page from being sniffed or indexed as the relay's own.
+#[derive(Debug, Clone)]
+pub struct Common {
+    bytes: Vec<u8>,
+}
+
+impl Common {
+    /// The common headers for a relay whose responses allow `cors_origin`
+    /// (`*`, an origin, or None for no CORS header at all).
+    pub fn new(cors_origin: Option<&str>) -> Common {
+        let mut bytes = Vec::new();
+        if let Some(origin) = cors_origin {
+            bytes.extend_from_slice(b"Access-Control-Allow-Origin: ");
+            bytes.extend_from_slice(origin.as_bytes());
+            bytes.extend_from_slice(b"\r\n");
+        }
+        bytes.extend_from_slice(b"X-Content-Type-Options: nosniff\r\nX-Robots-Tag: none\r\n");
+        Common { bytes }
+    }
+}
+
+/// A response head being built: the status line, then the headers added.
 pub struct Head {
+    status: u16,
     bytes: Vec<u8>,
 }
 
 impl Head {
-    /// Starts a head with the status line and the headers every response has.
+    /// Starts a head with the status line.
     pub fn new(status: u16) -> Head {
         let mut bytes = Vec::with_capacity(256);
         bytes.extend_from_slice(b"HTTP/1.1 ");
         bytes.extend_from_slice(status.to_string().as_bytes());
         bytes.push(b' ');
         bytes.extend_from_slice(reason_phrase(status).as_bytes());
-        bytes.extend_from_slice(b"\r\nDate: ");
-        bytes.extend_from_slice(http_date(SystemTime::now()).as_bytes());
-        bytes.extend_from_slice(b"\r\nAccess-Control-Allow-Origin: *\r\n");
-        Head { bytes }
+        bytes.extend_from_slice(b"\r\n");
+        Head { status, bytes }
+    }
+
+    /// The status code.
+    pub fn status(&self) -> u16 {
+        self.status
     }
 
     /// Adds a header. A value with a control byte is dropped (and logged),
@@ -67,8 +94,13 @@ impl Head {
         self
     }
 
-    /// Adds the framing and connection headers and the blank line.
-    pub fn finish(mut self, payload: Payload, keep_alive: bool) -> Vec<u8> {
+    /// Adds Date, the `common` headers, the framing and connection headers
+    /// and the blank line.
+    pub fn finish(mut self, payload: Payload, keep_alive: bool, common: &Common) -> Vec<u8> {
+        self.bytes.extend_from_slice(b"Date: ");
+        with_date(|date| self.bytes.extend_from_slice(date));
+        self.bytes.extend_from_slice(b"\r\n");
+        self.bytes.extend_from_slice(&common.bytes);
         match payload {
             Payload::Length(n) => {
                 self.bytes.extend_from_slice(b"Content-Length: ");
@@ -86,6 +118,22 @@ impl Head {
         self.bytes.extend_from_slice(b"\r\n");
         self.bytes
     }
+}
+
+/// Runs `f` on the current IMF-fixdate, formatted at most once a second per thread.
+fn with_date<R>(f: impl FnOnce(&[u8]) -> R) -> R {
+    thread_local! {
+        static DATE: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with(|cell| {
+        let mut cached = cell.borrow_mut();
+        if cached.0 != secs {
+            *cached = (secs, http_date(now));
+        }
+        f(cached.1.as_bytes())
+    })
 }
 
 fn is_token(name: &str) -> bool {
@@ -215,24 +263,30 @@ pub fn write_all<const N: usize>(sink: &mut dyn Write, mut pieces: [&[u8]; N]) -
 pub fn reason_phrase(status: u16) -> &'static str {
     match status {
         100 => "Continue",
+        101 => "Switching Protocols",
         200 => "OK",
         204 => "No Content",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
+        409 => "Conflict",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
         410 => "Gone",
         413 => "Content Too Large",
         414 => "URI Too Long",
+        416 => "Range Not Satisfiable",
         417 => "Expectation Failed",
+        426 => "Upgrade Required",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         501 => "Not Implemented",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        507 => "Insufficient Storage",
         _ => "Unknown",
     }
 }
@@ -283,9 +337,15 @@ mod tests {
         head.header("X-Ok", "fine")
             .header("X-Bad", "a\r\nSet-Cookie: x")
             .header("Bad Name", "v");
-        let text = String::from_utf8(head.finish(Payload::Length(0), true)).unwrap();
+        let text =
+            String::from_utf8(head.finish(Payload::Length(0), true, &Common::new(Some("*"))))
+                .unwrap();
         assert!(text.contains("X-Ok: fine\r\n"));
         assert!(!text.contains("Set-Cookie") && !text.contains("Bad Name"));
+        assert!(text.contains("Access-Control-Allow-Origin: *\r\n"));
+        assert!(text.contains("X-Content-Type-Options: nosniff\r\n"));
+        assert!(text.contains("X-Robots-Tag: none\r\n"));
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"));
     }
 
     fn streamed(body: &[u8], payload: Payload) -> Vec<u8> {

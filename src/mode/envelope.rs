@@ -1,15 +1,19 @@
 //! What a sender relays besides its body (DESIGN.md §4): the Content-Type,
-//! Content-Disposition and every `Patch-H-<Name>` header as `<Name>`. Queue
-//! and pubsub channels both build it from the request and both write it into
-//! the receiver's response; hop-by-hop fields never travel.
+//! Content-Encoding, Content-Disposition and every `Patch-H-<Name>` header as
+//! `<Name>`. Queue and pubsub channels both build it from the request and
+//! both write it into the receiver's response. Hop-by-hop fields never
+//! travel, nor do the headers a sender could use to take over the relay's
+//! origin in a receiver's browser.
 
 use crate::http::{Exchange, Head};
 use crate::route::Query;
 
-/// Headers a sender may not relay with `Patch-H-`: hop-by-hop fields, the
-/// ones the relay sets itself, and cookies (every channel shares the relay's
-/// origin). Names starting with [`UNRELAYED_PREFIXES`] are refused too.
-const UNRELAYED: [&str; 14] = [
+/// Headers a sender may not relay with `Patch-H-` (or `Pb-H-`): hop-by-hop
+/// fields, the ones the relay sets itself, and the ones that would act for
+/// the relay's whole origin in a browser (every channel shares it): cookies,
+/// service workers, HSTS, site data, alternative services. Names starting
+/// with [`UNRELAYED_PREFIXES`] are refused too.
+const UNRELAYED: [&str; 21] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -19,20 +23,30 @@ const UNRELAYED: [&str; 14] = [
     "upgrade",
     "content-length",
     "content-type",
+    "content-encoding",
     "content-disposition",
     "date",
     "cache-control",
     "x-accel-buffering",
+    "x-content-type-options",
+    "x-robots-tag",
     "set-cookie",
+    "service-worker-allowed",
+    "strict-transport-security",
+    "clear-site-data",
+    "alt-svc",
 ];
 
-/// Name prefixes of headers the relay sets itself (`Patch-Id`, CORS).
+/// Name prefixes of headers the relay sets itself (`Patch-Id`, CORS: the
+/// relay's policy, never a sender's).
 const UNRELAYED_PREFIXES: [&str; 3] = ["patch-", "pb-", "access-control-"];
 
 /// The headers that travel with one message.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Envelope {
     pub content_type: String,
+    /// The sender's Content-Encoding (a gzip upload stays gzip, labelled so).
+    pub encoding: Option<Vec<u8>>,
     pub disposition: Option<Vec<u8>>,
     /// `Patch-H-<Name>` (or `Pb-H-<Name>`) headers, as (`<Name>`, value).
     pub relayed: Vec<(String, Vec<u8>)>,
@@ -58,11 +72,16 @@ impl Envelope {
             (None, None, false) => "application/octet-stream".to_owned(),
         };
         let mut disposition = None;
+        let mut encoding = None;
         let mut relayed = Vec::new();
         for header in &request.headers {
             let lower = header.name.to_ascii_lowercase();
             if lower == "content-disposition" {
                 disposition = Some(header.value.clone());
+                continue;
+            }
+            if lower == "content-encoding" && !inline {
+                encoding = Some(header.value.clone());
                 continue;
             }
             let Some(at) = ["patch-h-", "pb-h-"]
@@ -79,6 +98,7 @@ impl Envelope {
         }
         Envelope {
             content_type,
+            encoding,
             disposition,
             relayed,
         }
@@ -88,6 +108,9 @@ impl Envelope {
     /// receiver's own `?mime=`, which wins over the sender's Content-Type.
     pub fn write_to(&self, head: &mut Head, mime: Option<&str>) {
         head.header("Content-Type", mime.unwrap_or(&self.content_type));
+        if let Some(encoding) = &self.encoding {
+            head.header("Content-Encoding", encoding);
+        }
         if let Some(disposition) = &self.disposition {
             head.header("Content-Disposition", disposition);
         }
@@ -99,6 +122,7 @@ impl Envelope {
     /// Roughly how many bytes the envelope holds, for memory accounting.
     pub fn size(&self) -> usize {
         self.content_type.len()
+            + self.encoding.as_ref().map_or(0, Vec::len)
             + self.disposition.as_ref().map_or(0, Vec::len)
             + self
                 .relayed
@@ -128,6 +152,13 @@ mod tests {
             "Set-Cookie",
             "Transfer-Encoding",
             "Content-Length",
+            "Content-Encoding",
+            "Service-Worker-Allowed",
+            "Strict-Transport-Security",
+            "clear-site-data",
+            "Alt-Svc",
+            "Access-Control-Expose-Headers",
+            "X-Robots-Tag",
         ] {
             assert!(!is_relayed(name), "{name}");
         }

@@ -1,11 +1,17 @@
-//! The channel families, one file each. A mode gets an [`Exchange`] whose head
-//! was read and a routed channel, and answers it; it owns its registry of
-//! channels. The HTTP layer knows nothing of modes.
+//! The channel families, one file each. A family gets an [`Exchange`] whose
+//! head was read and a routed channel, and answers it; it owns its
+//! registry of channels. The HTTP layer knows nothing of modes.
+//!
+//! - `handoff.rs`: the socket-free pairing that queues (and req/res) build on
+//! - `wait.rs`: how a parked request waits
+//! - `envelope.rs`: the headers that travel with a message
+//! - `queue.rs`: queue channels
+//! - `pubsub/`: pubsub channels (store, streams, stream formats)
 //!
 //! [`Exchange`]: crate::http::Exchange
 
 mod envelope;
-mod format;
+pub mod handoff;
 pub mod pubsub;
 pub mod queue;
 mod wait;
@@ -14,15 +20,21 @@ use std::time::{Duration, Instant};
 
 use crate::error::Reject;
 use crate::http::Exchange;
-use crate::route::{Action, Query};
+use crate::route::{Action, Channel, Mode, Query};
 
-/// A family of channels (a mode), as the server drives it.
-pub trait Family {
-    /// Serves a send (POST, PUT, GET with `?body=`) on channel `key`.
-    fn send(&self, ex: &mut Exchange, key: &str, query: &Query) -> Result<(), Reject>;
+/// A family of channels (a mode, or two that pair), as the relay drives it.
+pub trait Family: Send + Sync {
+    /// Whether this family serves channels of `mode`.
+    fn serves(&self, mode: Mode) -> bool;
 
-    /// Serves a receive (GET) on channel `key`.
-    fn receive(&self, ex: &mut Exchange, key: &str, query: &Query) -> Result<(), Reject>;
+    /// Serves one request (`action`, with `query`) on one of its channels.
+    fn serve(
+        &self,
+        ex: &mut Exchange,
+        channel: &Channel,
+        action: Action,
+        query: &Query,
+    ) -> Result<(), Reject>;
 
     /// Ends channel `prefix` and every channel under it, answering their
     /// waiters with `reject`; returns how many channels and waiters.
@@ -30,23 +42,6 @@ pub trait Family {
 
     /// Closes every channel for shutdown; returns how many waiters were answered.
     fn close(&self) -> usize;
-}
-
-/// Serves one request on channel `key` of `family`.
-pub fn handle(
-    family: &dyn Family,
-    ex: &mut Exchange,
-    key: &str,
-    action: Action,
-    query: &Query,
-) -> Result<(), Reject> {
-    match action {
-        Action::Send => family.send(ex, key, query),
-        Action::Receive => family.receive(ex, key, query),
-        // A DELETE spans every family: the server answers it with end_under.
-        Action::Delete => Ok(()),
-        Action::NotAllowed(allow) => Err(Reject::method_not_allowed(allow)),
-    }
 }
 
 /// When a wait that started now ends: the request's own `?timeout=`, capped by

@@ -1,6 +1,7 @@
 //! Starting the real binary on 127.0.0.1:0 and talking to it: a raw HTTP
 //! client on TcpStream (every socket with timeouts), curl and bash runners,
-//! and the server's debug log, so tests wait for "parked" instead of sleeping.
+//! and the server's counters (`/status`), so tests wait for a waiter to be
+//! parked instead of sleeping.
 //!
 //! The binary is started through an emulator when the tests were built for
 //! another machine: `PATCHCORD_TEST_RUNNER` (e.g. `qemu-arm-static -L
@@ -120,6 +121,53 @@ impl Server {
         self.child.id()
     }
 
+    /// The server's counters: the body of `GET /status`.
+    pub fn status(&self) -> String {
+        let got = request(self.addr, &get("/status"));
+        assert_eq!(got.status, 200, "{}", got.text());
+        got.text()
+    }
+
+    /// A counter of `/status`: the number after `"name":`, or the sum of the
+    /// numbers of the object after it (`parked_total` sums every mode).
+    pub fn counter(&self, name: &str) -> u64 {
+        json_counter(&self.status(), name)
+    }
+
+    /// Waits until counter `name` reaches `n`; panics after [`STEP`].
+    pub fn wait_counter(&self, name: &str, n: u64) {
+        let deadline = Instant::now() + *STEP;
+        loop {
+            // At --max-connections, /status is turned away (503) like anyone.
+            let got = request(self.addr, &get("/status"));
+            let status = got.text();
+            if got.status == 200 && json_counter(&status, name) >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {name} to reach {n}: {status}\nlog:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits until `n` waiters (of any mode) have parked since the start.
+    pub fn wait_parked(&self, n: u64) {
+        self.wait_counter("parked_total", n);
+    }
+
+    /// Waits until `n` clients have been found to hang up while waiting.
+    pub fn wait_hangups(&self, n: u64) {
+        self.wait_counter("hangups_total", n);
+    }
+
+    /// Waits until `n` streaming subscriptions have started since the start.
+    pub fn wait_streams(&self, n: u64) {
+        self.wait_counter("streams_total", n);
+    }
+
     /// How many log lines so far contain `needle`.
     pub fn log_count(&self, needle: &str) -> usize {
         self.log
@@ -178,6 +226,26 @@ impl Server {
         assert_eq!((got.status, got.body.as_slice()), (200, &b"still here"[..]));
         assert_eq!(read_response(&mut producer).unwrap().status, 200);
     }
+}
+
+/// Counter `name` in the JSON of `/status`: the number after `"name":`, or
+/// the sum of the numbers in the object after it.
+pub fn json_counter(json: &str, name: &str) -> u64 {
+    let key = format!("\"{name}\":");
+    let at = json
+        .find(&key)
+        .unwrap_or_else(|| panic!("no {name} in {json}"))
+        + key.len();
+    let rest = &json[at..];
+    let value = if rest.starts_with('{') {
+        &rest[..rest.find('}').expect("object end")]
+    } else {
+        rest.split([',', '}']).next().unwrap_or("")
+    };
+    value
+        .split([',', ':', '{'])
+        .filter_map(|part| part.trim().parse::<u64>().ok())
+        .sum()
 }
 
 /// A command that runs the patchcord binary, through the emulator if any.

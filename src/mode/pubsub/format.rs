@@ -1,7 +1,7 @@
 //! How a streaming pubsub subscription writes its messages: raw (patchbay's
 //! `?persist=true`: bodies back to back, as the publishers framed them),
 //! Server-Sent Events, or NDJSON. Pure: bytes in, bytes out; the stream loop
-//! in `pubsub.rs` frames and writes them. A message is encoded piece by
+//! in `stream.rs` frames and writes them. A message is encoded piece by
 //! piece ([`Encoder`]), so that a stream's buffer stays small whatever the
 //! size of the message it is writing.
 
@@ -11,7 +11,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
 use crate::error::Reject;
-use crate::mode::pubsub::Message;
+use crate::mode::pubsub::store::Message;
 use crate::route::{Query, parse_flag};
 
 /// SSE field names a relayed header may not take: they would change the
@@ -255,11 +255,15 @@ impl<'m> Encoder<'m> {
 /// The headers that travel with `message`, besides its Content-Type.
 fn headers(message: &Message) -> impl Iterator<Item = (&str, &[u8])> {
     let envelope = &message.envelope;
+    let encoding = envelope
+        .encoding
+        .as_deref()
+        .map(|value| ("Content-Encoding", value));
     let disposition = envelope
         .disposition
         .as_deref()
         .map(|value| ("Content-Disposition", value));
-    disposition.into_iter().chain(
+    encoding.into_iter().chain(disposition).chain(
         envelope
             .relayed
             .iter()
@@ -296,6 +300,7 @@ mod tests {
             UNIX_EPOCH + Duration::from_secs(1_700_000_000),
             Envelope {
                 content_type: "text/plain".into(),
+                encoding: None,
                 disposition: None,
                 relayed: relayed
                     .iter()

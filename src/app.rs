@@ -1,0 +1,240 @@
+//! The one entry point for every request: [`serve`] routes it, applies the
+//! relay's request policy, hands it to a server endpoint or to the family of
+//! its channel, answers a refusal, and then observes it, once, whoever wrote
+//! its response (status, bytes and duration go to the counters and the
+//! access log). `server.rs` calls it for each request and knows no mode and
+//! no endpoint; a new family is one line in [`Relay::new`], a new endpoint
+//! one arm in [`Relay::endpoint`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use crate::config::Config;
+use crate::error::Reject;
+use crate::http::{Common, Exchange, Head, Method};
+use crate::metrics::{Kind, Observation, Stats};
+use crate::mode::Family;
+use crate::mode::pubsub::Pubsub;
+use crate::mode::queue::Queues;
+use crate::route::{self, Action, CHANNEL_METHODS, Endpoint, Mode, Route, Routed};
+
+/// What every connection thread shares: the configuration, the counters,
+/// and the families of channels.
+pub struct Relay {
+    pub config: Config,
+    pub stats: Arc<Stats>,
+    /// The headers every response carries (CORS origin and the like).
+    pub common: Common,
+    families: Vec<Box<dyn Family>>,
+    /// Set once on SIGINT/SIGTERM; from then on every request gets 503.
+    stopping: AtomicBool,
+}
+
+impl Relay {
+    /// A relay with no channels yet.
+    pub fn new(config: Config) -> Relay {
+        let stats = Arc::new(Stats::new());
+        let families: Vec<Box<dyn Family>> = vec![
+            Box::new(Queues::new(
+                Arc::clone(&stats),
+                config.max_wait,
+                config.idle_timeout,
+            )),
+            Box::new(Pubsub::new(
+                Arc::clone(&stats),
+                config.pubsub.clone(),
+                config.max_wait,
+                config.keepalive,
+            )),
+        ];
+        Relay {
+            common: Common::new(config.cors_origin.as_deref()),
+            config,
+            stats,
+            families,
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Begins shutdown: every parked waiter is answered 503 and nothing new
+    /// may park. Returns how many waiters were answered.
+    pub fn stop(&self) -> usize {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.families.iter().map(|family| family.close()).sum()
+    }
+
+    /// Serves a request on a channel, or answers a DELETE across families.
+    fn channel(
+        &self,
+        ex: &mut Exchange,
+        routed: &Routed,
+        channel: &route::Channel,
+        action: Action,
+    ) -> Result<(), Reject> {
+        if action == Action::Delete {
+            // A DELETE ends every family's channels under the path, whatever
+            // mode its own path names.
+            let deleted = Reject::deleted();
+            let (channels, waiters) = self
+                .families
+                .iter()
+                .map(|family| family.end_under(&channel.key, &deleted))
+                .fold((0, 0), |(c, w), (more_c, more_w)| (c + more_c, w + more_w));
+            log::info!(
+                "deleted {channels} channels under {}; {waiters} waiters answered 410",
+                crate::mode::short(&channel.key)
+            );
+            return respond_text(
+                ex,
+                200,
+                &format!("deleted {channels} channels; {waiters} waiters answered 410"),
+            );
+        }
+        check_range(ex, channel.mode, action)?;
+        match self.families.iter().find(|f| f.serves(channel.mode)) {
+            Some(family) => family.serve(ex, channel, action, &routed.query),
+            None => Err(Reject::new(
+                501,
+                format!(
+                    "{} channels are not available in this version",
+                    channel.mode.as_str()
+                ),
+            )),
+        }
+    }
+
+    /// Serves a server endpoint.
+    fn endpoint(&self, ex: &mut Exchange, endpoint: Endpoint, path: &str) -> Result<(), Reject> {
+        match endpoint {
+            Endpoint::Status => {
+                if !matches!(ex.request.method, Method::Get | Method::Head) {
+                    return Err(Reject::method_not_allowed("GET, HEAD, OPTIONS"));
+                }
+                let mut head = Head::new(200);
+                head.header("Content-Type", "application/json")
+                    .header("Cache-Control", "no-store");
+                let body = self.stats.to_json();
+                ex.respond(head, body.as_bytes()).map_err(|_| hung_up(ex))
+            }
+            Endpoint::Reserved => Err(Reject::new(
+                404,
+                format!("{path:?} is reserved for the server, not a channel"),
+            )),
+        }
+    }
+}
+
+/// Serves one request whose head was read: the one entry point.
+pub fn serve(relay: &Relay, ex: &mut Exchange) {
+    let started = Instant::now();
+    let routed = route::route(&ex.request);
+    let result = match &routed {
+        Err(reject) => Err(reject.clone()),
+        Ok(_) if relay.is_stopping() => {
+            ex.close();
+            Err(Reject::shutting_down())
+        }
+        Ok(routed) => dispatch(relay, ex, routed),
+    };
+    if let Err(reject) = result {
+        if !ex.is_responded() && ex.reject(&reject).is_err() {
+            ex.close();
+        }
+    }
+    let (kind, path) = match &routed {
+        Ok(Routed {
+            route: Route::Channel { channel, .. },
+            path,
+            ..
+        }) => (Kind::Channel(channel.mode), path.as_str()),
+        Ok(Routed {
+            route: Route::Endpoint(_),
+            path,
+            ..
+        }) => (Kind::Endpoint, path.as_str()),
+        Ok(Routed { path, .. }) => (Kind::Other, path.as_str()),
+        // An unroutable path is logged without its query (it may hold a token).
+        Err(_) => (
+            Kind::Other,
+            ex.request.target.split('?').next().unwrap_or(""),
+        ),
+    };
+    relay.stats.observe(&Observation {
+        kind,
+        method: ex.request.method.as_str(),
+        path,
+        status: ex.status(),
+        sent: ex.sent(),
+        elapsed: started.elapsed(),
+    });
+}
+
+/// Applies the request policy, then serves the route.
+fn dispatch(relay: &Relay, ex: &mut Exchange, routed: &Routed) -> Result<(), Reject> {
+    // A page served through the relay must not install a service worker
+    // that would take over the relay's origin (piping-server does the same).
+    if ex
+        .request
+        .header("service-worker")
+        .is_some_and(|v| v.eq_ignore_ascii_case("script"))
+    {
+        return Err(Reject::bad_request(
+            "service workers cannot be registered through the relay",
+        ));
+    }
+    match &routed.route {
+        Route::Preflight => preflight(ex),
+        Route::Endpoint(endpoint) => relay.endpoint(ex, *endpoint, &routed.path),
+        Route::Channel { channel, action } => relay.channel(ex, routed, channel, *action),
+    }
+}
+
+/// Answers a CORS preflight.
+fn preflight(ex: &mut Exchange) -> Result<(), Reject> {
+    let mut head = Head::new(200);
+    let allowed_headers = ex
+        .request
+        .header("access-control-request-headers")
+        .unwrap_or("*")
+        .to_owned();
+    head.header("Allow", CHANNEL_METHODS)
+        .header("Access-Control-Allow-Methods", CHANNEL_METHODS)
+        .header("Access-Control-Allow-Headers", allowed_headers)
+        .header("Access-Control-Max-Age", "86400");
+    ex.respond(head, b"").map_err(|_| hung_up(ex))
+}
+
+/// A receive on a queue or pubsub channel takes a message whole: a `Range`
+/// for anything but all of it (`bytes=0-`, which media players send) is
+/// refused before anything is consumed. Answering it 200 with the next
+/// message would let a resuming client (wget after a cut transfer, `curl -C
+/// -`) glue the start of one message to the rest of another, and 416 makes
+/// wget report the file complete; 400 makes both fail visibly.
+fn check_range(ex: &Exchange, mode: Mode, action: Action) -> Result<(), Reject> {
+    if action != Action::Receive || !matches!(mode, Mode::Queue | Mode::Pubsub) {
+        return Ok(());
+    }
+    match ex.request.header("range").map(str::trim) {
+        None | Some("bytes=0-") => Ok(()),
+        Some(_) => Err(Reject::bad_request(
+            "a message is received whole: Range is not supported on a channel receive; nothing was consumed",
+        )),
+    }
+}
+
+/// Answers a small text response; a client gone before it is closed.
+fn respond_text(ex: &mut Exchange, status: u16, text: &str) -> Result<(), Reject> {
+    ex.respond_text(status, text).map_err(|_| hung_up(ex))
+}
+
+/// The client left before its answer: close, and nothing more to say.
+fn hung_up(ex: &mut Exchange) -> Reject {
+    ex.close();
+    Reject::hung_up()
+}

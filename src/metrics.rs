@@ -1,0 +1,294 @@
+//! The relay's counters: atomics owned by the relay and given to each
+//! family, so that counting never takes a lock and reading them (`/status`)
+//! never blocks the relay. [`Stats::observe`] is the one place that sees each
+//! finished request (its kind, status, bytes and duration): it counts it and
+//! writes the debug access line.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::route::Mode;
+
+/// What a request was, for the counters: a channel of some mode, a server
+/// endpoint, or neither (a preflight, or a request refused before routing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Channel(Mode),
+    Endpoint,
+    Other,
+}
+
+impl Kind {
+    const COUNT: usize = Mode::ALL.len() + 2;
+
+    fn index(self) -> usize {
+        match self {
+            Kind::Channel(mode) => mode.index(),
+            Kind::Endpoint => Mode::ALL.len(),
+            Kind::Other => Mode::ALL.len() + 1,
+        }
+    }
+
+    fn label(index: usize) -> &'static str {
+        match Mode::ALL.get(index) {
+            Some(mode) => mode.as_str(),
+            None if index == Mode::ALL.len() => "endpoint",
+            None => "other",
+        }
+    }
+}
+
+/// Status classes counted: 1xx to 5xx, and "none" for a request that got no
+/// response (its client left, or its connection was cut before a status).
+const CLASSES: [&str; 6] = ["none", "1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// One finished request, as [`Stats::observe`] sees it.
+#[derive(Debug)]
+pub struct Observation<'a> {
+    pub kind: Kind,
+    pub method: &'a str,
+    /// The normalized path (never the query, which may hold a token).
+    pub path: &'a str,
+    pub status: Option<u16>,
+    /// Body bytes of the response.
+    pub sent: u64,
+    pub elapsed: Duration,
+}
+
+/// The counters. Gauges go up and down; `_total` counters only up.
+pub struct Stats {
+    started: Instant,
+    /// Connections open now (for --max-connections).
+    pub open: AtomicUsize,
+    /// Requests between their head and their answer; shutdown waits for them.
+    pub busy: AtomicUsize,
+    requests: [[AtomicU64; CLASSES.len()]; Kind::COUNT],
+    /// Waiters parked now, by mode.
+    waiting: [AtomicUsize; Mode::ALL.len()],
+    /// Waiters ever parked, by mode.
+    parked: [AtomicU64; Mode::ALL.len()],
+    /// Streaming subscriptions open now.
+    streams: AtomicUsize,
+    streams_total: AtomicU64,
+    pairs: AtomicU64,
+    relayed: AtomicU64,
+    hangups: AtomicU64,
+    timeouts: AtomicU64,
+    published: AtomicU64,
+    delivered: AtomicU64,
+    evicted: AtomicU64,
+}
+
+impl Default for Stats {
+    fn default() -> Stats {
+        Stats::new()
+    }
+}
+
+impl Stats {
+    /// Every counter at zero, the uptime counted from now.
+    pub fn new() -> Stats {
+        Stats {
+            started: Instant::now(),
+            open: AtomicUsize::new(0),
+            busy: AtomicUsize::new(0),
+            requests: Default::default(),
+            waiting: Default::default(),
+            parked: Default::default(),
+            streams: AtomicUsize::new(0),
+            streams_total: AtomicU64::new(0),
+            pairs: AtomicU64::new(0),
+            relayed: AtomicU64::new(0),
+            hangups: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            published: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts a finished request and writes its access line (debug).
+    pub fn observe(&self, seen: &Observation) {
+        let class = seen.status.map_or(0, |s| usize::from(s / 100).min(5));
+        self.requests[seen.kind.index()][class].fetch_add(1, Ordering::Relaxed);
+        if seen.status == Some(408) {
+            self.timeouts.fetch_add(1, Ordering::Relaxed);
+        }
+        log::debug!(
+            "{} {:?} {} {} bytes {:.1} ms",
+            seen.method,
+            seen.path,
+            seen.status
+                .map_or_else(|| "-".to_owned(), |s| s.to_string()),
+            seen.sent,
+            seen.elapsed.as_secs_f64() * 1e3
+        );
+    }
+
+    /// A waiter of `mode` parked.
+    pub fn park(&self, mode: Mode) {
+        self.waiting[mode.index()].fetch_add(1, Ordering::Relaxed);
+        self.parked[mode.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `n` waiters of `mode` left their line (paired, timed out, gone, ended).
+    pub fn unpark(&self, mode: Mode, n: usize) {
+        self.waiting[mode.index()].fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// A streaming subscription started.
+    pub fn stream_started(&self) {
+        self.streams.fetch_add(1, Ordering::Relaxed);
+        self.streams_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A streaming subscription ended.
+    pub fn stream_ended(&self) {
+        self.streams.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// A sender and a receiver met and `bytes` of body went from one to the other.
+    pub fn paired(&self, bytes: u64) {
+        self.pairs.fetch_add(1, Ordering::Relaxed);
+        self.relayed.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// A client was found to have hung up while it waited.
+    pub fn hung_up(&self) {
+        self.hangups.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A pubsub message was published.
+    pub fn published(&self) {
+        self.published.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `n` pubsub messages were handed to subscribers.
+    pub fn delivered(&self, n: u64) {
+        self.delivered.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// `n` retained pubsub messages were evicted.
+    pub fn evicted(&self, n: u64) {
+        self.evicted.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// How long the relay has run.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The counters as the JSON object `/status` returns.
+    pub fn to_json(&self) -> String {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let mut out = String::with_capacity(1024);
+        let _ = write!(
+            out,
+            "{{\"version\":\"{}\",\"uptime_seconds\":{:.3},",
+            env!("CARGO_PKG_VERSION"),
+            self.uptime().as_secs_f64()
+        );
+        let _ = write!(
+            out,
+            "\"connections\":{{\"open\":{},\"busy\":{}}},",
+            self.open.load(Ordering::Relaxed),
+            self.busy.load(Ordering::Relaxed)
+        );
+        out.push_str("\"requests\":{");
+        for (i, classes) in self.requests.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "\"{}\":{{", Kind::label(i));
+            for (j, counter) in classes.iter().enumerate() {
+                if j > 0 {
+                    out.push(',');
+                }
+                let _ = write!(out, "\"{}\":{}", CLASSES[j], load(counter));
+            }
+            out.push('}');
+        }
+        out.push_str("},");
+        let by_mode = |out: &mut String, name: &str, value: &dyn Fn(usize) -> u64| {
+            let _ = write!(out, "\"{name}\":{{");
+            for (i, mode) in Mode::ALL.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                let _ = write!(out, "\"{}\":{}", mode.as_str(), value(i));
+            }
+            out.push_str("},");
+        };
+        by_mode(&mut out, "waiters", &|i| {
+            self.waiting[i].load(Ordering::Relaxed) as u64
+        });
+        by_mode(&mut out, "parked_total", &|i| load(&self.parked[i]));
+        let _ = write!(
+            out,
+            "\"pairs_total\":{},\"bytes_relayed_total\":{},\"hangups_total\":{},\"timeouts_total\":{},",
+            load(&self.pairs),
+            load(&self.relayed),
+            load(&self.hangups),
+            load(&self.timeouts)
+        );
+        let _ = write!(
+            out,
+            "\"pubsub\":{{\"published_total\":{},\"delivered_total\":{},\"evicted_total\":{},\"streams\":{},\"streams_total\":{}}}}}",
+            load(&self.published),
+            load(&self.delivered),
+            load(&self.evicted),
+            self.streams.load(Ordering::Relaxed),
+            load(&self.streams_total)
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn observations_are_counted_by_kind_and_class() {
+        let stats = Stats::new();
+        let seen = |kind, status| Observation {
+            kind,
+            method: "GET",
+            path: "/a",
+            status,
+            sent: 0,
+            elapsed: Duration::ZERO,
+        };
+        stats.observe(&seen(Kind::Channel(Mode::Queue), Some(200)));
+        stats.observe(&seen(Kind::Channel(Mode::Queue), Some(408)));
+        stats.observe(&seen(Kind::Endpoint, Some(200)));
+        stats.observe(&seen(Kind::Other, None));
+        stats.park(Mode::Pubsub);
+        stats.park(Mode::Pubsub);
+        stats.unpark(Mode::Pubsub, 1);
+        let json = stats.to_json();
+        assert!(
+            json.contains(
+                "\"queue\":{\"none\":0,\"1xx\":0,\"2xx\":1,\"3xx\":0,\"4xx\":1,\"5xx\":0}"
+            ),
+            "{json}"
+        );
+        assert!(
+            json.contains("\"endpoint\":{\"none\":0,\"1xx\":0,\"2xx\":1"),
+            "{json}"
+        );
+        assert!(json.contains("\"other\":{\"none\":1"), "{json}");
+        assert!(
+            json.contains("\"waiters\":{\"queue\":0,\"pubsub\":1,"),
+            "{json}"
+        );
+        assert!(
+            json.contains("\"parked_total\":{\"queue\":0,\"pubsub\":2,"),
+            "{json}"
+        );
+        assert!(json.contains("\"timeouts_total\":1"), "{json}");
+        assert!(json.starts_with('{') && json.ends_with('}'));
+        assert_eq!(json.matches('{').count(), json.matches('}').count());
+    }
+}
