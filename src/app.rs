@@ -212,18 +212,20 @@ fn preflight(ex: &mut Exchange) -> Result<(), Reject> {
 
 /// A receive on a queue or pubsub channel takes a message whole: a `Range`
 /// for anything but all of it (`bytes=0-`, which media players send) is
-/// refused before anything is consumed. Answering it 200 with the next
-/// message would let a resuming client (wget after a cut transfer, `curl -C
-/// -`) glue the start of one message to the rest of another, and 416 makes
-/// wget report the file complete; 400 makes both fail visibly.
+/// refused with 409 before anything is consumed. Answering it 200 with the
+/// next message would let a resuming client (wget retrying a cut transfer,
+/// `curl -C -`) glue the start of one message to the rest of another; 416
+/// makes both wget and curl report the file complete (exit 0); 409 makes
+/// both fail (wget exit 8, `curl -f` exit 22), keeping what they had.
 fn check_range(ex: &Exchange, mode: Mode, action: Action) -> Result<(), Reject> {
     if action != Action::Receive || !matches!(mode, Mode::Queue | Mode::Pubsub) {
         return Ok(());
     }
     match ex.request.header("range").map(str::trim) {
         None | Some("bytes=0-") => Ok(()),
-        Some(_) => Err(Reject::bad_request(
-            "a message is received whole: Range is not supported on a channel receive; nothing was consumed",
+        Some(_) => Err(Reject::new(
+            409,
+            "a message is received whole and cannot be resumed (Range); nothing was consumed",
         )),
     }
 }

@@ -32,12 +32,15 @@ fn malformed_requests_get_a_status_and_a_reason() {
         (b"GET /a%2Fb HTTP/1.1\r\nHost: t\r\n\r\n", 400),
         (b"GET /a HTTP/1.1\r\nHost: t\r\nExpect: telepathy\r\n\r\n", 417),
         (b"GET /a HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi", 400),
+        (b"GET /caf\xe9 HTTP/1.1\r\nHost: t\r\n\r\n", 400),
     ];
     for (raw, status) in cases {
         let got = request(server.addr, raw);
         assert_eq!(got.status, *status, "{}", String::from_utf8_lossy(raw));
         assert!(!got.text().trim().is_empty());
     }
+    let raw_byte = request(server.addr, b"GET /caf\xe9 HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert!(raw_byte.text().contains("not UTF-8"), "{}", raw_byte.text());
     server.assert_serving();
 }
 

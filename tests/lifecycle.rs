@@ -74,3 +74,79 @@ fn help_and_version_name_the_flags() {
     let version = command().arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&version.stdout).starts_with("patchcord "));
 }
+
+/// Starts `command` and returns the address it printed, or its stderr if
+/// it exited instead.
+fn listening_line(mut command: std::process::Command) -> Result<String, String> {
+    let output = command
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start patchcord");
+    let mut server = output;
+    let mut line = String::new();
+    let stdout = server.stdout.take().expect("stdout");
+    let read = std::thread::spawn(move || {
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+        line
+    });
+    let deadline = Instant::now() + *STEP;
+    while !read.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = server.kill();
+    let output = server.wait_with_output().expect("wait");
+    let line = read.join().unwrap_or_default();
+    if line.starts_with("listening on http://") {
+        Ok(line.trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+#[test]
+fn options_work_before_and_after_serve() {
+    for args in [
+        &["-q", "--listen", "127.0.0.1:0", "serve"][..],
+        &["--listen", "127.0.0.1:0", "serve", "-q"],
+        &["serve", "--listen", "127.0.0.1:0"],
+    ] {
+        let mut command = command();
+        command.args(args);
+        assert!(listening_line(command).is_ok(), "{args:?}");
+    }
+}
+
+#[test]
+fn a_given_address_keeps_its_port_whatever_port_says() {
+    let mut command = command();
+    command.args(["--listen", "127.0.0.1:0"]).env("PORT", "9");
+    let line = listening_line(command).expect("started");
+    assert!(!line.ends_with(":9"), "{line}");
+}
+
+#[test]
+fn bad_settings_say_what_is_wrong_and_exit_2() {
+    for (args, says) in [
+        (&["--timeout", "-1"][..], "cannot be negative"),
+        (&["--log-level", "loud"], "possible values"),
+        (
+            &["--listen", "no-such-host.invalid:80"],
+            "cannot resolve host",
+        ),
+        (&["--listen", "localhost"], "HOST:PORT"),
+        (&["--idle-timeout", "0"], "more than 0"),
+    ] {
+        let output = command().args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        if says != "possible values" {
+            // patchcord's own checks: one line, naming the setting.
+            assert!(stderr.starts_with("patchcord: --"), "{args:?}: {stderr}");
+            assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        }
+    }
+}

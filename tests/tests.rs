@@ -7,5 +7,6 @@ mod capacity;
 mod examples;
 mod http;
 mod lifecycle;
+mod policy;
 mod pubsub;
 mod queue;

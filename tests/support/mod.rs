@@ -65,11 +65,19 @@ impl Server {
 
     /// Starts patchcord with `args` added after `--listen 127.0.0.1:0 --log-level debug`.
     pub fn start_with(args: &[&str]) -> Server {
-        raise_open_files_limit();
         let mut command = command();
         command
             .args(["--listen", "127.0.0.1:0", "--log-level", "debug"])
-            .args(args)
+            .args(args);
+        Server::start_command(command)
+    }
+
+    /// Starts `command` (patchcord with its arguments, which must make it
+    /// listen on a port of 127.0.0.1), without the variables that would
+    /// change its behaviour, and reads the address it printed.
+    pub fn start_command(mut command: Command) -> Server {
+        raise_open_files_limit();
+        command
             .env_remove("RUST_LOG")
             .env_remove("PORT")
             .env_remove("REQUEST_TIMEOUT")
