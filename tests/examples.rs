@@ -3,6 +3,7 @@
 //! documents cannot drift from what is tested. `localhost:3000` is replaced by
 //! the test server's address.
 
+use std::net::SocketAddr;
 use std::path::Path;
 
 use crate::support::*;
@@ -10,11 +11,14 @@ use crate::support::*;
 const HTTPIPE_SEND: &str = r#"curl -XPOST localhost:3000/channels/v1/do_work -d"hello""#;
 const HTTPIPE_RECEIVE: &str = "curl -XGET localhost:3000/channels/v1/do_work";
 const DELETE_NAMESPACE: &str = "curl -X DELETE localhost:3000/channels/v1";
-const JOBS_FEED: &str = r#"for f in *.mp3; do curl -sf -d "$f" localhost:3000/jobs; done"#;
-const JOBS_WORK: &str =
-    r#"while f=$(curl -sf localhost:3000/jobs); do ffmpeg -i "$f" "${f%.mp3}.ogg"; done"#;
+const JOBS_FEED: &str =
+    r#"for f in *.mp3; do until curl -sf -d "$f" localhost:3000/jobs; do sleep 1; done; done"#;
+const JOBS_WORK: &str = r#"while true; do
+  f=$(curl -sf localhost:3000/jobs) || { sleep 1; continue; }
+  ffmpeg -i "$f" "${f%.mp3}.ogg" || echo "failed: $f" >&2
+done"#;
 const FILE_SEND: &str = "curl -T report.pdf localhost:3000/u/alice/report";
-const FILE_RECEIVE: &str = "curl -o report.pdf localhost:3000/u/alice/report";
+const FILE_RECEIVE: &str = "curl -o received-report.pdf localhost:3000/u/alice/report";
 const TAR_SEND: &str = "tar cz photos | curl -sf -T - localhost:3000/backup";
 const TAR_RECEIVE: &str = "curl -sf localhost:3000/backup | tar xz";
 const GET_SEND: &str = r#"curl "localhost:3000/jobs?body=hello+world""#;
@@ -27,7 +31,9 @@ const PUBLISH: &str = r#"curl -d "backup done" localhost:3000/pubsub/alerts"#;
 const NOTIFY_LOOP: &str = r#"hdr=$(mktemp); after=
 while true; do
   msg=$(curl -sf -D "$hdr" "localhost:3000/pubsub/alerts?after=$after") || { sleep 2; continue; }
-  after=$(grep '^Patch-Id:' "$hdr" | tr -dc 0-9)
+  after=$(awk 'tolower($1) == "patch-id:" { print $2 }' "$hdr" | tr -dc 0-9)
+  missed=$(awk 'tolower($1) == "patch-missed:" { print $2 }' "$hdr" | tr -dc 0-9)
+  [ -z "$missed" ] || notify-send "missed $missed alerts"
   notify-send "$msg"
 done"#;
 const FOLLOW_SSE: &str = r#"curl -N "localhost:3000/pubsub/alerts?format=sse""#;
@@ -121,30 +127,75 @@ fn httpipe_example_and_namespace_delete() {
     assert_eq!(String::from_utf8_lossy(&finish(waiter).stdout), "410");
 }
 
-#[test]
-fn job_queue_feeds_workers() {
-    let server = Server::start();
-    let dir = temp_dir("ex-jobs");
-    for name in ["a", "b", "c", "d", "e"] {
+/// The README's feeder and two workers, on the relay at `addr`, with
+/// `ffmpeg` a stand-in that records each job and fails on b.mp3; the
+/// workers carry on, and are stopped once every job was done (they loop
+/// forever by design). Returns the jobs done.
+fn run_job_queue(addr: SocketAddr, dir: &Path, jobs: &[&str], ffmpeg: &str) -> Vec<String> {
+    for name in jobs {
         std::fs::write(dir.join(format!("{name}.mp3")), name).unwrap();
     }
-    // Stand-in for ffmpeg: record the job. Two workers; the feeder ends when
-    // all five jobs were taken; then DELETE ends the workers' last waits (410).
     let script = format!(
-        "ffmpeg() {{ echo \"$3\" >> done.txt; }}\n\
-         ({JOBS_WORK}) & ({JOBS_WORK}) &\n\
+        "{ffmpeg}\n\
+         ({JOBS_WORK}) 2>>failed.txt & ({JOBS_WORK}) 2>>failed.txt &\n\
          {JOBS_FEED}\n\
-         for i in $(seq 100); do [ -z \"$(jobs -r)\" ] && break; curl -sf -X DELETE localhost:3000/jobs >/dev/null; sleep 0.1; done\n\
-         wait"
+         for i in $(seq 300); do [ \"$(sort -u done.txt | wc -l)\" -ge {count} ] && break; sleep 0.1; done\n\
+         kill $(jobs -p)",
+        count = jobs.len()
     );
-    run(&server, &dir, &script);
+    let output = finish(spawn_bash_at(addr, dir, &local(&script)));
+    assert!(output.status.success(), "{output:?}");
     let mut done: Vec<String> = std::fs::read_to_string(dir.join("done.txt"))
         .unwrap()
         .lines()
         .map(String::from)
         .collect();
     done.sort();
+    done.dedup();
+    let failed = std::fs::read_to_string(dir.join("failed.txt")).unwrap_or_default();
+    assert!(failed.contains("failed: b.mp3"), "{failed:?}");
+    done
+}
+
+/// Records the job, and fails on b.mp3 as a broken file would.
+const FFMPEG: &str = "ffmpeg() { echo \"$3\" >> done.txt; [ \"$2\" != b.mp3 ]; }";
+
+#[test]
+fn job_queue_feeds_workers_that_carry_on() {
+    let server = Server::start();
+    let dir = temp_dir("ex-jobs");
+    let done = run_job_queue(server.addr, &dir, &["a", "b", "c", "d", "e"], FFMPEG);
     assert_eq!(done, ["a.ogg", "b.ogg", "c.ogg", "d.ogg", "e.ogg"]);
+}
+
+/// The feeder and the workers ride out a restart of the relay: every job is
+/// done, none lost.
+#[test]
+fn job_queue_survives_a_relay_restart() {
+    let first = Server::start();
+    let addr = first.addr;
+    let dir = temp_dir("ex-jobs-restart");
+    // The relay is killed while the feeder and workers run, and a new one
+    // starts on the same address a second later.
+    let restart = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        drop(first);
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let mut command = command();
+        command.args(["--listen", &addr.to_string()]);
+        Server::start_command(command)
+    });
+    let jobs = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"];
+    // Each job takes a while, so that the restart falls in the middle.
+    let slow = FFMPEG.replace("ffmpeg() { echo", "ffmpeg() { sleep 0.2; echo");
+    let done = run_job_queue(addr, &dir, &jobs, &slow);
+    let second = restart.join().unwrap();
+    assert!(
+        second.counter("pairs_total") > 0,
+        "the second relay served jobs too"
+    );
+    let expected: Vec<String> = jobs.iter().map(|j| format!("{j}.ogg")).collect();
+    assert_eq!(done, expected);
 }
 
 #[test]
@@ -156,12 +207,14 @@ fn file_sharing_and_streams() {
     std::fs::create_dir_all(dir.join("photos")).unwrap();
     std::fs::write(dir.join("photos/cat.jpg"), pattern(1 << 20, 12)).unwrap();
     std::fs::create_dir_all(dir.join("out")).unwrap();
+    // Both in one directory, as someone trying it on one machine would.
     run(
         &server,
         &dir,
-        &format!("{FILE_SEND} & (cd out && {FILE_RECEIVE}); wait"),
+        &format!("{FILE_SEND} & {FILE_RECEIVE}; wait"),
     );
-    assert!(std::fs::read(dir.join("out/report.pdf")).unwrap() == report);
+    assert!(std::fs::read(dir.join("received-report.pdf")).unwrap() == report);
+    assert!(std::fs::read(dir.join("report.pdf")).unwrap() == report);
     run(
         &server,
         &dir,
@@ -209,17 +262,22 @@ fn headers_travel() {
     assert!(out.ends_with("disk full"), "{out}");
 }
 
-/// The README's notification loop, with a stand-in for notify-send that takes
-/// its time: messages published meanwhile are not lost.
+/// Runs the README's notification loop with a stand-in for notify-send that
+/// takes its time and stops the loop after `lines` notifications.
+fn spawn_notification_loop(server: &Server, dir: &Path, lines: usize) -> std::process::Child {
+    let script = format!(
+        "notify-send() {{ echo \"$1\" >> shown.txt; sleep 0.3; [ $(wc -l < shown.txt) -lt {lines} ] || exit 0; }}\n{}",
+        local(NOTIFY_LOOP)
+    );
+    spawn_bash(server, dir, &script)
+}
+
+/// Messages published while notify-send runs are not lost.
 #[test]
 fn the_notification_loop_loses_nothing() {
     let server = Server::start();
     let dir = temp_dir("ex-notify");
-    let script = format!(
-        "notify-send() {{ echo \"$1\" >> shown.txt; sleep 0.3; [ $(wc -l < shown.txt) -lt 3 ] || exit 0; }}\n{}",
-        local(NOTIFY_LOOP)
-    );
-    let subscriber = spawn_bash(&server, &dir, &script);
+    let subscriber = spawn_notification_loop(&server, &dir, 3);
     server.wait_parked(1);
     for word in ["one", "two", "three"] {
         let out = run(&server, &dir, &PUBLISH.replace("backup done", word));
@@ -229,6 +287,24 @@ fn the_notification_loop_loses_nothing() {
     assert!(output.status.success(), "{output:?}");
     let shown = std::fs::read_to_string(dir.join("shown.txt")).unwrap();
     assert_eq!(shown, "one\ntwo\nthree\n");
+}
+
+/// A burst beyond the retention is reported, not hidden.
+#[test]
+fn the_notification_loop_reports_what_it_missed() {
+    let server = Server::start_with(&["--pubsub-retain-count", "2"]);
+    let dir = temp_dir("ex-notify-missed");
+    let subscriber = spawn_notification_loop(&server, &dir, 4);
+    server.wait_parked(1);
+    run(&server, &dir, &PUBLISH.replace("backup done", "one"));
+    // While "one" is shown, five more arrive; the channel keeps the last two.
+    for word in ["two", "three", "four", "five", "six"] {
+        run(&server, &dir, &PUBLISH.replace("backup done", word));
+    }
+    let output = finish(subscriber);
+    assert!(output.status.success(), "{output:?}");
+    let shown = std::fs::read_to_string(dir.join("shown.txt")).unwrap();
+    assert_eq!(shown, "one\nmissed 3 alerts\nfive\nsix\n");
 }
 
 #[test]

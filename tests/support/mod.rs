@@ -466,9 +466,14 @@ pub fn bash(server: &Server, dir: &std::path::Path, script: &str) -> Output {
 /// Starts a bash script as [`bash`] does, in the background; its temporary
 /// files (`mktemp`) go to `dir`.
 pub fn spawn_bash(server: &Server, dir: &std::path::Path, script: &str) -> Child {
+    spawn_bash_at(server.addr, dir, script)
+}
+
+/// Starts a bash script as [`spawn_bash`] does, for the relay at `addr`.
+pub fn spawn_bash_at(addr: SocketAddr, dir: &std::path::Path, script: &str) -> Child {
     Command::new("bash")
         .args(["-euo", "pipefail", "-c", script])
-        .env("PC", server.addr.to_string())
+        .env("PC", addr.to_string())
         .env("TMPDIR", dir)
         .current_dir(dir)
         .stdin(Stdio::null())
