@@ -30,11 +30,17 @@ struct Options {
     pi: bool,
     only: Option<String>,
     pairs: Option<usize>,
+    prefix: String,
+    /// Rendezvous consumers wait this long before each receive, so that
+    /// producers are mostly parked first.
+    consumer_delay: Duration,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: relay [--url http://HOST:PORT --pid PID] [--json FILE] [--smoke] [--only NAME] [--pairs N] [--pi]\n\
+        "usage: relay [--url http://HOST:PORT --pid PID] [--json FILE] [--smoke] [--only NAME] [--pairs N] [--prefix PATH] [--consumer-delay MICROS] [--pi]\n\
+         --prefix: where the rendezvous channels are, PATH/LABEL/PAIR (default /bench; /channels for httpipe)\n\
+         --consumer-delay: rendezvous consumers wait so long before each receive (producers park first)\n\
          Scenarios: rendezvous, reconnect, stream, backpressure, waiters, fanout, idle"
     );
     std::process::exit(2)
@@ -56,6 +62,8 @@ fn parse_options() -> Options {
         pi: false,
         only: None,
         pairs: None,
+        prefix: "/bench".to_owned(),
+        consumer_delay: Duration::ZERO,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -65,6 +73,10 @@ fn parse_options() -> Options {
             "--json" => options.json = Some(value(&mut args)),
             "--only" => options.only = Some(value(&mut args)),
             "--pairs" => options.pairs = Some(value(&mut args)),
+            "--prefix" => options.prefix = value(&mut args),
+            "--consumer-delay" => {
+                options.consumer_delay = Duration::from_micros(value(&mut args));
+            }
             "--smoke" => options.smoke = true,
             "--pi" => options.pi = true,
             // cargo bench passes --bench to harness=false targets.
@@ -409,9 +421,12 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// Scenarios 1 and 2: `pairs` producer/consumer pairs on distinct channels
 /// exchange 64-byte messages for `duration`.
+#[allow(clippy::too_many_arguments)] // one per dimension of the scenario
 fn rendezvous(
     report: &mut Report,
     target: &Target,
+    prefix: &str,
+    consumer_delay: Duration,
     label: &str,
     pairs: usize,
     keep_alive: bool,
@@ -423,7 +438,7 @@ fn rendezvous(
     let body = [b'x'; 64];
     let mut handles = Vec::new();
     for pair in 0..pairs {
-        let path = format!("/bench/{}/{pair}", slug(label));
+        let path = format!("{prefix}/{}/{pair}", slug(label));
         for producer in [true, false] {
             let (stop, exchanges, barrier, path) = (
                 stop.clone(),
@@ -450,6 +465,9 @@ fn rendezvous(
                         client = Client::new(addr).ok();
                     }
                     let Some(c) = client.as_mut() else { break };
+                    if !producer && !consumer_delay.is_zero() {
+                        thread::sleep(consumer_delay);
+                    }
                     let started = Instant::now();
                     if c.send(&request).is_err() {
                         break;
@@ -480,7 +498,7 @@ fn rendezvous(
     // A client may have sent one last request just as the others stopped;
     // DELETE the channels (answering such waiters 410) until all are done.
     let delete = format!(
-        "DELETE /bench/{} HTTP/1.1\r\nHost: bench\r\n\r\n",
+        "DELETE {prefix}/{} HTTP/1.1\r\nHost: bench\r\n\r\n",
         slug(label)
     );
     let give_up = Instant::now() + Duration::from_secs(30);
@@ -963,13 +981,28 @@ fn main() {
             None => vec![1, 50, 200],
         };
         for pairs in counts {
-            rendezvous(&mut report, &fresh(), "keep-alive", pairs, true, seconds);
+            rendezvous(
+                &mut report,
+                &fresh(),
+                &options.prefix,
+                options.consumer_delay,
+                if options.consumer_delay.is_zero() {
+                    "keep-alive"
+                } else {
+                    "keep-alive, producers first"
+                },
+                pairs,
+                true,
+                seconds,
+            );
         }
     }
     if wanted("reconnect") {
         rendezvous(
             &mut report,
             &fresh(),
+            &options.prefix,
+            options.consumer_delay,
             "new connection",
             if smoke { 4 } else { 50 },
             false,

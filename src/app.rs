@@ -132,7 +132,6 @@ impl Relay {
 
 /// Serves one request whose head was read: the one entry point.
 pub fn serve(relay: &Relay, ex: &mut Exchange) {
-    let started = Instant::now();
     let routed = route::route(&ex.request);
     let result = match &routed {
         Err(reject) => Err(reject.clone()),
@@ -165,13 +164,18 @@ pub fn serve(relay: &Relay, ex: &mut Exchange) {
             ex.request.target.split('?').next().unwrap_or(""),
         ),
     };
+    if ex.is_released() {
+        // Observed by the thread that finished the response.
+        return;
+    }
+    let finished = ex.finished_at().unwrap_or_else(Instant::now);
     relay.stats.observe(&Observation {
         kind,
         method: ex.request.method.as_str(),
         path,
         status: ex.status(),
         sent: ex.sent(),
-        elapsed: started.elapsed(),
+        elapsed: finished.saturating_duration_since(ex.started()),
     });
 }
 

@@ -56,6 +56,16 @@ pub struct Observation<'a> {
     pub elapsed: Duration,
 }
 
+/// What observing a request needs, kept for the thread that will finish
+/// its response when that is not the request's own.
+#[derive(Debug)]
+pub struct Seed {
+    pub kind: Kind,
+    pub method: &'static str,
+    pub path: String,
+    pub started: Instant,
+}
+
 /// The counters. Gauges go up and down; `_total` counters only up.
 pub struct Stats {
     started: Instant,
@@ -124,6 +134,22 @@ impl Stats {
             seen.sent,
             seen.elapsed.as_secs_f64() * 1e3
         );
+    }
+
+    /// Observes a request whose response another thread finished (with
+    /// `status`, None if it could not be written, and `sent` body bytes) and
+    /// counts it out of `busy`: its own thread may not learn of it until its
+    /// client's next request, and then neither observes it nor counts it again.
+    pub fn finished_elsewhere(&self, seed: &Seed, status: Option<u16>, sent: u64) {
+        self.observe(&Observation {
+            kind: seed.kind,
+            method: seed.method,
+            path: &seed.path,
+            status,
+            sent,
+            elapsed: seed.started.elapsed(),
+        });
+        self.busy.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// A waiter of `mode` parked.

@@ -92,13 +92,22 @@ pub struct Channel {
     pub mode: Mode,
     /// The normalized path without its query: the channel's identity.
     pub key: String,
-    /// The segments before the mode segment, as a path (`""` or `/u/alice`).
-    pub namespace: String,
-    /// The segments after the mode segment (the whole path for a plain queue).
-    pub name: String,
+    /// Where the namespace ends and the name starts in `key`.
+    split: (usize, usize),
 }
 
 impl Channel {
+    /// The segments before the mode segment, as a path (`""` or `/u/alice`).
+    pub fn namespace(&self) -> &str {
+        &self.key[..self.split.0]
+    }
+
+    /// The segments after the mode segment (the whole path, without its
+    /// leading `/`, for a plain queue).
+    pub fn name(&self) -> &str {
+        &self.key[self.split.1..]
+    }
+
     /// The key two waiters must share to be paired: the channel key for
     /// queue and pubsub; for req and res, the namespace and the first
     /// segment of the name, so that `/req/site/a.css` meets `/res/site`.
@@ -106,8 +115,8 @@ impl Channel {
         match self.mode {
             Mode::Queue | Mode::Pubsub => Cow::Borrowed(&self.key),
             Mode::Requester | Mode::Responder => {
-                let id = self.name.split('/').next().unwrap_or("");
-                Cow::Owned(format!("{}/{id}", self.namespace))
+                let id = self.name().split('/').next().unwrap_or("");
+                Cow::Owned(format!("{}/{id}", self.namespace()))
             }
         }
     }
@@ -293,32 +302,31 @@ fn credential(request: &Request, token: Option<String>, secret: Option<String>) 
 /// Splits a normalized path into mode, namespace and name: the first segment
 /// that names a mode and is followed by a non-empty segment sets the mode.
 fn channel(key: String) -> Channel {
-    let segments: Vec<&str> = key[1..].split('/').collect();
-    for (i, segment) in segments.iter().enumerate() {
-        let mode = match *segment {
-            "queue" => Mode::Queue,
-            "pubsub" => Mode::Pubsub,
-            "req" => Mode::Requester,
-            "res" => Mode::Responder,
-            _ => continue,
-        };
-        if segments.get(i + 1).is_some_and(|next| !next.is_empty()) {
-            let namespace = segments[..i].iter().map(|s| format!("/{s}")).collect();
-            let name = segments[i + 1..].join("/");
-            return Channel {
-                mode,
-                namespace,
-                name,
-                key,
-            };
+    // Each segment with where it starts in `key`, after its `/`.
+    let mut segments = key[1..].split('/').scan(1, |at, segment| {
+        let start = *at;
+        *at += segment.len() + 1;
+        Some((start, segment))
+    });
+    let mut previous: Option<(usize, Mode)> = None;
+    let found = segments.find_map(|(start, segment)| {
+        if let Some((mode_start, mode)) = previous.take() {
+            if !segment.is_empty() {
+                // The namespace ends before the `/` of the mode segment.
+                return Some((mode, (mode_start - 1, start)));
+            }
         }
-    }
-    Channel {
-        mode: Mode::Queue,
-        namespace: String::new(),
-        name: key[1..].to_owned(),
-        key,
-    }
+        previous = match segment {
+            "queue" => Some((start, Mode::Queue)),
+            "pubsub" => Some((start, Mode::Pubsub)),
+            "req" => Some((start, Mode::Requester)),
+            "res" => Some((start, Mode::Responder)),
+            _ => None,
+        };
+        None
+    });
+    let (mode, split) = found.unwrap_or((Mode::Queue, (0, 1)));
+    Channel { mode, key, split }
 }
 
 /// Percent-decodes a path and refuses what could name one channel two ways or
@@ -456,9 +464,9 @@ mod tests {
         match routed(method, target, &[]).map(|r| r.route) {
             Ok(Route::Channel { channel, action }) => (
                 channel.mode,
-                channel.key,
-                channel.namespace,
-                channel.name,
+                channel.key.clone(),
+                channel.namespace().to_owned(),
+                channel.name().to_owned(),
                 action,
             ),
             other => panic!("{target}: {other:?}"),

@@ -14,17 +14,18 @@
 use std::io::{self, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+use crossbeam_channel::bounded;
 
 use crate::app::{self, Relay};
 use crate::config::Config;
 use crate::error::{Error, Reject};
 use crate::http::request::{HeadError, HeadTimeouts, read_head};
 use crate::http::{Conn, Exchange, refuse};
+use crate::mailbox::{Mailbox, Poster};
 
 /// Stack size of connection threads: small so that 32-bit Pis can hold
 /// thousands of waiters; nothing on a connection thread recurses or keeps
@@ -90,14 +91,69 @@ fn shut_down(relay: &Relay) {
     log::info!("stopped");
 }
 
+/// Idle workers, each offering its mailbox for the next connection; the
+/// most recently idle is reused first (its stack and caches are warm), the
+/// longest idle retire.
+#[derive(Default)]
+struct Pool {
+    /// Held for a push or a pop, never across a system call.
+    idle: Mutex<Vec<Poster<TcpStream>>>,
+}
+
+impl Pool {
+    fn lock(&self) -> MutexGuard<'_, Vec<Poster<TcpStream>>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands `stream` to an idle worker, or gives it back if none is idle.
+    fn hand_over(&self, stream: TcpStream) -> Result<(), TcpStream> {
+        let mut stream = stream;
+        while let Some(worker) = self.lock().pop() {
+            match worker.post(stream) {
+                Ok(()) => return Ok(()),
+                Err(back) => stream = back,
+            }
+        }
+        Err(stream)
+    }
+
+    /// A worker's life: serves `first`, then each connection handed to it,
+    /// until it has been idle for [`RETIRE_AFTER`].
+    fn work(&self, relay: &Relay, first: TcpStream) {
+        let (mailbox, poster) = Mailbox::new();
+        let mut next = Some(first);
+        while let Some(stream) = next {
+            serve_connection(relay, stream);
+            self.lock().push(poster.clone());
+            next = match mailbox.wait(Some(Instant::now() + RETIRE_AFTER), None) {
+                Ok(stream) => Some(stream),
+                Err(_) => {
+                    let mut idle = self.lock();
+                    match idle.iter().position(|w| w.is_same(&poster)) {
+                        Some(at) => {
+                            idle.swap_remove(at);
+                            None
+                        }
+                        // Taken just now: a connection is on its way.
+                        None => {
+                            drop(idle);
+                            mailbox.wait(None, None).ok()
+                        }
+                    }
+                }
+            };
+        }
+    }
+}
+
 /// Accepts connections forever. An accept error (out of descriptors, a
 /// connection aborted before accept) is logged and waited out, never fatal.
 fn accept_loop(listener: &TcpListener, relay: &Arc<Relay>) {
-    let (idle_tx, idle_rx) = bounded::<TcpStream>(0);
+    let pool = Arc::new(Pool::default());
     // ── the main loop ──
     loop {
         match listener.accept() {
-            Ok((stream, _)) => admit(stream, relay, &idle_tx, &idle_rx),
+            Ok((stream, _)) => admit(stream, relay, &pool),
             Err(e)
                 if e.kind() == io::ErrorKind::ConnectionAborted
                     || e.kind() == io::ErrorKind::Interrupted => {}
@@ -110,12 +166,7 @@ fn accept_loop(listener: &TcpListener, relay: &Arc<Relay>) {
 }
 
 /// Hands `stream` to an idle worker or a new one, or refuses it with 503.
-fn admit(
-    stream: TcpStream,
-    relay: &Arc<Relay>,
-    idle_tx: &Sender<TcpStream>,
-    idle_rx: &Receiver<TcpStream>,
-) {
+fn admit(stream: TcpStream, relay: &Arc<Relay>, pool: &Arc<Pool>) {
     if relay.is_stopping() {
         return turn_away(stream, relay, "server shutting down");
     }
@@ -128,24 +179,21 @@ fn admit(
         );
         return turn_away(stream, relay, "too many connections; try again later");
     }
-    let stream = match idle_tx.try_send(stream) {
-        Ok(()) => return,
-        Err(TrySendError::Full(stream) | TrySendError::Disconnected(stream)) => stream,
+    let Err(stream) = pool.hand_over(stream) else {
+        return;
     };
     // The slot lets the stream be taken back if the thread cannot be started.
     let slot = Arc::new(Mutex::new(Some(stream)));
     let worker_slot = Arc::clone(&slot);
     let worker_relay = Arc::clone(relay);
-    let worker_rx = idle_rx.clone();
+    let worker_pool = Arc::clone(pool);
     let spawned = thread::Builder::new()
         .name("conn".into())
         .stack_size(STACK_SIZE)
         .spawn(move || {
             let first = worker_slot.lock().ok().and_then(|mut s| s.take());
-            let mut next = first;
-            while let Some(stream) = next {
-                serve_connection(&worker_relay, stream);
-                next = worker_rx.recv_timeout(RETIRE_AFTER).ok();
+            if let Some(first) = first {
+                worker_pool.work(&worker_relay, first);
             }
         });
     if let Err(e) = spawned {
@@ -216,8 +264,13 @@ fn serve_connection(relay: &Relay, stream: TcpStream) {
         app::serve(relay, &mut ex);
         let reusable = ex.is_reusable();
         let linger = ex.is_responded() && !ex.is_body_read();
+        if ex.is_released() {
+            // Counted done already, by the thread that wrote the response.
+            std::mem::forget(busy);
+        } else {
+            drop(busy);
+        }
         drop(ex);
-        drop(busy);
         if !reusable {
             if linger {
                 conn.linger_close();

@@ -104,21 +104,33 @@ fn idle_keep_alive_connections_are_closed() {
 
 #[test]
 fn connections_beyond_the_cap_get_503() {
-    // The third connection of the cap comes after the last look at /status,
-    // which takes a connection too.
-    let server = Server::start_with(&["--max-connections", "3"]);
+    // Two waiters, one connection that looks at /status (kept open, so that
+    // no closing connection races the count), and a third waiter fill the cap.
+    let server = Server::start_with(&["--max-connections", "4"]);
     let mut held = Vec::new();
-    for i in 0..3 {
-        if i == 2 {
-            server.wait_parked(2);
-        }
+    for _ in 0..2 {
         let mut stream = connect(server.addr);
         send(&mut stream, &get("/cap"));
         held.push(stream);
     }
+    let mut looker = connect(server.addr);
+    let deadline = std::time::Instant::now() + *STEP;
+    loop {
+        send(&mut looker, &get("/status"));
+        let status = read_response(&mut looker).unwrap();
+        if json_counter(&status.text(), "parked_total") >= 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", status.text());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut third = connect(server.addr);
+    send(&mut third, &get("/cap"));
+    held.push(third);
     let got = request(server.addr, &get("/cap"));
     assert_eq!(got.status, 503);
     drop(held);
+    drop(looker);
     server.wait_hangups(2);
     server.assert_serving();
 }

@@ -150,3 +150,31 @@ fn bad_settings_say_what_is_wrong_and_exit_2() {
         }
     }
 }
+
+/// A consumer whose response the producer wrote sleeps until its client's
+/// next request; it is not counted as busy meanwhile, so shutdown does not
+/// wait for it.
+#[test]
+fn an_idle_keep_alive_consumer_is_not_busy_and_shutdown_is_prompt() {
+    let mut server = Server::start();
+    let mut consumer = connect(server.addr);
+    send(&mut consumer, &get("/idle-after"));
+    server.wait_parked(1);
+    let producer = request(server.addr, &post("/idle-after", b"done"));
+    assert_eq!(producer.status, 200);
+    assert_eq!(read_response(&mut consumer).unwrap().text(), "done");
+    // Only the request that reads /status is in progress.
+    server.wait_counter("2xx", 2);
+    let status = server.status();
+    assert_eq!(json_counter(&status, "busy"), 1, "{status}");
+    let started = Instant::now();
+    server.signal(libc::SIGTERM);
+    let exited = server
+        .wait_exit(patience(Duration::from_secs(2)))
+        .expect("exited within 2 s");
+    assert!(exited.success());
+    assert!(started.elapsed() < patience(Duration::from_secs(2)));
+    // The consumer's connection is closed with the process.
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut consumer, &mut rest);
+}

@@ -476,6 +476,30 @@ fn keep_alive_connections_carry_several_exchanges() {
     }
 }
 
+/// A producer parked first is served by the consumer's thread (its message
+/// is at hand) and sleeps on; its connection carries the next exchange.
+#[test]
+fn keep_alive_producers_parked_first_carry_several_exchanges() {
+    let server = Server::start();
+    let mut producer = connect(server.addr);
+    let mut consumer = connect(server.addr);
+    for i in 0..20 {
+        send(
+            &mut producer,
+            &post("/ka-first", format!("n{i}").as_bytes()),
+        );
+        server.wait_parked(i + 1);
+        send(&mut consumer, &get("/ka-first"));
+        assert_eq!(
+            read_response(&mut consumer).unwrap().text(),
+            format!("n{i}")
+        );
+        assert_eq!(read_response(&mut producer).unwrap().status, 200);
+    }
+    // Both connections are counted as finished, neither as busy.
+    server.wait_counter("2xx", 40);
+}
+
 #[test]
 fn options_is_a_cors_preflight() {
     let server = Server::start();

@@ -4,7 +4,7 @@
 
 use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,11 @@ pub struct Conn {
     peer: Option<SocketAddr>,
     /// The read timeout last set, so it is set again only when it changes.
     read_timeout: Option<Duration>,
+    /// How long the connection may stay idle, or a transfer stall.
+    idle_timeout: Duration,
+    /// When the last response ended, if another thread wrote it: the idle
+    /// time before the next request counts from then.
+    idle_since: Option<Instant>,
     /// Bytes read from the socket; `buf[pos..len]` are not yet used.
     buf: Vec<u8>,
     pos: usize,
@@ -28,17 +33,19 @@ pub struct Conn {
 
 impl Conn {
     /// Wraps an accepted socket, turning on TCP_NODELAY and TCP keepalive and
-    /// setting the write timeout that ends stalled transfers.
-    pub fn new(stream: TcpStream, write_timeout: Duration) -> Conn {
+    /// setting the write timeout that ends stalled transfers (`idle_timeout`).
+    pub fn new(stream: TcpStream, idle_timeout: Duration) -> Conn {
         // Small exchanges must not wait for delayed ACKs (Nagle).
         let _ = stream.set_nodelay(true);
         set_keepalive(&stream);
-        let _ = stream.set_write_timeout(Some(write_timeout));
+        let _ = stream.set_write_timeout(Some(idle_timeout));
         let peer = stream.peer_addr().ok();
         Conn {
             stream: Arc::new(stream),
             peer,
             read_timeout: None,
+            idle_timeout,
+            idle_since: None,
             buf: Vec::new(),
             pos: 0,
             len: 0,
@@ -53,6 +60,27 @@ impl Conn {
     /// A handle on the socket that another thread may write to.
     pub fn shared_stream(&self) -> Arc<TcpStream> {
         Arc::clone(&self.stream)
+    }
+
+    /// The socket's descriptor, for poll(2).
+    pub fn fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+
+    /// How long the connection may stay idle, or a transfer stall.
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
+    }
+
+    /// Records that the last response ended at `at` (written by another
+    /// thread): the wait for the next request counts from then.
+    pub fn set_idle_since(&mut self, at: Instant) {
+        self.idle_since = Some(at);
+    }
+
+    /// When the connection became idle, if not just now; forgotten once read.
+    pub fn take_idle_since(&mut self) -> Option<Instant> {
+        self.idle_since.take()
     }
 
     /// The client's address, for logs.
@@ -107,19 +135,39 @@ impl Conn {
     }
 
     /// Reads whatever the socket already holds, without waiting, until the
-    /// buffer holds `limit` unused bytes. Afterwards the peek that [`is_open`]
-    /// falls back on off Linux sees a hang-up queued behind those bytes.
-    pub fn read_ahead(&mut self, limit: usize) -> io::Result<()> {
+    /// buffer holds `limit` unused bytes; true when it found the end of the
+    /// stream (the client closed its side). Afterwards the peek that
+    /// [`is_open`] falls back on off Linux sees a hang-up queued behind
+    /// those bytes.
+    pub fn read_ahead(&mut self, limit: usize) -> io::Result<bool> {
         while self.len - self.pos < limit {
             match self.fill_with(limit, libc::MSG_DONTWAIT) {
-                Ok(0) => return Ok(()),
+                Ok(0) => return Ok(true),
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok(())
+        Ok(false)
+    }
+
+    /// Reads once, without waiting, what the socket holds (poll(2) said it
+    /// is readable), letting the buffer hold at most `limit` unused bytes;
+    /// true when it found the end of the stream.
+    pub fn take_in(&mut self, limit: usize) -> io::Result<bool> {
+        match self.fill_with(limit, libc::MSG_DONTWAIT) {
+            Ok(n) => Ok(n == 0),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Sets the socket's read timeout (a system call only when it changes).

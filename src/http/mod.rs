@@ -19,6 +19,7 @@ pub mod splice;
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
+use std::time::Instant;
 
 pub use body::BodyState;
 pub use conn::{Conn, is_open};
@@ -34,12 +35,18 @@ pub struct Exchange<'c> {
     pub request: Request,
     /// The headers every response carries.
     common: &'c Common,
+    /// When the request's head was read.
+    started: Instant,
     body: BodyState,
     continue_pending: bool,
     /// The status of the response, once one was written or started.
     status: Option<u16>,
     /// Body bytes of the response written so far.
     sent: u64,
+    /// When the response ended, if another thread wrote it.
+    finished_at: Option<Instant>,
+    /// The thread that wrote the response also counted this request done.
+    released: bool,
     close: bool,
 }
 
@@ -53,10 +60,18 @@ impl<'c> Exchange<'c> {
             conn,
             request,
             common,
+            started: Instant::now(),
             status: None,
             sent: 0,
+            finished_at: None,
+            released: false,
             close: false,
         }
+    }
+
+    /// When the request's head was read.
+    pub fn started(&self) -> Instant {
+        self.started
     }
 
     /// The headers every response carries, for a response this exchange
@@ -117,6 +132,30 @@ impl<'c> Exchange<'c> {
         self.close |= !reusable;
     }
 
+    /// Records when another thread finished this request's response: its
+    /// duration ends there, and the connection's idle time starts there.
+    pub fn mark_finished(&mut self, at: Instant) {
+        self.finished_at = Some(at);
+        self.conn.set_idle_since(at);
+    }
+
+    /// When the response was finished by another thread, if it was.
+    pub fn finished_at(&self) -> Option<Instant> {
+        self.finished_at
+    }
+
+    /// Records that the thread that finished the response also observed the
+    /// request and counted it as no longer in progress.
+    pub fn mark_released(&mut self) {
+        self.released = true;
+    }
+
+    /// Whether another thread observed the request and counted it as no
+    /// longer in progress.
+    pub fn is_released(&self) -> bool {
+        self.released
+    }
+
     /// Whether the connection can carry another request.
     pub fn is_reusable(&self) -> bool {
         self.is_responded() && !self.close && self.request.keep_alive && self.is_body_read()
@@ -136,8 +175,26 @@ impl<'c> Exchange<'c> {
             // Nothing of the body is left on the socket: a probe sees what follows.
             BodyState::Done => Ok(()),
             BodyState::Length(left) if buffered >= left => Ok(()),
-            _ => self.conn.read_ahead(limit),
+            _ => self.conn.read_ahead(limit).map(|_| ()),
         }
+    }
+
+    /// Takes the whole body out of the connection's buffer when it is
+    /// already there, declared by a Content-Length of at most `max` bytes
+    /// and not held back for `100 Continue`. No liveness probe is made: the
+    /// caller probes the client before the body is relayed.
+    pub fn take_buffered_body(&mut self, max: usize) -> Option<Vec<u8>> {
+        let BodyState::Length(length) = self.body else {
+            return None;
+        };
+        let length = usize::try_from(length).ok().filter(|&n| n <= max)?;
+        if self.continue_pending || self.conn.buffered().len() < length {
+            return None;
+        }
+        let body = self.conn.buffered()[..length].to_vec();
+        self.conn.consume(length);
+        self.body = BodyState::Done;
+        Some(body)
     }
 
     /// Streams this request's body, after `head`, into `sink` (another

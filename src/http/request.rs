@@ -59,6 +59,21 @@ impl Method {
         }
     }
 
+    /// The method's name for logs and counters, without allocating:
+    /// `OTHER` for a method patchcord does not route on.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Method::Other(_) => "OTHER",
+            Method::Get => "GET",
+            Method::Head => "HEAD",
+            Method::Post => "POST",
+            Method::Put => "PUT",
+            Method::Patch => "PATCH",
+            Method::Delete => "DELETE",
+            Method::Options => "OPTIONS",
+        }
+    }
+
     /// The method as it appears on the wire.
     pub fn as_str(&self) -> &str {
         match self {
@@ -74,11 +89,68 @@ impl Method {
     }
 }
 
-/// One header field; the value is checked free of control bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Header {
-    pub name: String,
-    pub value: Vec<u8>,
+/// A request's header fields, in order, packed into one buffer: two
+/// allocations whatever their number. Values are checked free of control
+/// bytes and trimmed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Headers {
+    text: Vec<u8>,
+    /// Where each field's name starts, where its value starts (its name's
+    /// end) and where its value ends, in `text`.
+    fields: Vec<(u32, u32, u32)>,
+}
+
+impl Headers {
+    fn with_capacity(fields: usize, bytes: usize) -> Headers {
+        Headers {
+            text: Vec::with_capacity(bytes),
+            fields: Vec::with_capacity(fields),
+        }
+    }
+
+    fn push(&mut self, name: &str, value: &[u8]) {
+        // A head is at most 72 KiB (MAX_REQUEST_LINE + MAX_HEADER_BYTES).
+        let start = self.text.len() as u32;
+        self.text.extend_from_slice(name.as_bytes());
+        let middle = self.text.len() as u32;
+        self.text.extend_from_slice(value);
+        self.fields.push((start, middle, self.text.len() as u32));
+    }
+
+    /// The value of the first field named `name` (case-insensitive).
+    fn get(&self, name: &str) -> Option<&[u8]> {
+        self.fields.iter().find_map(|&(start, middle, end)| {
+            let field = &self.text[start as usize..middle as usize];
+            field
+                .eq_ignore_ascii_case(name.as_bytes())
+                .then(|| &self.text[middle as usize..end as usize])
+        })
+    }
+
+    /// Every field as (name, value), in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.fields.iter().map(|&(start, middle, end)| {
+            let name = &self.text[start as usize..middle as usize];
+            // Names are tokens (httparse checked them): ASCII.
+            let name = std::str::from_utf8(name).unwrap_or("");
+            (name, &self.text[middle as usize..end as usize])
+        })
+    }
+
+    /// How many fields are named `name` (case-insensitive).
+    fn count(&self, name: &str) -> usize {
+        self.iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .count()
+    }
+
+    /// The comma-separated elements of every field named `name`, trimmed.
+    fn values<'h>(&'h self, name: &'h str) -> impl Iterator<Item = &'h [u8]> + 'h {
+        self.iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .flat_map(|(_, value)| value.split(|&b| b == b','))
+            .map(trim)
+    }
 }
 
 /// A parsed request head.
@@ -88,7 +160,7 @@ pub struct Request {
     /// The request target in origin form (`/path?query`).
     pub target: String,
     pub version: Version,
-    pub headers: Vec<Header>,
+    pub headers: Headers,
     pub framing: Framing,
     /// The client sent `Expect: 100-continue` and waits before sending the body.
     pub expects_continue: bool,
@@ -105,13 +177,13 @@ impl Request {
             method,
             target: target.to_owned(),
             version: Version::Http11,
-            headers: headers
-                .iter()
-                .map(|(name, value)| Header {
-                    name: (*name).to_owned(),
-                    value: value.as_bytes().to_vec(),
-                })
-                .collect(),
+            headers: {
+                let mut packed = Headers::default();
+                for (name, value) in headers {
+                    packed.push(name, value.as_bytes());
+                }
+                packed
+            },
             framing: Framing::Length(0),
             expects_continue: false,
             keep_alive: true,
@@ -121,9 +193,8 @@ impl Request {
     /// The first value of header `name` (case-insensitive), if it is UTF-8.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .and_then(|h| std::str::from_utf8(&h.value).ok())
+            .get(name)
+            .and_then(|value| std::str::from_utf8(value).ok())
     }
 }
 
@@ -158,12 +229,24 @@ pub fn read_head(
     first: bool,
 ) -> Result<Request, HeadError> {
     let mut deadline = Instant::now() + timeouts.header;
+    let idle_since = conn.take_idle_since();
     if conn.buffered().is_empty() {
         let wait = if first {
             timeouts.header
         } else {
-            timeouts.idle
+            // Idle from when the last response ended, if another thread
+            // wrote it and this one learnt of it later; to the second, so
+            // that the socket's timeout is not set anew for every request.
+            let idle = idle_since.map_or(Duration::ZERO, |t| t.elapsed());
+            if idle < Duration::from_secs(1) {
+                timeouts.idle
+            } else {
+                timeouts.idle.saturating_sub(idle)
+            }
         };
+        if wait.is_zero() {
+            return Err(HeadError::Closed);
+        }
         conn.set_read_timeout(wait).map_err(HeadError::Io)?;
         match conn.fill(MAX_REQUEST_LINE + MAX_HEADER_BYTES) {
             Ok(0) => return Err(HeadError::Closed),
@@ -212,16 +295,21 @@ fn is_timeout(e: &io::Error) -> bool {
 }
 
 /// Parses a complete head from `bytes`: `Ok(None)` when more bytes are needed,
-/// else the request and how many bytes it used.
+/// else the request and how many bytes it used. Never inlined: its 3 KiB of
+/// header slots are on the stack only while it runs, not in the frame of
+/// the connection loop all the while a request waits (a page of stack per
+/// waiting thread).
+#[inline(never)]
 pub fn parse(bytes: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
     let line_end = bytes.iter().position(|&b| b == b'\n');
     let line_len = line_end.unwrap_or(bytes.len());
     if line_len > MAX_REQUEST_LINE + 1 {
         return Err(reject(414, "request line longer than 8 KiB"));
     }
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Request::new(&mut fields);
-    let used = match parsed.parse(bytes) {
+    // Left uninitialized: httparse fills only as many as the head has.
+    let mut fields = [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let used = match parsed.parse_with_uninit_headers(bytes, &mut fields) {
         Ok(httparse::Status::Complete(used)) => used,
         Ok(httparse::Status::Partial) => {
             if bytes.len() > line_len + MAX_HEADER_BYTES {
@@ -245,7 +333,7 @@ pub fn parse(bytes: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
     };
     let method = Method::parse(parsed.method.unwrap_or(""));
     let target = parsed.path.unwrap_or("");
-    let mut headers = Vec::with_capacity(parsed.headers.len());
+    let mut headers = Headers::with_capacity(parsed.headers.len(), used - line_len);
     for field in parsed.headers.iter() {
         if !is_valid_value(field.value) {
             return Err(reject(
@@ -253,10 +341,7 @@ pub fn parse(bytes: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
                 format!("header {:?} has a control byte in its value", field.name),
             ));
         }
-        headers.push(Header {
-            name: field.name.to_owned(),
-            value: trim(field.value).to_vec(),
-        });
+        headers.push(field.name, trim(field.value));
     }
     let request = Request {
         target: origin_form(target, &method)?,
@@ -267,7 +352,7 @@ pub fn parse(bytes: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
         version,
         headers,
     };
-    if version == Version::Http11 && count(&request.headers, "host") != 1 {
+    if version == Version::Http11 && request.headers.count("host") != 1 {
         return Err(reject(
             400,
             "an HTTP/1.1 request needs exactly one Host header",
@@ -328,21 +413,6 @@ fn trim(value: &[u8]) -> &[u8] {
     &value[start..end]
 }
 
-fn count(headers: &[Header], name: &str) -> usize {
-    headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case(name))
-        .count()
-}
-
-fn values<'h>(headers: &'h [Header], name: &'h str) -> impl Iterator<Item = &'h [u8]> + 'h {
-    headers
-        .iter()
-        .filter(move |h| h.name.eq_ignore_ascii_case(name))
-        .flat_map(|h| h.value.split(|&b| b == b','))
-        .map(trim)
-}
-
 /// Accepts origin form (`/path`) and absolute form (`http://host/path`, which
 /// proxies send), returning origin form; `OPTIONS *` becomes `*`.
 fn origin_form(target: &str, method: &Method) -> Result<String, HeadError> {
@@ -370,20 +440,20 @@ fn origin_form(target: &str, method: &Method) -> Result<String, HeadError> {
 }
 
 /// The body's framing per RFC 9112 §6.3: chunked alone, or one Content-Length.
-fn framing(headers: &[Header]) -> Result<Framing, HeadError> {
-    let has_length = count(headers, "content-length") > 0;
-    if count(headers, "transfer-encoding") > 0 {
+fn framing(headers: &Headers) -> Result<Framing, HeadError> {
+    let has_length = headers.count("content-length") > 0;
+    if headers.count("transfer-encoding") > 0 {
         if has_length {
             return Err(reject(400, "both Transfer-Encoding and Content-Length"));
         }
-        let codings: Vec<&[u8]> = values(headers, "transfer-encoding").collect();
+        let codings: Vec<&[u8]> = headers.values("transfer-encoding").collect();
         return match codings.as_slice() {
             [only] if only.eq_ignore_ascii_case(b"chunked") => Ok(Framing::Chunked),
             _ => Err(reject(400, "only Transfer-Encoding: chunked is supported")),
         };
     }
     let mut length = None;
-    for value in values(headers, "content-length") {
+    for value in headers.values("content-length") {
         let parsed = parse_length(value).ok_or_else(|| reject(400, "malformed Content-Length"))?;
         if length.is_some_and(|l| l != parsed) {
             return Err(reject(400, "conflicting Content-Length values"));
@@ -404,9 +474,9 @@ fn parse_length(text: &[u8]) -> Option<u64> {
     })
 }
 
-fn expects_continue(headers: &[Header], version: Version) -> Result<bool, HeadError> {
+fn expects_continue(headers: &Headers, version: Version) -> Result<bool, HeadError> {
     let mut expects = false;
-    for value in values(headers, "expect") {
+    for value in headers.values("expect") {
         if value.eq_ignore_ascii_case(b"100-continue") {
             expects = true;
         } else {
@@ -416,10 +486,10 @@ fn expects_continue(headers: &[Header], version: Version) -> Result<bool, HeadEr
     Ok(expects && version == Version::Http11)
 }
 
-fn keep_alive(headers: &[Header], version: Version) -> bool {
+fn keep_alive(headers: &Headers, version: Version) -> bool {
     let mut close = false;
     let mut keep = false;
-    for token in values(headers, "connection") {
+    for token in headers.values("connection") {
         close |= token.eq_ignore_ascii_case(b"close");
         keep |= token.eq_ignore_ascii_case(b"keep-alive");
     }

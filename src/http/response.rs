@@ -66,9 +66,8 @@ impl Head {
     /// Starts a head with the status line.
     pub fn new(status: u16) -> Head {
         let mut bytes = Vec::with_capacity(256);
-        bytes.extend_from_slice(b"HTTP/1.1 ");
-        bytes.extend_from_slice(status.to_string().as_bytes());
-        bytes.push(b' ');
+        // Written in place: no allocation for the number.
+        let _ = write!(bytes, "HTTP/1.1 {status} ");
         bytes.extend_from_slice(reason_phrase(status).as_bytes());
         bytes.extend_from_slice(b"\r\n");
         Head { status, bytes }
@@ -103,9 +102,7 @@ impl Head {
         self.bytes.extend_from_slice(&common.bytes);
         match payload {
             Payload::Length(n) => {
-                self.bytes.extend_from_slice(b"Content-Length: ");
-                self.bytes.extend_from_slice(n.to_string().as_bytes());
-                self.bytes.extend_from_slice(b"\r\n");
+                let _ = write!(self.bytes, "Content-Length: {n}\r\n");
             }
             Payload::Chunked => self
                 .bytes

@@ -52,6 +52,12 @@ pub struct Envelope {
     pub relayed: Vec<(String, Vec<u8>)>,
 }
 
+/// Whether `name` starts with `prefix` (lowercase), in any case.
+fn has_prefix(name: &str, prefix: &str) -> bool {
+    name.get(..prefix.len())
+        .is_some_and(|start| start.eq_ignore_ascii_case(prefix))
+}
+
 /// Whether `<name>` may travel as `Patch-H-<name>`.
 fn is_relayed(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
@@ -74,26 +80,25 @@ impl Envelope {
         let mut disposition = None;
         let mut encoding = None;
         let mut relayed = Vec::new();
-        for header in &request.headers {
-            let lower = header.name.to_ascii_lowercase();
-            if lower == "content-disposition" {
-                disposition = Some(header.value.clone());
+        for (field, value) in request.headers.iter() {
+            if field.eq_ignore_ascii_case("content-disposition") {
+                disposition = Some(value.to_vec());
                 continue;
             }
-            if lower == "content-encoding" && !inline {
-                encoding = Some(header.value.clone());
+            if field.eq_ignore_ascii_case("content-encoding") && !inline {
+                encoding = Some(value.to_vec());
                 continue;
             }
             let Some(at) = ["patch-h-", "pb-h-"]
                 .iter()
-                .find(|p| lower.starts_with(*p))
+                .find(|p| has_prefix(field, p))
                 .map(|p| p.len())
             else {
                 continue;
             };
-            let name = &header.name[at..];
+            let name = &field[at..];
             if is_relayed(name) {
-                relayed.push((name.to_owned(), header.value.clone()));
+                relayed.push((name.to_owned(), value.to_vec()));
             }
         }
         Envelope {

@@ -231,7 +231,7 @@ impl<A: Waiter, B: Waiter> Handoff<A, B> {
 mod tests {
     use super::*;
     use crate::mailbox::{Mailbox, Poster};
-    use crate::mode::wait::{Waited, wait};
+    use crate::mode::wait::{NoSocket, Waited, wait};
     use std::sync::atomic::AtomicBool;
     use std::thread;
     use std::time::{Duration, Instant};
@@ -323,7 +323,7 @@ mod tests {
                 Arrival::Paired { theirs, .. } => assert_eq!(theirs.id, *id),
                 other => panic!("{other:?}"),
             }
-            assert!(mailbox.wait(Some(Instant::now())).is_err());
+            assert!(mailbox.wait(Some(Instant::now()), None).is_err());
         }
         assert!(matches!(
             arrive_a(&handoff, "/k", Park::Never),
@@ -342,7 +342,7 @@ mod tests {
             Arrival::Paired { theirs, .. } => assert_eq!(theirs.id, live_id),
             other => panic!("{other:?}"),
         }
-        assert_eq!(dead_mailbox.wait(soon()), Ok(Word::Gone));
+        assert_eq!(dead_mailbox.wait(soon(), None), Ok(Word::Gone));
     }
 
     #[test]
@@ -383,8 +383,8 @@ mod tests {
         let handoff2 = Arc::clone(&handoff);
         let waited = wait(
             &mailbox,
+            &mut NoSocket,
             Some(Instant::now() + Duration::from_millis(10)),
-            || true,
             || handoff2.unpark_b("/k", id),
         );
         assert!(matches!(waited, Waited::Got(Word::Paired(0))), "{waited:?}");
@@ -397,8 +397,8 @@ mod tests {
         let (id, mailbox, _) = arrive_b(&handoff, "/k");
         let waited = wait(
             &mailbox,
+            &mut NoSocket,
             Some(Instant::now() + Duration::from_millis(20)),
-            || true,
             || handoff.unpark_b("/k", id),
         );
         assert!(matches!(waited, Waited::TimedOut));
@@ -414,10 +414,10 @@ mod tests {
             panic!("not paired");
         };
         assert_eq!(handoff.end_under("/k", &Reject::deleted()), (1, 1));
-        assert_eq!(parked_mailbox.wait(soon()), Ok(Word::Ended(410)));
+        assert_eq!(parked_mailbox.wait(soon(), None), Ok(Word::Ended(410)));
         // The pair formed before the DELETE completes as if nothing happened.
         let _ = theirs.poster.post(Word::Paired(7));
-        assert_eq!(claimed_mailbox.wait(soon()), Ok(Word::Paired(7)));
+        assert_eq!(claimed_mailbox.wait(soon(), None), Ok(Word::Paired(7)));
     }
 
     #[test]
@@ -433,8 +433,8 @@ mod tests {
             let _ = theirs.poster.post(Word::Paired(1));
         });
         assert_eq!(handoff.close(), 1);
-        assert_eq!(parked.wait(soon()), Ok(Word::Ended(503)));
-        assert_eq!(in_transfer.wait(soon()), Ok(Word::Paired(1)));
+        assert_eq!(parked.wait(soon(), None), Ok(Word::Ended(503)));
+        assert_eq!(in_transfer.wait(soon(), None), Ok(Word::Paired(1)));
         transfer.join().unwrap();
         let (a, _, _) = waiter(&handoff);
         assert!(handoff.arrive_a("/a", a, Park::Back).is_err());
@@ -461,7 +461,7 @@ mod tests {
                             let _ = theirs.poster.post(Word::Paired(mine.id));
                             partners.push((id, theirs.id));
                         }
-                        Arrival::Parked => match mailbox.wait(soon()) {
+                        Arrival::Parked => match mailbox.wait(soon(), None) {
                             Ok(Word::Paired(other)) => partners.push((id, other)),
                             other => panic!("{other:?}"),
                         },

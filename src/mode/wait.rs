@@ -1,12 +1,24 @@
-//! How a parked request waits: for word from its counterpart, until its
-//! deadline, checking every [`SWEEP`] that its own client is still there, so
-//! that a waiter whose client left frees its thread and is never paired.
+//! How a parked request waits: asleep in its mailbox until word comes from
+//! its counterpart, its deadline passes, or its own client speaks. The
+//! client's socket is watched while it waits: a hang-up is seen at once
+//! (POLLRDHUP on Linux, whatever the client left unread), and bytes it
+//! sends meanwhile (a producer's body, a pipelined request) are read ahead
+//! into the connection's buffer, up to [`READ_AHEAD`], so that they cannot
+//! wake the waiter again and again.
 
 use std::time::{Duration, Instant};
 
-use crate::mailbox::{Empty, Mailbox};
+use crate::http::{Exchange, is_open};
+use crate::mailbox::{Empty, Mailbox, Watch};
 
-/// How often a parked waiter checks that its client is still connected.
+/// How much of what a waiting client sends is read ahead: enough for a
+/// small body (so that a client that sent one and hung up is seen to be
+/// gone) and a pipelined request or two.
+pub const READ_AHEAD: usize = 16 * 1024;
+
+/// How often a waiter that cannot watch for hang-ups (off Linux, or with
+/// its read-ahead full) checks that its client is still there, and how
+/// often a claimed waiter tries to leave its line.
 pub const SWEEP: Duration = Duration::from_secs(2);
 
 /// How a wait ended.
@@ -21,33 +33,146 @@ pub enum Waited<T> {
     HungUp,
 }
 
-/// Waits on `mailbox`. At the deadline, or when `is_alive` says the client
-/// left, `unpark` tries to take the waiter out of its line. If it is not
-/// there, a counterpart holds it and word is coming: the wait goes on, and
-/// `unpark` is tried again at each sweep (a counterpart that finds itself
-/// gone puts the waiter back in its line).
-pub fn wait<T>(
+/// How a watch of the client ended (see [`watch`]).
+#[derive(Debug)]
+pub enum Watched<T> {
+    Got(T),
+    /// `until` passed.
+    Timeout,
+    /// The client hung up.
+    HungUp,
+    /// Every poster was dropped without a word.
+    Abandoned,
+}
+
+/// The client of a waiting request, as its wait watches it.
+pub trait Client {
+    /// What to watch on the client's socket; None for nothing (a test).
+    fn watch(&self) -> Option<Watch>;
+
+    /// Reads ahead what the client sent meanwhile; false once it is gone.
+    fn read_ahead(&mut self) -> bool;
+
+    /// Whether the client is still there (a probe, for when its hang-up
+    /// cannot be watched for).
+    fn is_alive(&self) -> bool;
+
+    /// How long a wait may sleep without looking at the client: a quiet
+    /// post is noticed by then at the latest.
+    fn check_every(&self) -> Duration;
+}
+
+impl Client for Exchange<'_> {
+    fn watch(&self) -> Option<Watch> {
+        Some(Watch {
+            fd: self.conn.fd(),
+            readable: self.conn.buffered().len() < READ_AHEAD,
+            // Nothing of a next request has come, and nothing of this
+            // request's body is left: the client's next bytes mean it has
+            // its answer.
+            quiet: self.conn.buffered().is_empty() && self.is_body_read(),
+        })
+    }
+
+    fn read_ahead(&mut self) -> bool {
+        matches!(self.conn.take_in(READ_AHEAD), Ok(false))
+    }
+
+    fn is_alive(&self) -> bool {
+        is_open(self.conn.stream())
+    }
+
+    fn check_every(&self) -> Duration {
+        let hang_ups_watched = cfg!(any(target_os = "linux", target_os = "android"));
+        match self.watch() {
+            Some(watch) if watch.readable && hang_ups_watched => self.conn.idle_timeout(),
+            _ => SWEEP,
+        }
+    }
+}
+
+/// Waits in `mailbox` until `until`, watching `client`: reads ahead what it
+/// sends, and returns when it hangs up. The waiter may sleep through a quiet
+/// post while the client has sent nothing of a next request: the client's
+/// next bytes (or hang-up) wake it, or the next check.
+pub fn watch<T>(
     mailbox: &Mailbox<T>,
-    deadline: Option<Instant>,
-    mut is_alive: impl FnMut() -> bool,
-    mut unpark: impl FnMut() -> bool,
-) -> Waited<T> {
+    client: &mut impl Client,
+    until: Option<Instant>,
+) -> Watched<T> {
     loop {
-        let sweep_at = Instant::now() + SWEEP;
-        let wake_at = deadline.map_or(sweep_at, |d| d.min(sweep_at));
-        match mailbox.wait(Some(wake_at)) {
-            Ok(message) => return Waited::Got(message),
-            Err(Empty::Abandoned) => return Waited::HungUp,
+        let check_at = Instant::now() + client.check_every();
+        let wake_at = until.map_or(check_at, |u| u.min(check_at));
+        match mailbox.wait(Some(wake_at), client.watch()) {
+            Ok(message) => return Watched::Got(message),
+            Err(Empty::Abandoned) => return Watched::Abandoned,
             Err(Empty::Timeout) => {
-                let expired = deadline.is_some_and(|d| Instant::now() >= d);
-                if (expired || !is_alive()) && unpark() {
-                    return if expired {
-                        Waited::TimedOut
-                    } else {
-                        Waited::HungUp
-                    };
+                if until.is_some_and(|u| Instant::now() >= u) {
+                    return Watched::Timeout;
+                }
+                if !client.is_alive() {
+                    return Watched::HungUp;
+                }
+            }
+            Err(Empty::Socket { readable, hung_up }) => {
+                if hung_up || (readable && !client.read_ahead()) {
+                    return Watched::HungUp;
                 }
             }
         }
+    }
+}
+
+/// Waits on `mailbox` as a parked request: until `deadline`, or until
+/// `client` hangs up; then `unpark` tries to take the waiter out of its
+/// line, and the wait ends. If the waiter is not there, a counterpart holds
+/// it and word is coming: the wait goes on without watching the client,
+/// and `unpark` is tried again every [`SWEEP`] (a counterpart that finds
+/// itself gone puts the waiter back in its line).
+pub fn wait<T>(
+    mailbox: &Mailbox<T>,
+    client: &mut impl Client,
+    deadline: Option<Instant>,
+    mut unpark: impl FnMut() -> bool,
+) -> Waited<T> {
+    let left = match watch(mailbox, client, deadline) {
+        Watched::Got(message) => return Waited::Got(message),
+        Watched::Abandoned => return Waited::HungUp,
+        Watched::Timeout => Waited::TimedOut,
+        Watched::HungUp => Waited::HungUp,
+    };
+    loop {
+        if unpark() {
+            return left;
+        }
+        // Claimed: word is coming, whatever the client does.
+        match mailbox.wait(Some(Instant::now() + SWEEP), None) {
+            Ok(message) => return Waited::Got(message),
+            Err(Empty::Abandoned) => return Waited::HungUp,
+            Err(_) => {}
+        }
+    }
+}
+
+/// A client with no socket that never leaves: for tests of waiting itself.
+#[cfg(test)]
+pub struct NoSocket;
+
+#[cfg(test)]
+impl Client for NoSocket {
+    fn watch(&self) -> Option<Watch> {
+        None
+    }
+
+    fn read_ahead(&mut self) -> bool {
+        true
+    }
+
+    fn is_alive(&self) -> bool {
+        true
+    }
+
+    fn check_every(&self) -> Duration {
+        SWEEP
     }
 }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::PubsubLimits;
 use crate::error::Reject;
-use crate::http::{Exchange, Head, is_open};
+use crate::http::{Exchange, Head};
 use crate::mailbox::Mailbox;
 use crate::metrics::Stats;
 use crate::mode::envelope::Envelope;
@@ -180,13 +180,7 @@ impl Pubsub {
             Some(found) => found,
             None => {
                 log::debug!("pubsub {key:?}: subscriber {id} waiting");
-                let stream = ex.conn.stream();
-                let waited = wait(
-                    &mailbox,
-                    deadline,
-                    || is_open(stream),
-                    || self.unpark(key, id),
-                );
+                let waited = wait(&mailbox, ex, deadline, || self.unpark(key, id));
                 match waited {
                     Waited::Got(Wake::Message { message, missed }) => (message, missed),
                     Waited::Got(Wake::Ended(reject)) => return Err(reject),

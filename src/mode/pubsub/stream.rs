@@ -6,16 +6,17 @@
 
 use std::io::{self, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::Reject;
 use crate::http::response::{end_of_body, write_piece};
-use crate::http::{Exchange, Head, Payload, is_open};
-use crate::mailbox::{Empty, Mailbox};
+use crate::http::{Exchange, Head, Payload};
+use crate::mailbox::Mailbox;
 use crate::metrics::Stats;
 use crate::mode::pubsub::format::{Encoder, Format};
 use crate::mode::pubsub::store::Pulled;
-use crate::mode::wait::SWEEP;
+use crate::mode::wait::{Watched, watch};
 
 /// How many encoded bytes a stream gathers before it writes them.
 const FLUSH_AT: usize = 32 * 1024;
@@ -50,9 +51,8 @@ pub fn follow(
     }
     let payload = Payload::for_body(ex.request.version, None);
     let head = ex.start_response(head, payload);
-    let stream = ex.conn.stream();
     let mut out = StreamOut {
-        sink: stream,
+        sink: ex.conn.shared_stream(),
         payload,
         head,
         data: Vec::new(),
@@ -70,32 +70,27 @@ pub fn follow(
         }
         // A keepalive too far off to represent is never sent.
         let keepalive_at = out.last_sent.checked_add(keepalive);
-        let sweep_at = Instant::now() + SWEEP;
         let rung = if more {
-            Ok(())
+            Watched::Got(())
         } else {
-            bell.wait(Some(keepalive_at.map_or(sweep_at, |k| k.min(sweep_at))))
+            watch(bell, ex, keepalive_at)
         };
         match rung {
-            Ok(()) | Err(Empty::Abandoned) => match pull() {
+            Watched::Got(()) | Watched::Abandoned => match pull() {
                 Ok(batch) => pulled = Some(batch),
                 Err(reject) => break Ended::By(reject),
             },
-            Err(Empty::Timeout) => {
-                if !is_open(stream) {
-                    break Ended::HungUp;
-                }
-                if keepalive_at.is_some_and(|k| Instant::now() >= k) {
-                    format.write_keepalive(&mut out.data);
-                    // A raw stream has no keepalive: its timer just restarts.
-                    out.last_sent = Instant::now();
-                }
+            Watched::HungUp => break Ended::HungUp,
+            Watched::Timeout => {
+                format.write_keepalive(&mut out.data);
+                // A raw stream has no keepalive: its timer just restarts.
+                out.last_sent = Instant::now();
             }
         }
     };
     if let Ended::By(_) = ended {
         if out.flush().is_ok() {
-            let _ = (&mut &*stream).write_all(end_of_body(payload));
+            let _ = (&mut &*out.sink).write_all(end_of_body(payload));
         }
     }
     ex.add_sent(out.written);
@@ -104,8 +99,8 @@ pub fn follow(
 
 /// The writing side of a stream: the response head, until the first write,
 /// and a small buffer of encoded bytes, written out whenever it fills.
-struct StreamOut<'s> {
-    sink: &'s TcpStream,
+struct StreamOut {
+    sink: Arc<TcpStream>,
     payload: Payload,
     /// The response head, sent with the first piece.
     head: Vec<u8>,
@@ -116,7 +111,7 @@ struct StreamOut<'s> {
     written: u64,
 }
 
-impl StreamOut<'_> {
+impl StreamOut {
     /// Encodes and writes `batch`, and whatever is pending (the head, a
     /// keepalive).
     fn send(&mut self, format: Format, batch: Option<Pulled>) -> io::Result<()> {
@@ -141,7 +136,7 @@ impl StreamOut<'_> {
         if self.head.is_empty() && self.data.is_empty() {
             return Ok(());
         }
-        write_piece(&mut self.sink, self.payload, &self.head, &self.data)?;
+        write_piece(&mut &*self.sink, self.payload, &self.head, &self.data)?;
         self.written += self.data.len() as u64;
         self.head.clear();
         self.data.clear();
