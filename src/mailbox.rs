@@ -7,18 +7,24 @@
 //!
 //! The owner parks at once when the mailbox is empty: no spinning and no
 //! `sched_yield` (crossbeam's blocking receive backs off with yields first,
-//! each of them a context switch on a busy two-core machine). It sleeps in
-//! poll(2) on its thread's wake-up descriptor (an eventfd) and, if it asks,
-//! on its own client's socket too, so that its client's next request or
-//! hang-up wakes it without anyone's help. A poster makes a system call
-//! only when the owner is actually asleep, and a *quiet* post none when the
-//! owner's socket will wake it anyway: a consumer whose response another
-//! thread wrote sleeps once per request, until its client's next request.
+//! each of them a context switch on a busy two-core machine). A poster makes
+//! a system call only when the owner is actually asleep. The owner sleeps in
+//! one of two ways, and costs no descriptor beyond its socket either way:
+//!
+//! - *blind*: parked on its thread's futex ([`std::thread::park`]); a post
+//!   unparks it.
+//! - *watching* its client's socket, in poll(2), when the client sends
+//!   nothing more until it has its answer: the client's next request or
+//!   hang-up wakes it without anyone's help, so a *quiet* post (the word
+//!   that its answer went out) needs no system call at all, and the owner
+//!   sleeps once per request. A post that must wake it shuts the socket
+//!   for reading, which wakes poll: so only a waiter whose every such word
+//!   ends its connection (a refusal, a cut) may watch.
 
-use std::cell::RefCell;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{self, Thread};
 use std::time::Instant;
 
 /// The waiting end: owned, and waited on, by the thread that made it.
@@ -33,10 +39,10 @@ pub struct Poster<T> {
 
 struct Inner<T> {
     /// Guards the message and the owner's state; held for a few
-    /// instructions, never across a system call.
+    /// instructions (and, to wake a watching owner, one shutdown(2)).
     slot: Mutex<Slot<T>>,
-    /// The owner thread's wake-up descriptor.
-    waker: Arc<Waker>,
+    /// The owner, for unparking it.
+    owner: Thread,
 }
 
 struct Slot<T> {
@@ -51,22 +57,20 @@ struct Slot<T> {
 enum Sleep {
     /// Running: it will look at the mailbox before it sleeps.
     Awake,
-    /// Asleep, and its own socket's next bytes will wake it: a quiet post
-    /// need not.
-    Watching,
-    /// Asleep, and only a post will wake it.
+    /// Parked on its futex: a post unparks it.
     Blind,
+    /// In poll(2) on its client's socket `fd`, which its client's next
+    /// bytes will wake: a quiet post leaves it asleep.
+    Watching { fd: RawFd },
 }
 
-/// What the owner watches on its client's socket while it waits.
+/// The client's socket an owner watches while it waits: a client that
+/// sends nothing more until it has its answer, so that its next bytes mean
+/// the answer is out, and every word that must wake the owner ends the
+/// connection (see the module's comment).
 #[derive(Debug, Clone, Copy)]
 pub struct Watch {
     pub fd: RawFd,
-    /// Wake on bytes to read, not only on a hang-up.
-    pub readable: bool,
-    /// The client sends nothing more until it has its answer, so its next
-    /// bytes mean the answer is out: a quiet post may leave the owner asleep.
-    pub quiet: bool,
 }
 
 /// Why a wait ended without a message.
@@ -89,7 +93,7 @@ impl<T> Mailbox<T> {
                 sleep: Sleep::Awake,
                 posters: 1,
             }),
-            waker: Waker::of_this_thread(),
+            owner: thread::current(),
         });
         let poster = Poster {
             inner: Arc::clone(&inner),
@@ -98,8 +102,8 @@ impl<T> Mailbox<T> {
     }
 
     /// Waits for a message until `deadline` (None: for as long as it takes),
-    /// watching the socket of `watch` too, if given. Must be called on the
-    /// thread that made the mailbox.
+    /// watching the socket of `watch` if given (see the module's comment for
+    /// what that implies). Must be called on the thread that made the mailbox.
     pub fn wait(&self, deadline: Option<Instant>, watch: Option<Watch>) -> Result<T, Empty> {
         loop {
             {
@@ -111,21 +115,24 @@ impl<T> Mailbox<T> {
                     return Err(Empty::Abandoned);
                 }
                 slot.sleep = match watch {
-                    Some(watch) if watch.readable && watch.quiet => Sleep::Watching,
-                    _ => Sleep::Blind,
+                    Some(watch) => Sleep::Watching { fd: watch.fd },
+                    None => Sleep::Blind,
                 };
             }
-            let woke = self.inner.waker.sleep(deadline, watch);
+            let woke = match watch {
+                Some(watch) => poll(watch, deadline),
+                None => park(deadline),
+            };
             let mut slot = self.inner.lock();
             slot.sleep = Sleep::Awake;
             if let Some(message) = slot.message.take() {
                 return Ok(message);
             }
             match woke {
-                Woke::Posted => {}
                 Woke::Timeout if deadline.is_some_and(|d| Instant::now() >= d) => {
                     return Err(Empty::Timeout);
                 }
+                // Spurious, a signal, or an unpark meant for an earlier wait.
                 Woke::Timeout => {}
                 Woke::Socket { readable, hung_up } => {
                     return Err(Empty::Socket { readable, hung_up });
@@ -142,30 +149,32 @@ impl<T> Inner<T> {
     }
 
     fn post(&self, message: T, quiet: bool) -> Result<(), T> {
-        let wake = {
-            let mut slot = self.lock();
-            if slot.message.is_some() {
-                return Err(message);
+        let mut slot = self.lock();
+        if slot.message.is_some() {
+            return Err(message);
+        }
+        slot.message = Some(message);
+        match slot.sleep {
+            Sleep::Awake => {}
+            Sleep::Watching { .. } if quiet => {}
+            // Under the lock: the owner is still in poll on `fd`, so the
+            // descriptor is still its socket and cannot have been reused.
+            Sleep::Watching { fd, .. } => shut_for_reading(fd),
+            Sleep::Blind => {
+                drop(slot);
+                self.owner.unpark();
             }
-            slot.message = Some(message);
-            match slot.sleep {
-                Sleep::Awake => false,
-                Sleep::Watching => !quiet,
-                Sleep::Blind => true,
-            }
-        };
-        if wake {
-            self.waker.wake();
         }
         Ok(())
     }
 }
 
 impl<T> Poster<T> {
-    /// Puts `message` in the mailbox and wakes its owner if it sleeps.
-    /// Fails, giving the message back, when a message is already waiting (a
-    /// mailbox holds one: who posts knows it is the only one with word; a
-    /// bell that is already rung says the same).
+    /// Puts `message` in the mailbox and wakes its owner if it sleeps (a
+    /// watching owner's socket is shut for reading). Fails, giving the
+    /// message back, when a message is already waiting (a mailbox holds one:
+    /// who posts knows it is the only one with word; a bell that is already
+    /// rung says the same).
     pub fn post(&self, message: T) -> Result<(), T> {
         self.inner.post(message, false)
     }
@@ -194,159 +203,77 @@ impl<T> Clone for Poster<T> {
 
 impl<T> Drop for Poster<T> {
     fn drop(&mut self) {
-        let wake = {
-            let mut slot = self.inner.lock();
-            slot.posters -= 1;
-            // With a message waiting, the owner learns nothing new: a quiet
-            // post stays quiet when its poster is dropped.
-            slot.posters == 0 && slot.message.is_none() && slot.sleep != Sleep::Awake
-        };
-        if wake {
-            self.inner.waker.wake();
+        let mut slot = self.inner.lock();
+        slot.posters -= 1;
+        // With a message waiting, the owner learns nothing new: a quiet
+        // post stays quiet when its poster is dropped.
+        if slot.posters > 0 || slot.message.is_some() {
+            return;
+        }
+        match slot.sleep {
+            Sleep::Awake => {}
+            Sleep::Watching { fd, .. } => shut_for_reading(fd),
+            Sleep::Blind => {
+                drop(slot);
+                self.inner.owner.unpark();
+            }
         }
     }
 }
 
 /// How a sleep ended.
 enum Woke {
-    Posted,
+    /// The deadline, a post, or nothing at all: the caller looks again.
     Timeout,
-    Socket { readable: bool, hung_up: bool },
+    Socket {
+        readable: bool,
+        hung_up: bool,
+    },
 }
 
-/// A thread's wake-up descriptor: an eventfd on Linux, a pipe elsewhere.
-/// One per thread, made on first use and shared by its mailboxes; a wake
-/// that comes after its wait ended only causes a spurious wake-up later.
-struct Waker {
-    read: OwnedFd,
-    /// The same descriptor as `read` for an eventfd.
-    write: Option<OwnedFd>,
+/// Parks the calling thread until unparked or until `deadline`.
+fn park(deadline: Option<Instant>) -> Woke {
+    match deadline {
+        None => thread::park(),
+        Some(deadline) => thread::park_timeout(deadline.saturating_duration_since(Instant::now())),
+    }
+    Woke::Timeout
 }
 
-thread_local! {
-    static WAKER: RefCell<Option<Arc<Waker>>> = const { RefCell::new(None) };
+/// Sleeps until the socket of `watch` has something or until `deadline`.
+fn poll(watch: Watch, deadline: Option<Instant>) -> Woke {
+    let mut fd = libc::pollfd {
+        fd: watch.fd,
+        events: HANG_UP | libc::POLLIN,
+        revents: 0,
+    };
+    let timeout = match deadline {
+        None => -1,
+        Some(deadline) => {
+            let left = deadline.saturating_duration_since(Instant::now());
+            // Rounded up, so that a wake-up is never before the deadline.
+            let ms = left.as_nanos().div_ceil(1_000_000);
+            libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
+        }
+    };
+    // SAFETY: `fd` is a live pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut fd, 1, timeout) };
+    if n <= 0 {
+        // A signal (EINTR) or the timeout: the caller looks again.
+        return Woke::Timeout;
+    }
+    Woke::Socket {
+        readable: fd.revents & libc::POLLIN != 0,
+        hung_up: fd.revents & (HANG_UP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0,
+    }
 }
 
-impl Waker {
-    fn of_this_thread() -> Arc<Waker> {
-        WAKER.with(|cell| {
-            let mut cell = cell.borrow_mut();
-            match &*cell {
-                Some(waker) => Arc::clone(waker),
-                None => {
-                    let waker = Arc::new(Waker::new().unwrap_or_else(|e| {
-                        // Out of descriptors: nothing can wait without one.
-                        panic!("cannot make a wake-up descriptor: {e}")
-                    }));
-                    *cell = Some(Arc::clone(&waker));
-                    waker
-                }
-            }
-        })
-    }
-
-    #[cfg(target_os = "linux")]
-    fn new() -> io::Result<Waker> {
-        use std::os::fd::FromRawFd;
-        // SAFETY: eventfd takes no pointers; a non-negative result is a new
-        // descriptor that nothing else owns.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: see above: `fd` is open and ours alone.
-        let read = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Waker { read, write: None })
-    }
-
-    #[cfg(not(target_os = "linux"))]
-    fn new() -> io::Result<Waker> {
-        use std::os::fd::FromRawFd;
-        let mut fds = [0 as RawFd; 2];
-        // SAFETY: pipe writes two descriptors into the valid, owned array.
-        if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        for fd in fds {
-            // SAFETY: fcntl on descriptors just made and owned here.
-            unsafe {
-                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-                libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK);
-            }
-        }
-        // SAFETY: pipe succeeded, so both descriptors are open and ours alone.
-        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        Ok(Waker {
-            read,
-            write: Some(write),
-        })
-    }
-
-    /// Wakes the thread sleeping on this waker (or its next sleep).
-    fn wake(&self) {
-        let one = 1u64.to_ne_bytes();
-        let fd = self.write.as_ref().unwrap_or(&self.read).as_raw_fd();
-        // SAFETY: writes 8 bytes from a live array to a descriptor this
-        // waker owns. A full counter or pipe already means "wake up".
-        unsafe {
-            libc::write(fd, one.as_ptr().cast(), one.len());
-        }
-    }
-
-    /// Empties the descriptor after a wake-up.
-    fn drain(&self) {
-        let mut buf = [0u8; 64];
-        // SAFETY: reads into a live, owned buffer from a non-blocking
-        // descriptor this waker owns.
-        unsafe {
-            libc::read(self.read.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len());
-        }
-    }
-
-    /// Sleeps until woken, until `deadline`, or until the socket of `watch`
-    /// has something.
-    fn sleep(&self, deadline: Option<Instant>, watch: Option<Watch>) -> Woke {
-        let mut fds = [
-            libc::pollfd {
-                fd: self.read.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: -1,
-                events: 0,
-                revents: 0,
-            },
-        ];
-        if let Some(watch) = watch {
-            fds[1].fd = watch.fd;
-            fds[1].events = HANG_UP | if watch.readable { libc::POLLIN } else { 0 };
-        }
-        let timeout = match deadline {
-            None => -1,
-            Some(deadline) => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                // Rounded up, so that a wake-up is never before the deadline.
-                let ms = left.as_nanos().div_ceil(1_000_000);
-                libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
-            }
-        };
-        // SAFETY: `fds` is a live array of two pollfd for the duration of
-        // the call; a negative fd is ignored by poll.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
-        if n <= 0 {
-            // A signal (EINTR) or the timeout: the caller looks again.
-            return Woke::Timeout;
-        }
-        if fds[0].revents != 0 {
-            self.drain();
-            return Woke::Posted;
-        }
-        let revents = fds[1].revents;
-        Woke::Socket {
-            readable: revents & libc::POLLIN != 0,
-            hung_up: revents & (HANG_UP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0,
-        }
+/// Wakes a thread in poll on `fd` by shutting the socket for reading: poll
+/// then reports the end of the stream. Its connection reads nothing more.
+fn shut_for_reading(fd: RawFd) {
+    // SAFETY: shutdown takes no pointers; `fd` is open (see `Inner::post`).
+    if unsafe { libc::shutdown(fd, libc::SHUT_RD) } != 0 {
+        log::debug!("shutdown(SHUT_RD): {}", io::Error::last_os_error());
     }
 }
 
@@ -361,7 +288,7 @@ const HANG_UP: libc::c_short = 0;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::thread;
+    use std::os::fd::AsRawFd;
     use std::time::Duration;
 
     fn soon() -> Option<Instant> {
@@ -481,8 +408,6 @@ mod tests {
         let (mailbox, poster) = Mailbox::new();
         let watch = Watch {
             fd: ours.as_raw_fd(),
-            readable: true,
-            quiet: true,
         };
         let posting = thread::spawn(move || {
             thread::sleep(Duration::from_millis(30));
@@ -499,13 +424,29 @@ mod tests {
     }
 
     #[test]
+    fn a_loud_post_wakes_a_watching_owner_and_ends_its_reading() {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (mailbox, poster) = Mailbox::new();
+        let watch = Watch {
+            fd: ours.as_raw_fd(),
+        };
+        let posting = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(30));
+            poster.post("refused").unwrap();
+            poster
+        });
+        assert_eq!(mailbox.wait(soon(), Some(watch)), Ok("refused"));
+        let mut byte = [0u8; 1];
+        assert_eq!(std::io::Read::read(&mut &ours, &mut byte).unwrap(), 0);
+        drop((posting.join().unwrap(), theirs));
+    }
+
+    #[test]
     fn a_hang_up_on_the_watched_socket_wakes_the_owner() {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         let (mailbox, _poster) = Mailbox::<()>::new();
         let watch = Watch {
             fd: ours.as_raw_fd(),
-            readable: false,
-            quiet: false,
         };
         drop(theirs);
         match mailbox.wait(soon(), Some(watch)) {

@@ -42,7 +42,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 /// then answers every waiter with 503 and returns (the process then exits 0).
 /// A second signal exits at once with status 1.
 pub fn run(config: Config) -> Result<(), Error> {
-    raise_open_files_limit();
+    raise_open_files_limit(config.max_connections);
     let (signal_tx, signal_rx) = bounded::<()>(1);
     let signals = AtomicUsize::new(0);
     ctrlc::set_handler(move || {
@@ -280,9 +280,16 @@ fn serve_connection(relay: &Relay, stream: TcpStream) {
     }
 }
 
-/// Raises the soft limit on open files to the hard limit: each connection
-/// holds a descriptor or two, and distributions start with 1024.
-fn raise_open_files_limit() {
+/// Descriptors a connection holds: its socket (a transfer in progress adds
+/// a pipe for splice; waiting takes none).
+const DESCRIPTORS_PER_CONNECTION: u64 = 1;
+
+/// Raises the limit on open files to what `max_connections` need: the soft
+/// limit to the hard one (distributions start with 1024), and the hard one
+/// too when the process may (it runs privileged); says how many waiting
+/// connections the limit leaves room for, and warns when that is fewer
+/// than `max_connections`.
+fn raise_open_files_limit(max_connections: usize) {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -296,20 +303,45 @@ fn raise_open_files_limit() {
         return;
     }
     let before = limit.rlim_cur;
-    // Linux refuses an unlimited soft limit; 1 Mi descriptors is plenty.
-    let wanted = limit.rlim_max.min(1 << 20);
-    if wanted <= before {
-        log::info!("open files limit: {before}");
-        return;
+    // Linux refuses an unlimited soft limit, and more than fs.nr_open
+    // (1 Mi by default) at all.
+    let needed = libc::rlim_t::try_from(
+        (max_connections as u64 * DESCRIPTORS_PER_CONNECTION + 64).min(1 << 20),
+    )
+    .unwrap_or(1 << 20);
+    if limit.rlim_max < needed {
+        let raised = libc::rlimit {
+            rlim_cur: needed,
+            rlim_max: needed,
+        };
+        // SAFETY: setrlimit reads one rlimit from the valid, owned `raised`.
+        // Unprivileged, it fails and the hard limit stays.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
     }
-    limit.rlim_cur = wanted;
-    // SAFETY: setrlimit reads one rlimit from the valid, owned `limit`.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
-        log::info!("open files limit: {wanted} (raised from {before})");
-    } else {
+    let wanted = limit.rlim_max.min(1 << 20);
+    if wanted > limit.rlim_cur {
+        limit.rlim_cur = wanted;
+        // SAFETY: setrlimit reads one rlimit from the valid, owned `limit`.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            log::warn!(
+                "open files limit stays {before}: {}",
+                io::Error::last_os_error()
+            );
+            limit.rlim_cur = before;
+        }
+    }
+    // rlim_t is 32 bits wide on 32-bit ARM, 64 here.
+    #[allow(clippy::useless_conversion)] // not useless where rlim_t is u32
+    let now = u64::from(limit.rlim_cur);
+    let room = now.saturating_sub(64) / DESCRIPTORS_PER_CONNECTION;
+    log::info!("open files limit: {now} (was {before}): room for about {room} waiting connections");
+    if room < max_connections as u64 {
         log::warn!(
-            "open files limit stays {before}: {}",
-            io::Error::last_os_error()
+            "the open files limit ({now}) leaves room for about {room} waiting connections, \
+             fewer than --max-connections {max_connections}; raise it (ulimit -n, or \
+             LimitNOFILE= for a service)"
         );
     }
 }

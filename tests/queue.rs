@@ -500,6 +500,25 @@ fn keep_alive_producers_parked_first_carry_several_exchanges() {
     server.wait_counter("2xx", 40);
 }
 
+/// A consumer that pipelines its next receive behind the first is woken for
+/// each answer, and its connection carries on.
+#[test]
+fn a_consumer_that_pipelines_two_receives_gets_both() {
+    let server = Server::start();
+    let mut consumer = connect(server.addr);
+    let mut both = get("/pipe");
+    both.extend_from_slice(&get("/pipe"));
+    send(&mut consumer, &both);
+    server.wait_parked(1);
+    assert_eq!(request(server.addr, &post("/pipe", b"one")).status, 200);
+    assert_eq!(read_response(&mut consumer).unwrap().text(), "one");
+    server.wait_parked(2);
+    assert_eq!(request(server.addr, &post("/pipe", b"two")).status, 200);
+    assert_eq!(read_response(&mut consumer).unwrap().text(), "two");
+    send(&mut consumer, &get("/pipe?timeout=0"));
+    assert_eq!(read_response(&mut consumer).unwrap().status, 408);
+}
+
 #[test]
 fn options_is_a_cors_preflight() {
     let server = Server::start();

@@ -231,7 +231,7 @@ impl<A: Waiter, B: Waiter> Handoff<A, B> {
 mod tests {
     use super::*;
     use crate::mailbox::{Mailbox, Poster};
-    use crate::mode::wait::{NoSocket, Waited, wait};
+    use crate::mode::wait::{NoSocket, Sleep, Waited, wait};
     use std::sync::atomic::AtomicBool;
     use std::thread;
     use std::time::{Duration, Instant};
@@ -385,6 +385,7 @@ mod tests {
             &mailbox,
             &mut NoSocket,
             Some(Instant::now() + Duration::from_millis(10)),
+            Sleep::Blind,
             || handoff2.unpark_b("/k", id),
         );
         assert!(matches!(waited, Waited::Got(Word::Paired(0))), "{waited:?}");
@@ -399,6 +400,7 @@ mod tests {
             &mailbox,
             &mut NoSocket,
             Some(Instant::now() + Duration::from_millis(20)),
+            Sleep::Blind,
             || handoff.unpark_b("/k", id),
         );
         assert!(matches!(waited, Waited::TimedOut));

@@ -29,7 +29,7 @@ use crate::mailbox::{Mailbox, Poster};
 use crate::metrics::{Kind, Seed, Stats};
 use crate::mode::envelope::Envelope;
 use crate::mode::handoff::{Arrival, Handoff, Park, Waiter};
-use crate::mode::wait::{READ_AHEAD, Waited, wait};
+use crate::mode::wait::{READ_AHEAD, Sleep, Waited, wait};
 use crate::mode::{Family, deadline, short};
 use crate::route::{Action, CHANNEL_METHODS, Channel, Mode, Query};
 
@@ -250,7 +250,10 @@ impl Queues {
         if self.offer(key, consumer, park, ex.common()).is_err() {
             return Err(Reject::timeout());
         }
-        let waited = wait(&mailbox, ex, deadline, || self.handoff.unpark_b(key, id));
+        // Every loud word to a consumer ends its connection: it may watch.
+        let waited = wait(&mailbox, ex, deadline, Sleep::Watching, || {
+            self.handoff.unpark_b(key, id)
+        });
         match waited {
             Waited::Got(Delivery::Sent { sent, reusable, at }) => {
                 ex.mark_responded(200, sent, reusable);
@@ -261,7 +264,11 @@ impl Queues {
                 }
             }
             Waited::Got(Delivery::Cut { sent }) => ex.mark_responded(200, sent, false),
-            Waited::Got(Delivery::Ended(reject)) => return Err(reject),
+            Waited::Got(Delivery::Ended(reject)) => {
+                // Its socket may have been shut for reading to wake it.
+                ex.close();
+                return Err(reject);
+            }
             Waited::TimedOut => return Err(Reject::timeout()),
             // Found gone by a producer, which counted it.
             Waited::Got(Delivery::Gone) => ex.close(),
@@ -292,13 +299,22 @@ impl Queues {
             keep_alive: ex.request.keep_alive,
             seed: seed(ex, key),
         });
+        // A producer with its message at hand is only ever woken to end its
+        // connection: it may watch; another is woken to stream its body.
+        let sleep = if ready.is_some() {
+            Sleep::Watching
+        } else {
+            Sleep::Blind
+        };
         let producer = Producer { id, wake, ready };
         let consumer = match self.handoff.arrive_a(key, producer, park) {
             Err(_) => return Err(Reject::shutting_down()),
             Ok(Arrival::Alone(_)) => return Err(Reject::timeout()),
             Ok(Arrival::Paired { theirs, .. }) => theirs,
             Ok(Arrival::Parked) => {
-                match wait(&mailbox, ex, deadline, || self.handoff.unpark_a(key, id)) {
+                match wait(&mailbox, ex, deadline, sleep, || {
+                    self.handoff.unpark_a(key, id)
+                }) {
                     Waited::Got(Wake::Paired(consumer)) if is_producer_alive(ex) => consumer,
                     Waited::Got(Wake::Paired(consumer)) => {
                         // Gone while the consumer came: the consumer was
@@ -321,7 +337,10 @@ impl Queues {
                         }
                         return Ok(());
                     }
-                    Waited::Got(Wake::Ended(reject)) => return Err(reject),
+                    Waited::Got(Wake::Ended(reject)) => {
+                        ex.close();
+                        return Err(reject);
+                    }
                     Waited::TimedOut => return Err(Reject::timeout()),
                     // Found gone by a consumer, which counted it.
                     Waited::Got(Wake::Gone) => {

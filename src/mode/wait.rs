@@ -1,10 +1,15 @@
 //! How a parked request waits: asleep in its mailbox until word comes from
-//! its counterpart, its deadline passes, or its own client speaks. The
-//! client's socket is watched while it waits: a hang-up is seen at once
-//! (POLLRDHUP on Linux, whatever the client left unread), and bytes it
-//! sends meanwhile (a producer's body, a pipelined request) are read ahead
-//! into the connection's buffer, up to [`READ_AHEAD`], so that they cannot
-//! wake the waiter again and again.
+//! its counterpart, its deadline passes, or its own client speaks.
+//!
+//! A waiter every one of whose loud words ends its connection (a queue
+//! consumer, a producer whose message is at hand) sleeps *watching* its
+//! client's socket while the client has sent nothing beyond its request: a
+//! hang-up is seen at once (POLLRDHUP on Linux, whatever the client left
+//! unread), and the word that its answer went out can be posted quietly.
+//! Bytes the client sends meanwhile (a pipelined request) are read ahead
+//! into the connection's buffer, up to [`READ_AHEAD`]; from then on, and
+//! for any other waiter, it sleeps *blind* and checks its client every
+//! [`SWEEP`].
 
 use std::time::{Duration, Instant};
 
@@ -16,10 +21,20 @@ use crate::mailbox::{Empty, Mailbox, Watch};
 /// gone) and a pipelined request or two.
 pub const READ_AHEAD: usize = 16 * 1024;
 
-/// How often a waiter that cannot watch for hang-ups (off Linux, or with
-/// its read-ahead full) checks that its client is still there, and how
-/// often a claimed waiter tries to leave its line.
+/// How often a waiter that does not watch for hang-ups (blind, off Linux,
+/// or with its read-ahead full) checks that its client is still there, and
+/// how often a claimed waiter tries to leave its line.
 pub const SWEEP: Duration = Duration::from_secs(2);
+
+/// How a waiter sleeps (see the module's comment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sleep {
+    /// Watching its client's socket; a word that must wake it ends its
+    /// connection.
+    Watching,
+    /// Blind to its socket, checking its client every [`SWEEP`].
+    Blind,
+}
 
 /// How a wait ended.
 #[derive(Debug)]
@@ -47,63 +62,65 @@ pub enum Watched<T> {
 
 /// The client of a waiting request, as its wait watches it.
 pub trait Client {
-    /// What to watch on the client's socket; None for nothing (a test).
+    /// The client's socket to watch, while the client has sent nothing
+    /// beyond its request; None otherwise (and in tests).
     fn watch(&self) -> Option<Watch>;
 
     /// Reads ahead what the client sent meanwhile; false once it is gone.
     fn read_ahead(&mut self) -> bool;
 
-    /// Whether the client is still there (a probe, for when its hang-up
-    /// cannot be watched for).
-    fn is_alive(&self) -> bool;
+    /// Whether the client is still there: a probe, after reading ahead what
+    /// it sent (off Linux a hang-up hides behind unread bytes).
+    fn is_alive(&mut self) -> bool;
 
-    /// How long a wait may sleep without looking at the client: a quiet
-    /// post is noticed by then at the latest.
-    fn check_every(&self) -> Duration;
+    /// How long a watching wait may sleep without looking at the client:
+    /// a quiet post is noticed by then at the latest.
+    fn idle_timeout(&self) -> Duration;
 }
 
 impl Client for Exchange<'_> {
     fn watch(&self) -> Option<Watch> {
-        Some(Watch {
-            fd: self.conn.fd(),
-            readable: self.conn.buffered().len() < READ_AHEAD,
-            // Nothing of a next request has come, and nothing of this
-            // request's body is left: the client's next bytes mean it has
-            // its answer.
-            quiet: self.conn.buffered().is_empty() && self.is_body_read(),
-        })
+        // Nothing of a next request has come, and nothing of this request's
+        // body is left: the client's next bytes mean it has its answer.
+        let quiet = self.conn.buffered().is_empty() && self.is_body_read();
+        quiet.then(|| Watch { fd: self.conn.fd() })
     }
 
     fn read_ahead(&mut self) -> bool {
         matches!(self.conn.take_in(READ_AHEAD), Ok(false))
     }
 
-    fn is_alive(&self) -> bool {
-        is_open(self.conn.stream())
+    fn is_alive(&mut self) -> bool {
+        Exchange::read_ahead(self, READ_AHEAD).is_ok() && is_open(self.conn.stream())
     }
 
-    fn check_every(&self) -> Duration {
-        let hang_ups_watched = cfg!(any(target_os = "linux", target_os = "android"));
-        match self.watch() {
-            Some(watch) if watch.readable && hang_ups_watched => self.conn.idle_timeout(),
-            _ => SWEEP,
-        }
+    fn idle_timeout(&self) -> Duration {
+        self.conn.idle_timeout()
     }
 }
 
-/// Waits in `mailbox` until `until`, watching `client`: reads ahead what it
-/// sends, and returns when it hangs up. The waiter may sleep through a quiet
-/// post while the client has sent nothing of a next request: the client's
-/// next bytes (or hang-up) wake it, or the next check.
+/// Waits in `mailbox` until `until`, sleeping as `sleep` says: watching,
+/// it reads ahead what `client` sends and returns when it hangs up; blind,
+/// it probes `client` every [`SWEEP`].
 pub fn watch<T>(
     mailbox: &Mailbox<T>,
     client: &mut impl Client,
     until: Option<Instant>,
+    sleep: Sleep,
 ) -> Watched<T> {
+    let hang_ups_seen = cfg!(any(target_os = "linux", target_os = "android"));
     loop {
-        let check_at = Instant::now() + client.check_every();
+        let socket = match sleep {
+            Sleep::Watching => client.watch(),
+            Sleep::Blind => None,
+        };
+        let check = match socket {
+            Some(_) if hang_ups_seen => client.idle_timeout(),
+            _ => SWEEP,
+        };
+        let check_at = Instant::now() + check;
         let wake_at = until.map_or(check_at, |u| u.min(check_at));
-        match mailbox.wait(Some(wake_at), client.watch()) {
+        match mailbox.wait(Some(wake_at), socket) {
             Ok(message) => return Watched::Got(message),
             Err(Empty::Abandoned) => return Watched::Abandoned,
             Err(Empty::Timeout) => {
@@ -126,16 +143,17 @@ pub fn watch<T>(
 /// Waits on `mailbox` as a parked request: until `deadline`, or until
 /// `client` hangs up; then `unpark` tries to take the waiter out of its
 /// line, and the wait ends. If the waiter is not there, a counterpart holds
-/// it and word is coming: the wait goes on without watching the client,
-/// and `unpark` is tried again every [`SWEEP`] (a counterpart that finds
-/// itself gone puts the waiter back in its line).
+/// it and word is coming: the wait goes on blind, and `unpark` is tried
+/// again every [`SWEEP`] (a counterpart that finds itself gone puts the
+/// waiter back in its line).
 pub fn wait<T>(
     mailbox: &Mailbox<T>,
     client: &mut impl Client,
     deadline: Option<Instant>,
+    sleep: Sleep,
     mut unpark: impl FnMut() -> bool,
 ) -> Waited<T> {
-    let left = match watch(mailbox, client, deadline) {
+    let left = match watch(mailbox, client, deadline, sleep) {
         Watched::Got(message) => return Waited::Got(message),
         Watched::Abandoned => return Waited::HungUp,
         Watched::Timeout => Waited::TimedOut,
@@ -168,11 +186,11 @@ impl Client for NoSocket {
         true
     }
 
-    fn is_alive(&self) -> bool {
+    fn is_alive(&mut self) -> bool {
         true
     }
 
-    fn check_every(&self) -> Duration {
+    fn idle_timeout(&self) -> Duration {
         SWEEP
     }
 }

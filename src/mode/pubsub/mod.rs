@@ -30,7 +30,7 @@ use crate::http::{Exchange, Head};
 use crate::mailbox::Mailbox;
 use crate::metrics::Stats;
 use crate::mode::envelope::Envelope;
-use crate::mode::wait::{Waited, wait};
+use crate::mode::wait::{Sleep, Waited, wait};
 use crate::mode::{Family, deadline, short};
 use crate::registry::{Guard, Registry};
 use crate::route::{Action, CHANNEL_METHODS, Channel, Mode, Query};
@@ -180,7 +180,10 @@ impl Pubsub {
             Some(found) => found,
             None => {
                 log::debug!("pubsub {key:?}: subscriber {id} waiting");
-                let waited = wait(&mailbox, ex, deadline, || self.unpark(key, id));
+                // Woken to answer and carry on: blind.
+                let waited = wait(&mailbox, ex, deadline, Sleep::Blind, || {
+                    self.unpark(key, id)
+                });
                 match waited {
                     Waited::Got(Wake::Message { message, missed }) => (message, missed),
                     Waited::Got(Wake::Ended(reject)) => return Err(reject),

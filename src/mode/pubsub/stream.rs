@@ -16,7 +16,7 @@ use crate::mailbox::Mailbox;
 use crate::metrics::Stats;
 use crate::mode::pubsub::format::{Encoder, Format};
 use crate::mode::pubsub::store::Pulled;
-use crate::mode::wait::{Watched, watch};
+use crate::mode::wait::{Sleep, Watched, watch};
 
 /// How many encoded bytes a stream gathers before it writes them.
 const FLUSH_AT: usize = 32 * 1024;
@@ -73,7 +73,8 @@ pub fn follow(
         let rung = if more {
             Watched::Got(())
         } else {
-            watch(bell, ex, keepalive_at)
+            // Rung to carry on: blind.
+            watch(bell, ex, keepalive_at, Sleep::Blind)
         };
         match rung {
             Watched::Got(()) | Watched::Abandoned => match pull() {
