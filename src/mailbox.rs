@@ -59,6 +59,9 @@ enum Sleep {
     Awake,
     /// Parked on its futex: a post unparks it.
     Blind,
+    /// Parked on its futex until a set time, whatever comes: a post waits
+    /// for it (see [`Mailbox::linger`]).
+    Lingering,
     /// In poll(2) on its client's socket `fd`, which its client's next
     /// bytes will wake: a quiet post leaves it asleep.
     Watching { fd: RawFd },
@@ -142,6 +145,29 @@ impl<T> Mailbox<T> {
     }
 }
 
+impl<T> Mailbox<T> {
+    /// Sleeps until `until` whatever is posted meanwhile, then takes the
+    /// message if one came. For a waiter that is woken often (a stream fed
+    /// by a fast publisher): lingering a moment after each piece of work
+    /// lets words gather, so that it wakes once for many instead of once
+    /// for each.
+    pub fn linger(&self, until: Instant) -> Option<T> {
+        {
+            let mut slot = self.inner.lock();
+            if slot.message.is_some() || slot.posters == 0 {
+                return slot.message.take();
+            }
+            slot.sleep = Sleep::Lingering;
+        }
+        while Instant::now() < until {
+            park(Some(until));
+        }
+        let mut slot = self.inner.lock();
+        slot.sleep = Sleep::Awake;
+        slot.message.take()
+    }
+}
+
 impl<T> Inner<T> {
     fn lock(&self) -> MutexGuard<'_, Slot<T>> {
         // A panic never happens while the slot is held: ignore poisoning.
@@ -155,7 +181,7 @@ impl<T> Inner<T> {
         }
         slot.message = Some(message);
         match slot.sleep {
-            Sleep::Awake => {}
+            Sleep::Awake | Sleep::Lingering => {}
             Sleep::Watching { .. } if quiet => {}
             // Under the lock: the owner is still in poll on `fd`, so the
             // descriptor is still its socket and cannot have been reused.
@@ -211,7 +237,7 @@ impl<T> Drop for Poster<T> {
             return;
         }
         match slot.sleep {
-            Sleep::Awake => {}
+            Sleep::Awake | Sleep::Lingering => {}
             Sleep::Watching { fd, .. } => shut_for_reading(fd),
             Sleep::Blind => {
                 drop(slot);
@@ -351,6 +377,25 @@ mod tests {
             Err(Empty::Timeout)
         );
         assert!(started.elapsed() >= wait);
+    }
+
+    #[test]
+    fn a_lingering_owner_sleeps_through_posts_until_its_time() {
+        let (mailbox, poster) = Mailbox::new();
+        let posting = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(10));
+            poster.post(1).unwrap();
+            poster
+        });
+        let started = Instant::now();
+        let linger = Duration::from_millis(60);
+        assert_eq!(mailbox.linger(started + linger), Some(1));
+        assert!(started.elapsed() >= linger);
+        // A word already there ends a linger at once.
+        let poster = posting.join().unwrap();
+        poster.post(2).unwrap();
+        assert_eq!(mailbox.linger(Instant::now() + Duration::from_secs(5)), Some(2));
+        assert_eq!(mailbox.linger(Instant::now()), None);
     }
 
     #[test]

@@ -108,13 +108,18 @@ impl Pool {
     /// Hands `stream` to an idle worker, or gives it back if none is idle.
     fn hand_over(&self, stream: TcpStream) -> Result<(), TcpStream> {
         let mut stream = stream;
-        while let Some(worker) = self.lock().pop() {
+        loop {
+            // Popped in a statement of its own: the lock is released before
+            // the worker is woken.
+            let worker = self.lock().pop();
+            let Some(worker) = worker else {
+                return Err(stream);
+            };
             match worker.post(stream) {
                 Ok(()) => return Ok(()),
                 Err(back) => stream = back,
             }
         }
-        Err(stream)
     }
 
     /// A worker's life: serves `first`, then each connection handed to it,
@@ -124,7 +129,8 @@ impl Pool {
         let mut next = Some(first);
         while let Some(stream) = next {
             serve_connection(relay, stream);
-            self.lock().push(poster.clone());
+            let offer = poster.clone();
+            self.lock().push(offer);
             next = match mailbox.wait(Some(Instant::now() + RETIRE_AFTER), None) {
                 Ok(stream) => Some(stream),
                 Err(_) => {

@@ -21,6 +21,13 @@ use crate::mode::wait::{Sleep, Watched, watch};
 /// How many encoded bytes a stream gathers before it writes them.
 const FLUSH_AT: usize = 32 * 1024;
 
+/// How long a stream that just wrote messages lingers before it looks for
+/// more: a fast publisher's messages then reach each of its streams in
+/// batches, one wake-up for many, instead of a wake-up per message per
+/// stream (which starves the publisher of CPU on a small machine). A
+/// message is written at once unless it follows another within this time.
+const LINGER: Duration = Duration::from_millis(2);
+
 /// Why a stream ended.
 pub enum Ended {
     /// Its client left.
@@ -62,6 +69,9 @@ pub fn follow(
     let mut pulled = Some(first);
     let ended = loop {
         let more = pulled.as_ref().is_some_and(|batch| batch.more);
+        let wrote = pulled
+            .as_ref()
+            .is_some_and(|batch| !batch.messages.is_empty());
         if let Some(batch) = &pulled {
             stats.delivered(batch.messages.len() as u64);
         }
@@ -70,7 +80,7 @@ pub fn follow(
         }
         // A keepalive too far off to represent is never sent.
         let keepalive_at = out.last_sent.checked_add(keepalive);
-        let rung = if more {
+        let rung = if more || (wrote && bell.linger(Instant::now() + LINGER).is_some()) {
             Watched::Got(())
         } else {
             // Rung to carry on: blind.
