@@ -13,13 +13,14 @@
 //!
 //! - *blind*: parked on its thread's futex ([`std::thread::park`]); a post
 //!   unparks it.
-//! - *watching* its client's socket, in poll(2), when the client sends
-//!   nothing more until it has its answer: the client's next request or
-//!   hang-up wakes it without anyone's help, so a *quiet* post (the word
-//!   that its answer went out) needs no system call at all, and the owner
-//!   sleeps once per request. A post that must wake it shuts the socket
-//!   for reading, which wakes poll: so only a waiter whose every such word
-//!   ends its connection (a refusal, a cut) may watch.
+//! - *reading* its client's socket, in a blocking read, when the client
+//!   sends nothing more until it has its answer: the client's next request
+//!   (which the read takes in) or hang-up wakes it without anyone's help,
+//!   so a *quiet* post (the word that its answer went out) needs no system
+//!   call at all, and the owner sleeps once per request, in the read it
+//!   would make anyway. A post that must wake it shuts the socket for
+//!   reading, which ends the read: so only a waiter whose every such word
+//!   ends its connection (a refusal, a cut) may sleep this way.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -62,18 +63,9 @@ enum Sleep {
     /// Parked on its futex until a set time, whatever comes: a post waits
     /// for it (see [`Mailbox::linger`]).
     Lingering,
-    /// In poll(2) on its client's socket `fd`, which its client's next
-    /// bytes will wake: a quiet post leaves it asleep.
-    Watching { fd: RawFd },
-}
-
-/// The client's socket an owner watches while it waits: a client that
-/// sends nothing more until it has its answer, so that its next bytes mean
-/// the answer is out, and every word that must wake the owner ends the
-/// connection (see the module's comment).
-#[derive(Debug, Clone, Copy)]
-pub struct Watch {
-    pub fd: RawFd,
+    /// In a blocking read of its client's socket `fd`, which its client's
+    /// next bytes will end: a quiet post leaves it asleep.
+    Reading { fd: RawFd },
 }
 
 /// Why a wait ended without a message.
@@ -83,8 +75,6 @@ pub enum Empty {
     Timeout,
     /// Every poster was dropped without a word: none will ever come.
     Abandoned,
-    /// The watched socket has something: bytes to read, or a hang-up.
-    Socket { readable: bool, hung_up: bool },
 }
 
 impl<T> Mailbox<T> {
@@ -104,10 +94,9 @@ impl<T> Mailbox<T> {
         (Mailbox { inner }, poster)
     }
 
-    /// Waits for a message until `deadline` (None: for as long as it takes),
-    /// watching the socket of `watch` if given (see the module's comment for
-    /// what that implies). Must be called on the thread that made the mailbox.
-    pub fn wait(&self, deadline: Option<Instant>, watch: Option<Watch>) -> Result<T, Empty> {
+    /// Waits for a message until `deadline` (None: for as long as it
+    /// takes), parked. Must be called on the thread that made the mailbox.
+    pub fn wait(&self, deadline: Option<Instant>) -> Result<T, Empty> {
         loop {
             {
                 let mut slot = self.inner.lock();
@@ -117,30 +106,49 @@ impl<T> Mailbox<T> {
                 if slot.posters == 0 {
                     return Err(Empty::Abandoned);
                 }
-                slot.sleep = match watch {
-                    Some(watch) => Sleep::Watching { fd: watch.fd },
-                    None => Sleep::Blind,
-                };
+                slot.sleep = Sleep::Blind;
             }
-            let woke = match watch {
-                Some(watch) => poll(watch, deadline),
-                None => park(deadline),
-            };
+            match deadline {
+                None => thread::park(),
+                Some(deadline) => {
+                    thread::park_timeout(deadline.saturating_duration_since(Instant::now()));
+                }
+            }
             let mut slot = self.inner.lock();
             slot.sleep = Sleep::Awake;
             if let Some(message) = slot.message.take() {
                 return Ok(message);
             }
-            match woke {
-                Woke::Timeout if deadline.is_some_and(|d| Instant::now() >= d) => {
-                    return Err(Empty::Timeout);
-                }
-                // Spurious, a signal, or an unpark meant for an earlier wait.
-                Woke::Timeout => {}
-                Woke::Socket { readable, hung_up } => {
-                    return Err(Empty::Socket { readable, hung_up });
-                }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(Empty::Timeout);
             }
+            // Spurious, or an unpark meant for an earlier wait: look again.
+        }
+    }
+
+    /// Sleeps in `read`, a blocking read of the client's socket `fd` (see
+    /// the module's comment for what that implies), unless a message is
+    /// already here. Returns the message if one came, in which case what
+    /// `read` took in is the client's next request; else what `read`
+    /// returned, or None when no word can come any more. Must be called on
+    /// the thread that made the mailbox.
+    pub fn read_or_word<R>(&self, fd: RawFd, read: impl FnOnce() -> R) -> Result<T, Option<R>> {
+        {
+            let mut slot = self.inner.lock();
+            if let Some(message) = slot.message.take() {
+                return Ok(message);
+            }
+            if slot.posters == 0 {
+                return Err(None);
+            }
+            slot.sleep = Sleep::Reading { fd };
+        }
+        let read = read();
+        let mut slot = self.inner.lock();
+        slot.sleep = Sleep::Awake;
+        match slot.message.take() {
+            Some(message) => Ok(message),
+            None => Err(Some(read)),
         }
     }
 }
@@ -160,7 +168,7 @@ impl<T> Mailbox<T> {
             slot.sleep = Sleep::Lingering;
         }
         while Instant::now() < until {
-            park(Some(until));
+            thread::park_timeout(until.saturating_duration_since(Instant::now()));
         }
         let mut slot = self.inner.lock();
         slot.sleep = Sleep::Awake;
@@ -182,10 +190,10 @@ impl<T> Inner<T> {
         slot.message = Some(message);
         match slot.sleep {
             Sleep::Awake | Sleep::Lingering => {}
-            Sleep::Watching { .. } if quiet => {}
-            // Under the lock: the owner is still in poll on `fd`, so the
-            // descriptor is still its socket and cannot have been reused.
-            Sleep::Watching { fd, .. } => shut_for_reading(fd),
+            Sleep::Reading { .. } if quiet => {}
+            // Under the lock: the owner is still in its read of `fd`, so
+            // the descriptor is still its socket and cannot have been reused.
+            Sleep::Reading { fd } => shut_for_reading(fd),
             Sleep::Blind => {
                 drop(slot);
                 self.owner.unpark();
@@ -238,7 +246,7 @@ impl<T> Drop for Poster<T> {
         }
         match slot.sleep {
             Sleep::Awake | Sleep::Lingering => {}
-            Sleep::Watching { fd, .. } => shut_for_reading(fd),
+            Sleep::Reading { fd } => shut_for_reading(fd),
             Sleep::Blind => {
                 drop(slot);
                 self.inner.owner.unpark();
@@ -247,69 +255,14 @@ impl<T> Drop for Poster<T> {
     }
 }
 
-/// How a sleep ended.
-enum Woke {
-    /// The deadline, a post, or nothing at all: the caller looks again.
-    Timeout,
-    Socket {
-        readable: bool,
-        hung_up: bool,
-    },
-}
-
-/// Parks the calling thread until unparked or until `deadline`.
-fn park(deadline: Option<Instant>) -> Woke {
-    match deadline {
-        None => thread::park(),
-        Some(deadline) => thread::park_timeout(deadline.saturating_duration_since(Instant::now())),
-    }
-    Woke::Timeout
-}
-
-/// Sleeps until the socket of `watch` has something or until `deadline`.
-fn poll(watch: Watch, deadline: Option<Instant>) -> Woke {
-    let mut fd = libc::pollfd {
-        fd: watch.fd,
-        events: HANG_UP | libc::POLLIN,
-        revents: 0,
-    };
-    let timeout = match deadline {
-        None => -1,
-        Some(deadline) => {
-            let left = deadline.saturating_duration_since(Instant::now());
-            // Rounded up, so that a wake-up is never before the deadline.
-            let ms = left.as_nanos().div_ceil(1_000_000);
-            libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
-        }
-    };
-    // SAFETY: `fd` is a live pollfd for the duration of the call.
-    let n = unsafe { libc::poll(&mut fd, 1, timeout) };
-    if n <= 0 {
-        // A signal (EINTR) or the timeout: the caller looks again.
-        return Woke::Timeout;
-    }
-    Woke::Socket {
-        readable: fd.revents & libc::POLLIN != 0,
-        hung_up: fd.revents & (HANG_UP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0,
-    }
-}
-
-/// Wakes a thread in poll on `fd` by shutting the socket for reading: poll
-/// then reports the end of the stream. Its connection reads nothing more.
+/// Wakes a thread in a blocking read of `fd` by shutting the socket for
+/// reading: the read then ends. Its connection reads nothing more.
 fn shut_for_reading(fd: RawFd) {
     // SAFETY: shutdown takes no pointers; `fd` is open (see `Inner::post`).
     if unsafe { libc::shutdown(fd, libc::SHUT_RD) } != 0 {
         log::debug!("shutdown(SHUT_RD): {}", io::Error::last_os_error());
     }
 }
-
-/// The poll event of a peer that closed its side: POLLRDHUP on Linux, seen
-/// even with bytes of its still unread; elsewhere the end of the stream
-/// shows as readable.
-#[cfg(any(target_os = "linux", target_os = "android"))]
-const HANG_UP: libc::c_short = libc::POLLRDHUP;
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-const HANG_UP: libc::c_short = 0;
 
 #[cfg(test)]
 mod tests {
@@ -326,7 +279,7 @@ mod tests {
         let (mailbox, poster) = Mailbox::new();
         poster.post(7).unwrap();
         assert_eq!(poster.post(8), Err(8), "a mailbox holds one message");
-        assert_eq!(mailbox.wait(Some(Instant::now()), None), Ok(7));
+        assert_eq!(mailbox.wait(Some(Instant::now())), Ok(7));
     }
 
     #[test]
@@ -338,7 +291,7 @@ mod tests {
             poster
         });
         let started = Instant::now();
-        assert_eq!(mailbox.wait(soon(), None), Ok("word"));
+        assert_eq!(mailbox.wait(soon()), Ok("word"));
         assert!(started.elapsed() < Duration::from_secs(4));
         drop(posting.join().unwrap());
     }
@@ -353,12 +306,12 @@ mod tests {
                 poster
             });
             let deadline = Instant::now() + Duration::from_micros(1000);
-            match mailbox.wait(Some(deadline), None) {
+            match mailbox.wait(Some(deadline)) {
                 Ok(got) => assert_eq!(got, i),
                 Err(Empty::Timeout) => {
                     // Timed out just before the post: it is there next time.
                     let _poster = posting.join().unwrap();
-                    assert_eq!(mailbox.wait(soon(), None), Ok(i));
+                    assert_eq!(mailbox.wait(soon()), Ok(i));
                     continue;
                 }
                 Err(other) => panic!("{other:?}"),
@@ -372,10 +325,7 @@ mod tests {
         let (mailbox, _poster) = Mailbox::<()>::new();
         let started = Instant::now();
         let wait = Duration::from_millis(30);
-        assert_eq!(
-            mailbox.wait(Some(started + wait), None),
-            Err(Empty::Timeout)
-        );
+        assert_eq!(mailbox.wait(Some(started + wait)), Err(Empty::Timeout));
         assert!(started.elapsed() >= wait);
     }
 
@@ -394,7 +344,10 @@ mod tests {
         // A word already there ends a linger at once.
         let poster = posting.join().unwrap();
         poster.post(2).unwrap();
-        assert_eq!(mailbox.linger(Instant::now() + Duration::from_secs(5)), Some(2));
+        assert_eq!(
+            mailbox.linger(Instant::now() + Duration::from_secs(5)),
+            Some(2)
+        );
         assert_eq!(mailbox.linger(Instant::now()), None);
     }
 
@@ -407,7 +360,7 @@ mod tests {
             thread::sleep(Duration::from_millis(30));
             drop(second);
         });
-        assert_eq!(mailbox.wait(soon(), None), Err(Empty::Abandoned));
+        assert_eq!(mailbox.wait(soon()), Err(Empty::Abandoned));
         dropping.join().unwrap();
     }
 
@@ -421,7 +374,7 @@ mod tests {
                     tx.send(poster).unwrap();
                     // A few words in a row, each from another thread.
                     (0..3)
-                        .map(|_| mailbox.wait(soon(), None).unwrap())
+                        .map(|_| mailbox.wait(soon()).unwrap())
                         .collect::<Vec<u64>>()
                 });
                 (i, rx.recv().unwrap(), owner)
@@ -447,13 +400,17 @@ mod tests {
         }
     }
 
+    /// A blocking read of `socket`, as a waiter's.
+    fn read_from(socket: &std::os::unix::net::UnixStream) -> Vec<u8> {
+        let mut buf = [0u8; 16];
+        let n = std::io::Read::read(&mut &*socket, &mut buf).unwrap_or(0);
+        buf[..n].to_vec()
+    }
+
     #[test]
-    fn a_quiet_post_leaves_a_watching_owner_asleep_until_its_socket_speaks() {
+    fn a_quiet_post_leaves_a_reading_owner_asleep_until_its_client_speaks() {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         let (mailbox, poster) = Mailbox::new();
-        let watch = Watch {
-            fd: ours.as_raw_fd(),
-        };
         let posting = thread::spawn(move || {
             thread::sleep(Duration::from_millis(30));
             poster.post_quietly("answered").unwrap();
@@ -463,40 +420,35 @@ mod tests {
             (poster, theirs)
         });
         let started = Instant::now();
-        assert_eq!(mailbox.wait(soon(), Some(watch)), Ok("answered"));
+        let mut read = Vec::new();
+        let got = mailbox.read_or_word(ours.as_raw_fd(), || read = read_from(&ours));
+        assert_eq!(got.map_err(|_| ()), Ok("answered"));
+        assert_eq!(read, b"GET", "the next request was taken in");
         assert!(started.elapsed() >= Duration::from_millis(120));
         drop(posting.join().unwrap());
     }
 
     #[test]
-    fn a_loud_post_wakes_a_watching_owner_and_ends_its_reading() {
+    fn a_loud_post_ends_a_reading_owners_read() {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         let (mailbox, poster) = Mailbox::new();
-        let watch = Watch {
-            fd: ours.as_raw_fd(),
-        };
         let posting = thread::spawn(move || {
             thread::sleep(Duration::from_millis(30));
             poster.post("refused").unwrap();
             poster
         });
-        assert_eq!(mailbox.wait(soon(), Some(watch)), Ok("refused"));
-        let mut byte = [0u8; 1];
-        assert_eq!(std::io::Read::read(&mut &ours, &mut byte).unwrap(), 0);
+        let got = mailbox.read_or_word(ours.as_raw_fd(), || read_from(&ours));
+        assert_eq!(got.map_err(|_| ()), Ok("refused"));
+        assert!(read_from(&ours).is_empty(), "the socket reads nothing more");
         drop((posting.join().unwrap(), theirs));
     }
 
     #[test]
-    fn a_hang_up_on_the_watched_socket_wakes_the_owner() {
+    fn a_hang_up_ends_a_reading_owners_read_without_a_word() {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         let (mailbox, _poster) = Mailbox::<()>::new();
-        let watch = Watch {
-            fd: ours.as_raw_fd(),
-        };
         drop(theirs);
-        match mailbox.wait(soon(), Some(watch)) {
-            Err(Empty::Socket { hung_up: true, .. }) => {}
-            other => panic!("{other:?}"),
-        }
+        let got = mailbox.read_or_word(ours.as_raw_fd(), || read_from(&ours));
+        assert_eq!(got, Err(Some(Vec::new())));
     }
 }

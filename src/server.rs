@@ -131,7 +131,7 @@ impl Pool {
             serve_connection(relay, stream);
             let offer = poster.clone();
             self.lock().push(offer);
-            next = match mailbox.wait(Some(Instant::now() + RETIRE_AFTER), None) {
+            next = match mailbox.wait(Some(Instant::now() + RETIRE_AFTER)) {
                 Ok(stream) => Some(stream),
                 Err(_) => {
                     let mut idle = self.lock();
@@ -143,7 +143,7 @@ impl Pool {
                         // Taken just now: a connection is on its way.
                         None => {
                             drop(idle);
-                            mailbox.wait(None, None).ok()
+                            mailbox.wait(None).ok()
                         }
                     }
                 }

@@ -152,24 +152,6 @@ impl Conn {
         Ok(false)
     }
 
-    /// Reads once, without waiting, what the socket holds (poll(2) said it
-    /// is readable), letting the buffer hold at most `limit` unused bytes;
-    /// true when it found the end of the stream.
-    pub fn take_in(&mut self, limit: usize) -> io::Result<bool> {
-        match self.fill_with(limit, libc::MSG_DONTWAIT) {
-            Ok(n) => Ok(n == 0),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(e),
-        }
-    }
-
     /// Sets the socket's read timeout (a system call only when it changes).
     pub fn set_read_timeout(&mut self, timeout: Duration) -> io::Result<()> {
         let timeout = Some(timeout.max(Duration::from_millis(1)));

@@ -323,7 +323,7 @@ mod tests {
                 Arrival::Paired { theirs, .. } => assert_eq!(theirs.id, *id),
                 other => panic!("{other:?}"),
             }
-            assert!(mailbox.wait(Some(Instant::now()), None).is_err());
+            assert!(mailbox.wait(Some(Instant::now())).is_err());
         }
         assert!(matches!(
             arrive_a(&handoff, "/k", Park::Never),
@@ -342,7 +342,7 @@ mod tests {
             Arrival::Paired { theirs, .. } => assert_eq!(theirs.id, live_id),
             other => panic!("{other:?}"),
         }
-        assert_eq!(dead_mailbox.wait(soon(), None), Ok(Word::Gone));
+        assert_eq!(dead_mailbox.wait(soon()), Ok(Word::Gone));
     }
 
     #[test]
@@ -416,10 +416,10 @@ mod tests {
             panic!("not paired");
         };
         assert_eq!(handoff.end_under("/k", &Reject::deleted()), (1, 1));
-        assert_eq!(parked_mailbox.wait(soon(), None), Ok(Word::Ended(410)));
+        assert_eq!(parked_mailbox.wait(soon()), Ok(Word::Ended(410)));
         // The pair formed before the DELETE completes as if nothing happened.
         let _ = theirs.poster.post(Word::Paired(7));
-        assert_eq!(claimed_mailbox.wait(soon(), None), Ok(Word::Paired(7)));
+        assert_eq!(claimed_mailbox.wait(soon()), Ok(Word::Paired(7)));
     }
 
     #[test]
@@ -435,8 +435,8 @@ mod tests {
             let _ = theirs.poster.post(Word::Paired(1));
         });
         assert_eq!(handoff.close(), 1);
-        assert_eq!(parked.wait(soon(), None), Ok(Word::Ended(503)));
-        assert_eq!(in_transfer.wait(soon(), None), Ok(Word::Paired(1)));
+        assert_eq!(parked.wait(soon()), Ok(Word::Ended(503)));
+        assert_eq!(in_transfer.wait(soon()), Ok(Word::Paired(1)));
         transfer.join().unwrap();
         let (a, _, _) = waiter(&handoff);
         assert!(handoff.arrive_a("/a", a, Park::Back).is_err());
@@ -463,7 +463,7 @@ mod tests {
                             let _ = theirs.poster.post(Word::Paired(mine.id));
                             partners.push((id, theirs.id));
                         }
-                        Arrival::Parked => match mailbox.wait(soon(), None) {
+                        Arrival::Parked => match mailbox.wait(soon()) {
                             Ok(Word::Paired(other)) => partners.push((id, other)),
                             other => panic!("{other:?}"),
                         },

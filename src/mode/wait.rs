@@ -3,18 +3,20 @@
 //!
 //! A waiter every one of whose loud words ends its connection (a queue
 //! consumer, a producer whose message is at hand) sleeps *watching* its
-//! client's socket while the client has sent nothing beyond its request: a
-//! hang-up is seen at once (POLLRDHUP on Linux, whatever the client left
-//! unread), and the word that its answer went out can be posted quietly.
-//! Bytes the client sends meanwhile (a pipelined request) are read ahead
-//! into the connection's buffer, up to [`READ_AHEAD`]; from then on, and
-//! for any other waiter, it sleeps *blind* and checks its client every
-//! [`SWEEP`].
+//! client while the client has sent nothing beyond its request: asleep in
+//! a blocking read of the client's socket, it sees a hang-up at once, the
+//! word that its answer went out can be posted quietly, and the client's
+//! next request, which wakes it, is already read. Bytes the client sends
+//! before its answer (a pipelined request) are kept in the connection's
+//! buffer; from then on, and for any other waiter, it sleeps *blind* and
+//! checks its client every [`SWEEP`].
 
+use std::io;
+use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
 use crate::http::{Exchange, is_open};
-use crate::mailbox::{Empty, Mailbox, Watch};
+use crate::mailbox::{Empty, Mailbox};
 
 /// How much of what a waiting client sends is read ahead: enough for a
 /// small body (so that a client that sent one and hung up is seen to be
@@ -29,8 +31,8 @@ pub const SWEEP: Duration = Duration::from_secs(2);
 /// How a waiter sleeps (see the module's comment).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sleep {
-    /// Watching its client's socket; a word that must wake it ends its
-    /// connection.
+    /// Watching its client, in a read of its socket; a word that must wake
+    /// it ends its connection.
     Watching,
     /// Blind to its socket, checking its client every [`SWEEP`].
     Blind,
@@ -60,67 +62,113 @@ pub enum Watched<T> {
     Abandoned,
 }
 
+/// What a waiter's read of its client brought.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Read {
+    /// Bytes, now in the connection's buffer.
+    Bytes,
+    /// The end of the stream: the client closed its side (or the socket was
+    /// shut for reading to wake the waiter).
+    End,
+    /// Nothing within the read's time.
+    Timeout,
+    /// The socket failed.
+    Failed,
+}
+
 /// The client of a waiting request, as its wait watches it.
 pub trait Client {
-    /// The client's socket to watch, while the client has sent nothing
-    /// beyond its request; None otherwise (and in tests).
-    fn watch(&self) -> Option<Watch>;
+    /// The client's socket to read while waiting, when the client has sent
+    /// nothing beyond its request; None otherwise (and in tests).
+    fn reading_fd(&self) -> Option<RawFd>;
 
-    /// Reads ahead what the client sent meanwhile; false once it is gone.
-    fn read_ahead(&mut self) -> bool;
+    /// Reads what the client sends next into the connection's buffer,
+    /// waiting until `deadline`, and at most the idle timeout.
+    fn read(&mut self, deadline: Option<Instant>) -> Read;
 
     /// Whether the client is still there: a probe, after reading ahead what
     /// it sent (off Linux a hang-up hides behind unread bytes).
     fn is_alive(&mut self) -> bool;
-
-    /// How long a watching wait may sleep without looking at the client:
-    /// a quiet post is noticed by then at the latest.
-    fn idle_timeout(&self) -> Duration;
 }
 
 impl Client for Exchange<'_> {
-    fn watch(&self) -> Option<Watch> {
+    fn reading_fd(&self) -> Option<RawFd> {
         // Nothing of a next request has come, and nothing of this request's
         // body is left: the client's next bytes mean it has its answer.
         let quiet = self.conn.buffered().is_empty() && self.is_body_read();
-        quiet.then(|| Watch { fd: self.conn.fd() })
+        quiet.then(|| self.conn.fd())
     }
 
-    fn read_ahead(&mut self) -> bool {
-        matches!(self.conn.take_in(READ_AHEAD), Ok(false))
+    fn read(&mut self, deadline: Option<Instant>) -> Read {
+        let idle = self.conn.idle_timeout();
+        // Without a deadline the socket keeps its idle timeout, set for
+        // this request already: no system call to set it.
+        let timeout = match deadline {
+            None => idle,
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Read::Timeout;
+                }
+                left.min(idle)
+            }
+        };
+        if self.conn.set_read_timeout(timeout).is_err() {
+            return Read::Failed;
+        }
+        match self.conn.fill(READ_AHEAD) {
+            Ok(0) => Read::End,
+            Ok(_) => Read::Bytes,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
+                Read::Timeout
+            }
+            Err(_) => Read::Failed,
+        }
     }
 
     fn is_alive(&mut self) -> bool {
         Exchange::read_ahead(self, READ_AHEAD).is_ok() && is_open(self.conn.stream())
     }
-
-    fn idle_timeout(&self) -> Duration {
-        self.conn.idle_timeout()
-    }
 }
 
 /// Waits in `mailbox` until `until`, sleeping as `sleep` says: watching,
-/// it reads ahead what `client` sends and returns when it hangs up; blind,
-/// it probes `client` every [`SWEEP`].
+/// in a read of `client`, which returns when it hangs up; blind, probing
+/// `client` every [`SWEEP`].
 pub fn watch<T>(
     mailbox: &Mailbox<T>,
     client: &mut impl Client,
     until: Option<Instant>,
     sleep: Sleep,
 ) -> Watched<T> {
-    let hang_ups_seen = cfg!(any(target_os = "linux", target_os = "android"));
     loop {
-        let socket = match sleep {
-            Sleep::Watching => client.watch(),
+        let fd = match sleep {
+            Sleep::Watching => client.reading_fd(),
             Sleep::Blind => None,
         };
-        let check = match socket {
-            Some(_) if hang_ups_seen => client.idle_timeout(),
-            _ => SWEEP,
-        };
-        let check_at = Instant::now() + check;
-        let wake_at = until.map_or(check_at, |u| u.min(check_at));
-        match mailbox.wait(Some(wake_at), socket) {
+        if let Some(fd) = fd {
+            match mailbox.read_or_word(fd, || client.read(until)) {
+                Ok(message) => return Watched::Got(message),
+                Err(None) => return Watched::Abandoned,
+                // More than its request (a pipelined one): blind from now on.
+                Err(Some(Read::Bytes)) => {}
+                Err(Some(Read::End | Read::Failed)) => return Watched::HungUp,
+                Err(Some(Read::Timeout)) => {
+                    if until.is_some_and(|u| Instant::now() >= u) {
+                        return Watched::Timeout;
+                    }
+                }
+            }
+            continue;
+        }
+        let check_at = Instant::now() + SWEEP;
+        match mailbox.wait(Some(until.map_or(check_at, |u| u.min(check_at)))) {
             Ok(message) => return Watched::Got(message),
             Err(Empty::Abandoned) => return Watched::Abandoned,
             Err(Empty::Timeout) => {
@@ -128,11 +176,6 @@ pub fn watch<T>(
                     return Watched::Timeout;
                 }
                 if !client.is_alive() {
-                    return Watched::HungUp;
-                }
-            }
-            Err(Empty::Socket { readable, hung_up }) => {
-                if hung_up || (readable && !client.read_ahead()) {
                     return Watched::HungUp;
                 }
             }
@@ -164,10 +207,10 @@ pub fn wait<T>(
             return left;
         }
         // Claimed: word is coming, whatever the client does.
-        match mailbox.wait(Some(Instant::now() + SWEEP), None) {
+        match mailbox.wait(Some(Instant::now() + SWEEP)) {
             Ok(message) => return Waited::Got(message),
             Err(Empty::Abandoned) => return Waited::HungUp,
-            Err(_) => {}
+            Err(Empty::Timeout) => {}
         }
     }
 }
@@ -178,19 +221,15 @@ pub struct NoSocket;
 
 #[cfg(test)]
 impl Client for NoSocket {
-    fn watch(&self) -> Option<Watch> {
+    fn reading_fd(&self) -> Option<RawFd> {
         None
     }
 
-    fn read_ahead(&mut self) -> bool {
-        true
+    fn read(&mut self, _: Option<Instant>) -> Read {
+        Read::Timeout
     }
 
     fn is_alive(&mut self) -> bool {
         true
-    }
-
-    fn idle_timeout(&self) -> Duration {
-        SWEEP
     }
 }
