@@ -98,7 +98,7 @@ impl Relay {
         }
         check_range(ex, channel.mode, action)?;
         match self.families.iter().find(|f| f.serves(channel.mode)) {
-            Some(family) => family.serve(ex, channel, action, &routed.query),
+            Some(family) => family.serve(ex, routed, channel, action),
             None => Err(Reject::new(
                 501,
                 format!(

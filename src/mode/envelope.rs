@@ -109,6 +109,14 @@ impl Envelope {
         }
     }
 
+    /// The envelope of a plain-text message from the relay itself.
+    pub fn text() -> Envelope {
+        Envelope {
+            content_type: "text/plain; charset=utf-8".to_owned(),
+            ..Envelope::default()
+        }
+    }
+
     /// Writes the envelope into a receiver's response head; `mime` is the
     /// receiver's own `?mime=`, which wins over the sender's Content-Type.
     pub fn write_to(&self, head: &mut Head, mime: Option<&str>) {

@@ -3,6 +3,7 @@
 //! registry of channels. The HTTP layer knows nothing of modes.
 //!
 //! - `handoff.rs`: the socket-free pairing that queues (and req/res) build on
+//! - `delivery.rs`: writing a message into a waiting client's socket
 //! - `wait.rs`: how a parked request waits
 //! - `envelope.rs`: the headers that travel with a message
 //! - `queue.rs`: queue channels
@@ -10,6 +11,7 @@
 //!
 //! [`Exchange`]: crate::http::Exchange
 
+pub mod delivery;
 mod envelope;
 pub mod handoff;
 pub mod pubsub;
@@ -20,20 +22,21 @@ use std::time::{Duration, Instant};
 
 use crate::error::Reject;
 use crate::http::Exchange;
-use crate::route::{Action, Channel, Mode, Query};
+use crate::route::{Action, Channel, Mode, Routed};
 
 /// A family of channels (a mode, or two that pair), as the relay drives it.
 pub trait Family: Send + Sync {
     /// Whether this family serves channels of `mode`.
     fn serves(&self, mode: Mode) -> bool;
 
-    /// Serves one request (`action`, with `query`) on one of its channels.
+    /// Serves one request (`action` on `channel`, as `routed`) on one of its
+    /// channels.
     fn serve(
         &self,
         ex: &mut Exchange,
+        routed: &Routed,
         channel: &Channel,
         action: Action,
-        query: &Query,
     ) -> Result<(), Reject>;
 
     /// Ends channel `prefix` and every channel under it, answering their
@@ -63,6 +66,30 @@ pub fn short(key: &str) -> String {
     let head: String = chars.by_ref().take(4).collect();
     let more = if chars.next().is_some() { "…" } else { "" };
     format!("{dir}/{head}{more}")
+}
+
+impl<F: Family + ?Sized> Family for std::sync::Arc<F> {
+    fn serves(&self, mode: Mode) -> bool {
+        (**self).serves(mode)
+    }
+
+    fn serve(
+        &self,
+        ex: &mut Exchange,
+        routed: &Routed,
+        channel: &Channel,
+        action: Action,
+    ) -> Result<(), Reject> {
+        (**self).serve(ex, routed, channel, action)
+    }
+
+    fn end_under(&self, prefix: &str, reject: &Reject) -> (usize, usize) {
+        (**self).end_under(prefix, reject)
+    }
+
+    fn close(&self) -> usize {
+        (**self).close()
+    }
 }
 
 #[cfg(test)]

@@ -33,7 +33,7 @@ use crate::mode::envelope::Envelope;
 use crate::mode::wait::{Sleep, Waited, wait};
 use crate::mode::{Family, deadline, short};
 use crate::registry::{Guard, Registry};
-use crate::route::{Action, CHANNEL_METHODS, Channel, Mode, Query};
+use crate::route::{Action, CHANNEL_METHODS, Channel, Mode, Query, Routed};
 use format::Format;
 use store::{Feed, Store, Waiter, Wake};
 
@@ -273,10 +273,11 @@ impl Family for Pubsub {
     fn serve(
         &self,
         ex: &mut Exchange,
+        routed: &Routed,
         channel: &Channel,
         action: Action,
-        query: &Query,
     ) -> Result<(), Reject> {
+        let query = &routed.query;
         match action {
             Action::Send => self.publish(ex, &channel.pair_key(), query),
             Action::Receive => self.subscribe(ex, &channel.pair_key(), query),
