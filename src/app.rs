@@ -17,7 +17,11 @@ use crate::metrics::{Kind, Observation, Stats};
 use crate::mode::Family;
 use crate::mode::pubsub::Pubsub;
 use crate::mode::queue::Queues;
+use crate::mode::reqres::ReqRes;
 use crate::route::{self, Action, CHANNEL_METHODS, Endpoint, Mode, Route, Routed};
+
+/// The methods a requester may use, for a preflight's answer.
+const REQUESTER_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 
 /// What every connection thread shares: the configuration, the counters,
 /// and the families of channels.
@@ -27,6 +31,8 @@ pub struct Relay {
     /// The headers every response carries (CORS origin and the like).
     pub common: Common,
     families: Vec<Box<dyn Family>>,
+    /// Request/responder channels, for the answers sent to reply paths.
+    reqres: Arc<ReqRes>,
     /// Set once on SIGINT/SIGTERM; from then on every request gets 503.
     stopping: AtomicBool,
 }
@@ -35,12 +41,21 @@ impl Relay {
     /// A relay with no channels yet.
     pub fn new(config: Config) -> Relay {
         let stats = Arc::new(Stats::new());
+        let queues = Arc::new(Queues::new(
+            Arc::clone(&stats),
+            config.max_wait,
+            config.idle_timeout,
+        ));
+        // Switched and replied answers travel on queue channels.
+        let reqres = Arc::new(ReqRes::new(
+            Arc::clone(&stats),
+            Arc::clone(&queues),
+            config.max_wait,
+            config.reply_timeout,
+        ));
         let families: Vec<Box<dyn Family>> = vec![
-            Box::new(Queues::new(
-                Arc::clone(&stats),
-                config.max_wait,
-                config.idle_timeout,
-            )),
+            Box::new(queues),
+            Box::new(Arc::clone(&reqres)),
             Box::new(Pubsub::new(
                 Arc::clone(&stats),
                 config.pubsub.clone(),
@@ -53,6 +68,7 @@ impl Relay {
             config,
             stats,
             families,
+            reqres,
             stopping: AtomicBool::new(false),
         }
     }
@@ -99,18 +115,18 @@ impl Relay {
         check_range(ex, channel.mode, action)?;
         match self.families.iter().find(|f| f.serves(channel.mode)) {
             Some(family) => family.serve(ex, routed, channel, action),
-            None => Err(Reject::new(
-                501,
-                format!(
-                    "{} channels are not available in this version",
-                    channel.mode.as_str()
-                ),
-            )),
+            None => unreachable!("every mode has its family"),
         }
     }
 
     /// Serves a server endpoint.
-    fn endpoint(&self, ex: &mut Exchange, endpoint: Endpoint, path: &str) -> Result<(), Reject> {
+    fn endpoint(
+        &self,
+        ex: &mut Exchange,
+        endpoint: Endpoint,
+        routed: &Routed,
+    ) -> Result<(), Reject> {
+        let path = &routed.path;
         match endpoint {
             Endpoint::Status => {
                 if !matches!(ex.request.method, Method::Get | Method::Head) {
@@ -122,6 +138,7 @@ impl Relay {
                 let body = self.stats.to_json();
                 ex.respond(head, body.as_bytes()).map_err(|_| hung_up(ex))
             }
+            Endpoint::Reply => self.reqres.reply(ex, routed),
             Endpoint::Reserved => Err(Reject::new(
                 404,
                 format!("{path:?} is reserved for the server, not a channel"),
@@ -129,6 +146,9 @@ impl Relay {
         }
     }
 }
+
+/// How a reply path appears in the access log.
+const REPLY_LOGGED: &str = "/_/reply/…";
 
 /// Serves one request whose head was read: the one entry point.
 pub fn serve(relay: &Relay, ex: &mut Exchange) {
@@ -152,6 +172,11 @@ pub fn serve(relay: &Relay, ex: &mut Exchange) {
             path,
             ..
         }) => (Kind::Channel(channel.mode), path.as_str()),
+        // A reply path is a secret: never logged whole.
+        Ok(Routed {
+            route: Route::Endpoint(Endpoint::Reply),
+            ..
+        }) => (Kind::Endpoint, REPLY_LOGGED),
         Ok(Routed {
             route: Route::Endpoint(_),
             path,
@@ -193,22 +218,26 @@ fn dispatch(relay: &Relay, ex: &mut Exchange, routed: &Routed) -> Result<(), Rej
         ));
     }
     match &routed.route {
-        Route::Preflight => preflight(ex),
-        Route::Endpoint(endpoint) => relay.endpoint(ex, *endpoint, &routed.path),
+        Route::Preflight => preflight(ex, routed),
+        Route::Endpoint(endpoint) => relay.endpoint(ex, *endpoint, routed),
         Route::Channel { channel, action } => relay.channel(ex, routed, channel, *action),
     }
 }
 
-/// Answers a CORS preflight.
-fn preflight(ex: &mut Exchange) -> Result<(), Reject> {
+/// Answers a CORS preflight; a requester's path allows every method.
+fn preflight(ex: &mut Exchange, routed: &Routed) -> Result<(), Reject> {
+    let methods = match route::Channel::parse(routed.path.clone()).mode {
+        Mode::Requester => REQUESTER_METHODS,
+        _ => CHANNEL_METHODS,
+    };
     let mut head = Head::new(200);
     let allowed_headers = ex
         .request
         .header("access-control-request-headers")
         .unwrap_or("*")
         .to_owned();
-    head.header("Allow", CHANNEL_METHODS)
-        .header("Access-Control-Allow-Methods", CHANNEL_METHODS)
+    head.header("Allow", methods)
+        .header("Access-Control-Allow-Methods", methods)
         .header("Access-Control-Allow-Headers", allowed_headers)
         .header("Access-Control-Max-Age", "86400");
     ex.respond(head, b"").map_err(|_| hung_up(ex))

@@ -81,6 +81,17 @@ pub struct ServeArgs {
     )]
     pub idle_timeout: f64,
 
+    /// Seconds a requester waits for an answer sent to a reply path or a
+    /// switch channel before it gets 504.
+    #[arg(
+        long,
+        env = "PATCHCORD_REPLY_TIMEOUT",
+        allow_negative_numbers = true,
+        default_value_t = 60.0,
+        value_name = "SECS"
+    )]
+    pub reply_timeout: f64,
+
     /// Messages each pubsub channel keeps for subscribers that resume with a cursor.
     #[arg(
         long,

@@ -23,6 +23,8 @@ pub struct Config {
     pub header_timeout: Duration,
     /// How long an idle keep-alive connection or a stalled transfer is kept.
     pub idle_timeout: Duration,
+    /// How long a requester waits for a switched or replied answer.
+    pub reply_timeout: Duration,
     /// What pubsub channels keep, and how much they accept.
     pub pubsub: PubsubLimits,
     /// Silence after which a streaming subscription gets a keepalive.
@@ -134,6 +136,7 @@ impl Config {
             max_connections: args.max_connections,
             header_timeout: positive("--header-timeout", args.header_timeout)?,
             idle_timeout: positive("--idle-timeout", args.idle_timeout)?,
+            reply_timeout: positive("--reply-timeout", args.reply_timeout)?,
             pubsub,
             keepalive: keepalive(args.keepalive_secs)?,
             cors_origin,
@@ -226,6 +229,7 @@ mod tests {
         assert_eq!(c.max_connections, 10_000);
         assert_eq!(c.header_timeout, Duration::from_secs(10));
         assert_eq!(c.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.reply_timeout, Duration::from_secs(60));
         assert_eq!(
             c.pubsub,
             PubsubLimits {
@@ -288,6 +292,7 @@ mod tests {
             .is_err()
         );
         assert!(config(&["--keepalive-secs", "0"], &[]).is_err());
+        assert!(config(&["--reply-timeout", "0"], &[]).is_err());
         assert!(config(&["--keepalive-secs", "1e19"], &[]).is_err());
     }
 }

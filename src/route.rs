@@ -41,6 +41,8 @@ pub enum Route {
 pub enum Endpoint {
     /// `GET /status`: the counters as JSON.
     Status,
+    /// `/_/reply/<secret>`: a one-shot path for a responder's answer.
+    Reply,
     /// A path reserved for an endpoint this version does not serve.
     Reserved,
 }
@@ -56,6 +58,9 @@ const RESERVED: [(&str, Endpoint); 8] = [
     ("/h", Endpoint::Reserved),
     ("/r", Endpoint::Reserved),
 ];
+
+/// Where one-shot reply paths live: `/_/reply/<secret>`.
+pub const REPLY_PREFIX: &str = "/_/reply/";
 
 /// The family of a channel, set by the first mode segment of its path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +102,12 @@ pub struct Channel {
 }
 
 impl Channel {
+    /// The channel a normalized path names (the mode its path sets, without
+    /// the query's `?pubsub=`).
+    pub fn parse(key: String) -> Channel {
+        channel(key)
+    }
+
     /// The segments before the mode segment, as a path (`""` or `/u/alice`).
     pub fn namespace(&self) -> &str {
         &self.key[..self.split.0]
@@ -109,14 +120,15 @@ impl Channel {
     }
 
     /// The key two waiters must share to be paired: the channel key for
-    /// queue and pubsub; for req and res, the namespace and the first
-    /// segment of the name, so that `/req/site/a.css` meets `/res/site`.
+    /// queue and pubsub; for req and res, the responder's path, of the
+    /// namespace and the first segment of the name, so that
+    /// `/req/site/a.css` meets `/res/site` (and `DELETE /res/site` names it).
     pub fn pair_key(&self) -> Cow<'_, str> {
         match self.mode {
             Mode::Queue | Mode::Pubsub => Cow::Borrowed(&self.key),
             Mode::Requester | Mode::Responder => {
                 let id = self.name().split('/').next().unwrap_or("");
-                Cow::Owned(format!("{}/{id}", self.namespace()))
+                Cow::Owned(format!("{}/res/{id}", self.namespace()))
             }
         }
     }
@@ -225,6 +237,11 @@ pub fn route(request: &Request) -> Result<Routed, Reject> {
     let credential = credential(request, token, secret);
     let route = if let Some((_, endpoint)) = RESERVED.iter().find(|(p, _)| *p == path) {
         Route::Endpoint(*endpoint)
+    } else if path
+        .strip_prefix(REPLY_PREFIX)
+        .is_some_and(|secret| !secret.is_empty() && !secret.contains('/'))
+    {
+        Route::Endpoint(Endpoint::Reply)
     } else if path == "/_" || path.starts_with("/_/") {
         Route::Endpoint(Endpoint::Reserved)
     } else {
@@ -296,6 +313,27 @@ fn credential(request: &Request, token: Option<String>, secret: Option<String>) 
     Credential {
         token,
         secret: secret.map(Secret),
+    }
+}
+
+/// `target` (origin form) without its `token` and `secret` parameters, as
+/// it was written otherwise: what may travel to another client.
+pub fn without_credentials(target: &str) -> String {
+    let Some((path, query)) = target.split_once('?') else {
+        return target.to_owned();
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            let name = pair.split_once('=').map_or(*pair, |(name, _)| name);
+            let name = percent_decode(name, true).unwrap_or_default();
+            name != b"token" && name != b"secret"
+        })
+        .collect();
+    if kept.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{}", kept.join("&"))
     }
 }
 
@@ -548,10 +586,11 @@ mod tests {
             Ok(Route::Channel { channel, .. }) => channel.pair_key().into_owned(),
             other => panic!("{target}: {other:?}"),
         };
-        assert_eq!(pair("/req/site/a.css"), "/site");
-        assert_eq!(pair("/res/site"), "/site");
-        assert_eq!(pair("/u/alice/req/api/users/7"), "/u/alice/api");
-        assert_eq!(pair("/u/alice/res/api"), "/u/alice/api");
+        assert_eq!(pair("/req/site/a.css"), "/res/site");
+        assert_eq!(pair("/res/site"), "/res/site");
+        assert_eq!(pair("/u/alice/req/api/users/7"), "/u/alice/res/api");
+        assert_eq!(pair("/u/alice/res/api"), "/u/alice/res/api");
+        assert_eq!(pair("/u/alice/res/api/more"), "/u/alice/res/api");
         assert_eq!(pair("/jobs"), "/jobs");
     }
 
@@ -672,6 +711,21 @@ mod tests {
         assert_eq!(query.mime.as_deref(), Some("text/plain"));
         assert_eq!(query.get("x"), Some("1"));
         assert_eq!(query.get("token"), None);
+    }
+
+    #[test]
+    fn credentials_never_travel_in_a_forwarded_uri() {
+        assert_eq!(
+            without_credentials("/req/a?x=1&token=t&y=2"),
+            "/req/a?x=1&y=2"
+        );
+        assert_eq!(without_credentials("/req/a?%74oken=t&secret=s"), "/req/a");
+        assert_eq!(without_credentials("/req/a"), "/req/a");
+        assert_eq!(without_credentials("/req/a?tokens=1"), "/req/a?tokens=1");
+        let reply = routed(Method::Post, "/_/reply/0123abcd", &[]).unwrap();
+        assert_eq!(reply.route, Route::Endpoint(Endpoint::Reply));
+        let other = routed(Method::Post, "/_/reply/a/b", &[]).unwrap();
+        assert_eq!(other.route, Route::Endpoint(Endpoint::Reserved));
     }
 
     #[test]

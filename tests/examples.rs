@@ -42,8 +42,33 @@ const CHAT_SUBSCRIBE: &str =
     r#"curl -N "localhost:3000/pubsub/chat?mime=text%2Fevent-stream&persist=true""#;
 const CHAT_PUBLISH: &str =
     r#"printf 'data: hello\n\n' | curl --data-binary @- localhost:3000/pubsub/chat"#;
+const SITE_LOOP: &str = r#"hdr=$(mktemp)
+while true; do
+  curl -sf -D "$hdr" -o /dev/null localhost:3000/res/site || { sleep 1; continue; }
+  reply=$(awk 'tolower($1) == "patch-reply:" { print $2 }' "$hdr" | tr -d '\r')
+  file=.$(awk 'tolower($1) == "patch-path:" { sub(/^[^:]*: */, ""); print }' "$hdr" | tr -d '\r')
+  [ -d "$file" ] && file=$file/index.html
+  case $file in
+    *.html) type=text/html ;;
+    *.css) type=text/css ;;
+    *.js) type=text/javascript ;;
+    *.png) type=image/png ;;
+    *) type=application/octet-stream ;;
+  esac
+  if [ -f "$file" ]; then
+    curl -s -T "$file" -H "Content-Type: $type" "localhost:3000$reply"
+  else
+    curl -s -H "Patch-Status: 404" -H "Content-Type: text/plain" -d "not found" "localhost:3000$reply"
+  fi
+done"#;
+const SITE_GET: &str = "curl -i localhost:3000/req/site/index.html";
+const HOOK_LOOP: &str = r#"while true; do
+  curl -sf -d "thanks" -o event.json localhost:3000/res/hooks || { sleep 1; continue; }
+  ./on-event.sh < event.json
+done"#;
+const HOOK_SEND: &str = r#"curl -d '{"action":"opened"}' -H "Content-Type: application/json" localhost:3000/req/hooks/github"#;
 
-const ALL: [&str; 20] = [
+const ALL: [&str; 24] = [
     HTTPIPE_SEND,
     HTTPIPE_RECEIVE,
     DELETE_NAMESPACE,
@@ -64,6 +89,10 @@ const ALL: [&str; 20] = [
     FOLLOW_NDJSON,
     CHAT_SUBSCRIBE,
     CHAT_PUBLISH,
+    SITE_LOOP,
+    SITE_GET,
+    HOOK_LOOP,
+    HOOK_SEND,
 ];
 
 fn local(command: &str) -> String {
@@ -338,5 +367,72 @@ fn streams_and_patchbay_chat() {
             ",\"content_type\":\"application/x-www-form-urlencoded\",\"body\":\"backup done\"}\n"
         ),
         "{ndjson:?}"
+    );
+}
+
+/// The README's directory server: two files (one of them the directory's
+/// index) and a 404, fetched with curl, each with its Content-Type.
+#[test]
+fn a_bash_loop_hosts_a_directory() {
+    let server = Server::start();
+    let dir = temp_dir("ex-site");
+    std::fs::create_dir_all(dir.join("site")).unwrap();
+    std::fs::write(dir.join("site/index.html"), "<h1>hello</h1>\n").unwrap();
+    std::fs::write(dir.join("site/style.css"), "h1 { color: teal }\n").unwrap();
+    // The loop's output goes to a file: its last curl, still waiting when
+    // the loop is stopped, must not hold the test's pipe.
+    let script = format!(
+        "(cd site && {SITE_LOOP}) > loop.log 2>&1 &\n\
+         {SITE_GET} > index.txt\n\
+         curl -s -D - localhost:3000/req/site/style.css > css.txt\n\
+         curl -s -w ' %{{http_code}} %{{content_type}}' localhost:3000/req/site/missing.html > missing.txt\n\
+         curl -s -w ' %{{content_type}}' localhost:3000/req/site/ > root.txt\n\
+         kill %1"
+    );
+    run(&server, &dir, &script);
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+    let index = read("index.txt");
+    assert!(index.starts_with("HTTP/1.1 200 OK\r\n"), "{index}");
+    assert!(index.contains("\r\nContent-Type: text/html\r\n"), "{index}");
+    assert!(index.ends_with("\r\n\r\n<h1>hello</h1>\n"), "{index}");
+    let css = read("css.txt");
+    assert!(css.contains("\r\nContent-Type: text/css\r\n"), "{css}");
+    assert!(css.ends_with("\r\n\r\nh1 { color: teal }\n"), "{css}");
+    assert_eq!(read("missing.txt"), "not found 404 text/plain");
+    assert_eq!(read("root.txt"), "<h1>hello</h1>\n text/html");
+}
+
+/// The README's webhook loop: each sender is thanked, and each event is
+/// handled once, in order.
+#[test]
+fn a_script_behind_nat_answers_webhooks() {
+    let server = Server::start();
+    let dir = temp_dir("ex-hooks");
+    let handler = dir.join("on-event.sh");
+    std::fs::write(
+        &handler,
+        "#!/bin/sh\ncat >> events.log\necho >> events.log\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &handler,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let second = HOOK_SEND.replace("opened", "closed");
+    let script = format!(
+        "({HOOK_LOOP}) > loop.log 2>&1 &\n\
+         {HOOK_SEND} > first.txt\n\
+         {second} > second.txt\n\
+         for i in $(seq 100); do [ \"$(wc -l < events.log 2>/dev/null)\" -ge 2 ] && break; sleep 0.1; done\n\
+         kill %1"
+    );
+    run(&server, &dir, &script);
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+    assert_eq!(read("first.txt"), "thanks");
+    assert_eq!(read("second.txt"), "thanks");
+    assert_eq!(
+        read("events.log"),
+        "{\"action\":\"opened\"}\n{\"action\":\"closed\"}\n"
     );
 }

@@ -10,3 +10,4 @@ mod lifecycle;
 mod policy;
 mod pubsub;
 mod queue;
+mod reqres;

@@ -47,6 +47,9 @@ pub struct BodyReader<'a> {
     pub state: &'a mut BodyState,
     /// Set while `100 Continue` is owed; cleared once it is sent.
     pub continue_pending: &'a mut bool,
+    /// The client already has its response (another client's request, for
+    /// a responder): it may leave as soon as its body is sent.
+    pub responded: bool,
 }
 
 impl BodyReader<'_> {
@@ -64,7 +67,7 @@ impl BodyReader<'_> {
     /// must not be delivered. Checked as the last bytes are read, since a
     /// hang-up queued behind unread bytes cannot be seen earlier.
     fn check_still_there(&self) -> io::Result<()> {
-        if is_open(self.conn.stream()) {
+        if self.responded || is_open(self.conn.stream()) {
             Ok(())
         } else {
             Err(io::Error::new(

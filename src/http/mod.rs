@@ -166,6 +166,17 @@ impl<'c> Exchange<'c> {
         !self.close && self.request.keep_alive && self.is_body_read()
     }
 
+    /// Tells a client that waits for `100 Continue` to send its body now,
+    /// before anything else may be written to it.
+    pub fn send_continue(&mut self) -> io::Result<()> {
+        if self.continue_pending {
+            self.continue_pending = false;
+            let mut stream = self.conn.stream();
+            io::Write::write_all(&mut stream, b"HTTP/1.1 100 Continue\r\n\r\n")?;
+        }
+        Ok(())
+    }
+
     /// Reads whatever of the body the socket already holds, without waiting
     /// and without sending `100 Continue` (a client that tired of waiting for
     /// it may have sent its body anyway); see [`Conn::read_ahead`].
@@ -337,6 +348,7 @@ impl Read for Exchange<'_> {
             conn: self.conn,
             state: &mut self.body,
             continue_pending: &mut self.continue_pending,
+            responded: self.status.is_some(),
         }
         .read(out)
     }

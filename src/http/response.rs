@@ -20,6 +20,9 @@ pub enum Payload {
     Chunked,
     /// The end of the connection (HTTP/1.0 clients, length unknown).
     UntilClose,
+    /// No body and no framing header: a response whose status forbids a
+    /// body (204, 304) or that answers HEAD with its length unknown.
+    None,
 }
 
 impl Payload {
@@ -107,7 +110,7 @@ impl Head {
             Payload::Chunked => self
                 .bytes
                 .extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
-            Payload::UntilClose => {}
+            Payload::UntilClose | Payload::None => {}
         }
         if !keep_alive || payload == Payload::UntilClose {
             self.bytes.extend_from_slice(b"Connection: close\r\n");
@@ -165,7 +168,7 @@ pub fn stream_body(
     // A small message gets a small buffer: no 64 KiB to clear for 64 bytes.
     let capacity = match payload {
         Payload::Length(n) => usize::try_from(n).map_or(COPY_BUFFER, |n| n.clamp(1, COPY_BUFFER)),
-        Payload::Chunked | Payload::UntilClose => COPY_BUFFER,
+        Payload::Chunked | Payload::UntilClose | Payload::None => COPY_BUFFER,
     };
     let mut buf = vec![0u8; data_start + capacity + 2];
     buf[..head.len()].copy_from_slice(head);
@@ -233,7 +236,7 @@ pub fn write_piece(
 pub fn end_of_body(payload: Payload) -> &'static [u8] {
     match payload {
         Payload::Chunked => b"0\r\n\r\n",
-        Payload::Length(_) | Payload::UntilClose => b"",
+        Payload::Length(_) | Payload::UntilClose | Payload::None => b"",
     }
 }
 
@@ -262,28 +265,55 @@ pub fn reason_phrase(status: u16) -> &'static str {
         100 => "Continue",
         101 => "Switching Protocols",
         200 => "OK",
+        201 => "Created",
+        202 => "Accepted",
+        203 => "Non-Authoritative Information",
         204 => "No Content",
+        205 => "Reset Content",
+        206 => "Partial Content",
+        300 => "Multiple Choices",
+        301 => "Moved Permanently",
+        302 => "Found",
+        303 => "See Other",
+        304 => "Not Modified",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
         400 => "Bad Request",
         401 => "Unauthorized",
+        402 => "Payment Required",
         403 => "Forbidden",
         404 => "Not Found",
-        409 => "Conflict",
         405 => "Method Not Allowed",
+        406 => "Not Acceptable",
+        407 => "Proxy Authentication Required",
         408 => "Request Timeout",
+        409 => "Conflict",
         410 => "Gone",
+        411 => "Length Required",
+        412 => "Precondition Failed",
         413 => "Content Too Large",
         414 => "URI Too Long",
+        415 => "Unsupported Media Type",
         416 => "Range Not Satisfiable",
         417 => "Expectation Failed",
+        418 => "I'm a teapot",
+        421 => "Misdirected Request",
+        422 => "Unprocessable Content",
+        425 => "Too Early",
         426 => "Upgrade Required",
+        428 => "Precondition Required",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
+        451 => "Unavailable For Legal Reasons",
         500 => "Internal Server Error",
         501 => "Not Implemented",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
         507 => "Insufficient Storage",
+        511 => "Network Authentication Required",
+        // The status code is what counts; clients ignore the phrase.
         _ => "Unknown",
     }
 }

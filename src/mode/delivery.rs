@@ -230,17 +230,20 @@ pub fn deliver(
     } else {
         200
     };
-    let payload = if receiver.head_only {
-        // The framing a GET would get, announced; no body follows.
-        Payload::Length(length.unwrap_or(0))
-    } else {
-        Payload::for_body(receiver.version, length)
+    // No body goes out to HEAD, or with a status that forbids one; the
+    // sender's is read all the same, and dropped.
+    let bodiless = receiver.head_only || matches!(status, 204 | 304);
+    let payload = match length {
+        _ if !bodiless => Payload::for_body(receiver.version, length),
+        // The length a GET would get, announced.
+        Some(n) if status != 204 => Payload::Length(n),
+        _ => Payload::None,
     };
     let mut head = Head::new(status);
     outgoing
         .envelope
         .write_to(&mut head, receiver.mime.as_deref());
-    if length.is_none() && !receiver.head_only {
+    if length.is_none() && !bodiless {
         head.header("X-Accel-Buffering", "no");
     }
     let reusable = receiver.keep_alive && payload != Payload::UntilClose;
@@ -253,11 +256,7 @@ pub fn deliver(
         Body::Inline(bytes) if reusable => {
             let delivery = Delivery::Sent {
                 status,
-                sent: if receiver.head_only {
-                    0
-                } else {
-                    bytes.len() as u64
-                },
+                sent: if bodiless { 0 } else { bytes.len() as u64 },
                 reusable,
                 at: Instant::now(),
             };
@@ -266,7 +265,7 @@ pub fn deliver(
         _ => false,
     };
     let mut sink = &*receiver.stream;
-    let result = if receiver.head_only {
+    let result = if bodiless {
         match io::Write::write_all(&mut sink, &head) {
             Err(e) => Err(StreamError::Write(e)),
             // The body is read to its end all the same, and dropped.

@@ -5,15 +5,11 @@
 //! travel, nor do the headers a sender could use to take over the relay's
 //! origin in a receiver's browser.
 
-use crate::http::{Exchange, Head};
-use crate::route::Query;
+use crate::http::{Exchange, Head, Request};
+use crate::route::{Query, TokenSource};
 
-/// Headers a sender may not relay with `Patch-H-` (or `Pb-H-`): hop-by-hop
-/// fields, the ones the relay sets itself, and the ones that would act for
-/// the relay's whole origin in a browser (every channel shares it): cookies,
-/// service workers, HSTS, site data, alternative services. Names starting
-/// with [`UNRELAYED_PREFIXES`] are refused too.
-const UNRELAYED: [&str; 21] = [
+/// Hop-by-hop fields: they describe one connection and never travel.
+const HOP_BY_HOP: [&str; 7] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -21,6 +17,14 @@ const UNRELAYED: [&str; 21] = [
     "te",
     "trailer",
     "upgrade",
+];
+
+/// Headers a sender may not relay with `Patch-H-` (or `Pb-H-`) besides the
+/// [`HOP_BY_HOP`] ones: the ones the relay sets itself, and the ones that
+/// would act for the relay's whole origin in a browser (every channel
+/// shares it): cookies, service workers, HSTS, site data, alternative
+/// services. Names starting with [`UNRELAYED_PREFIXES`] are refused too.
+const UNRELAYED: [&str; 14] = [
     "content-length",
     "content-type",
     "content-encoding",
@@ -36,6 +40,11 @@ const UNRELAYED: [&str; 21] = [
     "clear-site-data",
     "alt-svc",
 ];
+
+/// Request headers a requester's request never forwards to a responder
+/// besides the [`HOP_BY_HOP`] ones: the body's framing, which is the
+/// relay's business.
+const NOT_FORWARDED: [&str; 2] = ["content-length", "expect"];
 
 /// Name prefixes of headers the relay sets itself (`Patch-Id`, CORS: the
 /// relay's policy, never a sender's).
@@ -62,6 +71,7 @@ fn has_prefix(name: &str, prefix: &str) -> bool {
 fn is_relayed(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     !lower.is_empty()
+        && !HOP_BY_HOP.contains(&lower.as_str())
         && !UNRELAYED.contains(&lower.as_str())
         && !UNRELAYED_PREFIXES.iter().any(|p| lower.starts_with(p))
 }
@@ -105,6 +115,56 @@ impl Envelope {
             content_type,
             encoding,
             disposition,
+            relayed,
+        }
+    }
+
+    /// A request as a message to a responder (DESIGN.md §4): its method,
+    /// URI (`uri`, without the relay's credentials) and path (`path`, what
+    /// follows the channel id) as `Patch-Method`, `Patch-Uri` and
+    /// `Patch-Path`, and each of its headers as `Patch-H-<Name>`, with the
+    /// same again as patchbay's `Pb-` names. Hop-by-hop headers, the
+    /// body's framing and the header that carried the relay's token
+    /// (`carrier`) never travel; its Content-Type is the message's.
+    pub fn of_request(
+        request: &Request,
+        carrier: Option<TokenSource>,
+        uri: &str,
+        path: &str,
+    ) -> Envelope {
+        let method = request.method.as_str();
+        let mut relayed = Vec::with_capacity(5 + 2 * request.headers.iter().count());
+        for (name, value) in [
+            ("Patch-Method", method),
+            ("Patch-Uri", uri),
+            ("Patch-Path", path),
+            ("Pb-Method", method),
+            ("Pb-Uri", uri),
+        ] {
+            relayed.push((name.to_owned(), value.as_bytes().to_vec()));
+        }
+        for (name, value) in request.headers.iter() {
+            let carried_token = name.eq_ignore_ascii_case("patch-token")
+                || (carrier == Some(TokenSource::Bearer)
+                    && name.eq_ignore_ascii_case("authorization"));
+            let framing = HOP_BY_HOP
+                .iter()
+                .chain(&NOT_FORWARDED)
+                .any(|n| name.eq_ignore_ascii_case(n));
+            if carried_token || framing {
+                continue;
+            }
+            for prefix in ["Patch-H-", "Pb-H-"] {
+                relayed.push((format!("{prefix}{name}"), value.to_vec()));
+            }
+        }
+        Envelope {
+            content_type: request
+                .header("content-type")
+                .unwrap_or("application/octet-stream")
+                .to_owned(),
+            encoding: None,
+            disposition: None,
             relayed,
         }
     }

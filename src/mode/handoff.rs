@@ -33,6 +33,26 @@ pub trait Waiter: Send {
     fn end(self, why: Option<&Reject>);
 }
 
+/// What wakes a parked waiter whose own thread has work to do once paired
+/// (a producer streaming its body, a requester writing its request): the
+/// counterpart to do it for, or the word that it left its line unpaired.
+#[derive(Debug)]
+pub enum Wake<T> {
+    /// Its counterpart: do the work.
+    Paired(T),
+    /// Its client was found gone: close without a word.
+    Gone,
+    /// The channel was deleted or the server is stopping.
+    Ended(Reject),
+}
+
+impl<T> Wake<T> {
+    /// The word for a waiter that [`Waiter::end`] takes out of its line.
+    pub fn unpaired(why: Option<&Reject>) -> Wake<T> {
+        why.map_or(Wake::Gone, |reject| Wake::Ended(reject.clone()))
+    }
+}
+
 /// Where an arriving waiter goes when no counterpart is there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Park {

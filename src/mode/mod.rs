@@ -7,6 +7,7 @@
 //! - `wait.rs`: how a parked request waits
 //! - `envelope.rs`: the headers that travel with a message
 //! - `queue.rs`: queue channels
+//! - `reqres.rs`: request/responder channels
 //! - `pubsub/`: pubsub channels (store, streams, stream formats)
 //!
 //! [`Exchange`]: crate::http::Exchange
@@ -16,6 +17,7 @@ mod envelope;
 pub mod handoff;
 pub mod pubsub;
 pub mod queue;
+pub mod reqres;
 mod wait;
 
 use std::time::{Duration, Instant};

@@ -27,7 +27,7 @@ use crate::mailbox::{Mailbox, Poster};
 use crate::metrics::{Kind, Stats};
 use crate::mode::delivery::{Body, Delivered, Delivery, Outgoing, Receiver, deliver};
 use crate::mode::envelope::Envelope;
-use crate::mode::handoff::{Arrival, Handoff, Park, Waiter};
+use crate::mode::handoff::{Arrival, Handoff, Park, Waiter, Wake};
 use crate::mode::wait::{READ_AHEAD, Sleep, Waited, wait};
 use crate::mode::{Family, deadline, short};
 use crate::route::{Action, CHANNEL_METHODS, Channel, Mode, Query, Routed};
@@ -50,17 +50,10 @@ enum Producer {
         receiver: Receiver,
     },
     /// Its body is still in its request: its thread is woken to stream it.
-    Streaming { id: u64, wake: Poster<Wake> },
-}
-
-/// What wakes a parked producer whose body is still in its request.
-enum Wake {
-    /// A consumer is ready: stream the body to it.
-    Paired(Receiver),
-    /// The producer's client was found gone: close without a word.
-    Gone,
-    /// The channel was deleted or the server is stopping.
-    Ended(Reject),
+    Streaming {
+        id: u64,
+        wake: Poster<Wake<Receiver>>,
+    },
 }
 
 impl Waiter for Producer {
@@ -84,7 +77,7 @@ impl Waiter for Producer {
         match self {
             Producer::Ready { receiver, .. } => receiver.end(why),
             Producer::Streaming { wake, .. } => {
-                let _ = wake.post(why.map_or(Wake::Gone, |r| Wake::Ended(r.clone())));
+                let _ = wake.post(Wake::unpaired(why));
             }
         }
     }
@@ -100,6 +93,17 @@ impl Queues {
             max_wait,
             idle_timeout,
         }
+    }
+
+    /// A new waiter identity.
+    pub fn next_id(&self) -> u64 {
+        self.handoff.next_id()
+    }
+
+    /// Takes waiting receiver `id` out of channel `key`'s line; false if it
+    /// was already taken.
+    pub fn unpark_receiver(&self, key: &str, id: u64) -> bool {
+        self.handoff.unpark_b(key, id)
     }
 
     /// Offers `receiver` to the first live producer waiting on `key`, or
@@ -169,7 +173,7 @@ impl Queues {
             Waited::Got(delivery) => delivery.apply(ex),
             Waited::TimedOut => Err(Reject::timeout()),
             Waited::HungUp => {
-                log::debug!("queue {key:?}: consumer {id} hung up while waiting");
+                log::debug!("queue {}: consumer {id} hung up while waiting", short(key));
                 self.stats.hung_up();
                 ex.close();
                 Ok(())
@@ -252,7 +256,7 @@ impl Queues {
             Waited::Got(delivery) => delivery.apply(ex),
             Waited::TimedOut => Err(Reject::timeout()),
             Waited::HungUp => {
-                log::debug!("queue {key:?}: producer {id} hung up while waiting");
+                log::debug!("queue {}: producer {id} hung up while waiting", short(key));
                 self.stats.hung_up();
                 ex.close();
                 Ok(())
@@ -268,7 +272,7 @@ impl Queues {
         key: &str,
         id: u64,
         deadline: Option<Instant>,
-        mailbox: &Mailbox<Wake>,
+        mailbox: &Mailbox<Wake<Receiver>>,
     ) -> Result<Option<Receiver>, Reject> {
         // Woken to stream its body and carry on: blind.
         match wait(mailbox, ex, deadline, Sleep::Blind, || {
@@ -279,7 +283,7 @@ impl Queues {
                 // Gone while the consumer came: the consumer was first in
                 // line and goes back there.
                 let _ = self.offer(key, consumer, Park::Front, ex.common());
-                log::debug!("queue {key:?}: producer {id} hung up while waiting");
+                log::debug!("queue {}: producer {id} hung up while waiting", short(key));
                 self.stats.hung_up();
                 ex.close();
                 Ok(None)
@@ -292,7 +296,7 @@ impl Queues {
                 Ok(None)
             }
             Waited::HungUp => {
-                log::debug!("queue {key:?}: producer {id} hung up while waiting");
+                log::debug!("queue {}: producer {id} hung up while waiting", short(key));
                 self.stats.hung_up();
                 ex.close();
                 Ok(None)
@@ -313,7 +317,10 @@ impl Queues {
     ) -> Result<(), Reject> {
         let common = ex.common();
         if outgoing.inline.is_some() && !is_open(ex.conn.stream()) {
-            log::debug!("queue {key:?}: producer hung up before its message was relayed");
+            log::debug!(
+                "queue {}: producer hung up before its message was relayed",
+                short(key)
+            );
             self.stats.hung_up();
             let _ = self.offer(key, consumer, Park::Front, common);
             ex.close();
@@ -326,7 +333,10 @@ impl Queues {
         match self.relay(key, body, outgoing, consumer, common) {
             Ok(()) => {
                 if let Err(error) = ex.respond(Head::new(200), b"") {
-                    log::debug!("queue {key:?}: producer hung up before its answer: {error}");
+                    log::debug!(
+                        "queue {}: producer hung up before its answer: {error}",
+                        short(key)
+                    );
                     ex.close();
                 }
                 Ok(())
@@ -370,7 +380,7 @@ impl Queues {
             producer,
             common,
         ) {
-            log::debug!("queue {key:?}: producer hung up before its answer");
+            log::debug!("queue {}: producer hung up before its answer", short(key));
         }
     }
 
@@ -392,7 +402,10 @@ impl Queues {
                 Ok(())
             }
             Delivered::SenderFailed { error, sent, back } => {
-                log::debug!("queue {key:?}: producer failed mid-body after {sent} bytes: {error}");
+                log::debug!(
+                    "queue {}: producer failed mid-body after {sent} bytes: {error}",
+                    short(key)
+                );
                 if let Some(consumer) = back {
                     // Nothing reached the consumer: it goes back first in line.
                     let _ = self.offer(key, consumer, Park::Front, common);

@@ -308,6 +308,22 @@ pub fn post(path: &str, body: &[u8]) -> Vec<u8> {
     bytes
 }
 
+/// A `method` request for `path` with extra header lines `headers` and
+/// `body` (with its Content-Length, unless it is empty and the method is
+/// one that usually has none).
+pub fn with_headers(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut bytes = format!("{method} {path} HTTP/1.1\r\nHost: test\r\n").into_bytes();
+    for (name, value) in headers {
+        bytes.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+    }
+    if !body.is_empty() || !matches!(method, "GET" | "HEAD" | "DELETE" | "OPTIONS") {
+        bytes.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
+    }
+    bytes.extend_from_slice(b"\r\n");
+    bytes.extend_from_slice(body);
+    bytes
+}
+
 /// A parsed response.
 #[derive(Debug)]
 pub struct Response {

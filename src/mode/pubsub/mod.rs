@@ -106,7 +106,7 @@ impl Pubsub {
                     )));
                 }
                 Err(error) => {
-                    log::debug!("pubsub {key:?}: publisher hung up mid-body: {error}");
+                    log::debug!("pubsub {}: publisher hung up mid-body: {error}", short(key));
                     ex.close();
                     return Ok(());
                 }
@@ -142,7 +142,10 @@ impl Pubsub {
         head.header("Patch-Id", id.to_string())
             .header("Patch-Subscribers", handed.to_string());
         if let Err(error) = ex.respond(head, b"") {
-            log::debug!("pubsub {key:?}: publisher hung up before its answer: {error}");
+            log::debug!(
+                "pubsub {}: publisher hung up before its answer: {error}",
+                short(key)
+            );
             ex.close();
         }
         Ok(())
@@ -179,7 +182,7 @@ impl Pubsub {
         let (message, missed) = match found {
             Some(found) => found,
             None => {
-                log::debug!("pubsub {key:?}: subscriber {id} waiting");
+                log::debug!("pubsub {}: subscriber {id} waiting", short(key));
                 // Woken to answer and carry on: blind.
                 let waited = wait(&mailbox, ex, deadline, Sleep::Blind, || {
                     self.unpark(key, id)
@@ -189,7 +192,10 @@ impl Pubsub {
                     Waited::Got(Wake::Ended(reject)) => return Err(reject),
                     Waited::TimedOut => return Err(no_message()),
                     Waited::HungUp => {
-                        log::debug!("pubsub {key:?}: subscriber {id} hung up while waiting");
+                        log::debug!(
+                            "pubsub {}: subscriber {id} hung up while waiting",
+                            short(key)
+                        );
                         self.stats.hung_up();
                         ex.close();
                         return Ok(());
@@ -207,7 +213,10 @@ impl Pubsub {
         match ex.respond(head, &message.body) {
             Ok(()) => self.stats.delivered(1),
             Err(error) => {
-                log::debug!("pubsub {key:?}: subscriber {id} hung up before its message: {error}");
+                log::debug!(
+                    "pubsub {}: subscriber {id} hung up before its message: {error}",
+                    short(key)
+                );
                 ex.close();
             }
         }
@@ -238,7 +247,7 @@ impl Pubsub {
         let (bell, ringer) = Mailbox::new();
         let first = self.open()?.pull(key, id, &mut cursor, Some(ringer))?;
         self.stats.stream_started();
-        log::debug!("pubsub {key:?}: stream {id} ({format:?}) started");
+        log::debug!("pubsub {}: stream {id} ({format:?}) started", short(key));
         let pull = || self.open()?.pull(key, id, &mut cursor, None);
         let ended = stream::follow(
             ex,
@@ -253,11 +262,15 @@ impl Pubsub {
         self.stats.stream_ended();
         match ended {
             stream::Ended::HungUp => {
-                log::debug!("pubsub {key:?}: stream {id} hung up");
+                log::debug!("pubsub {}: stream {id} hung up", short(key));
                 self.registry.lock_even_closed().leave(key, id);
             }
             stream::Ended::By(reject) => {
-                log::debug!("pubsub {key:?}: stream {id} ended: {}", reject.reason);
+                log::debug!(
+                    "pubsub {}: stream {id} ended: {}",
+                    short(key),
+                    reject.reason
+                );
             }
         }
         ex.close();
