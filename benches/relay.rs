@@ -41,7 +41,7 @@ fn usage() -> ! {
         "usage: relay [--url http://HOST:PORT --pid PID] [--json FILE] [--smoke] [--only NAME] [--pairs N] [--prefix PATH] [--consumer-delay MICROS] [--pi]\n\
          --prefix: where the rendezvous channels are, PATH/LABEL/PAIR (default /bench; /channels for httpipe)\n\
          --consumer-delay: rendezvous consumers wait so long before each receive (producers park first)\n\
-         Scenarios: rendezvous, reconnect, stream, backpressure, waiters, fanout, idle"
+         Scenarios: rendezvous, reconnect, stream, backpressure, waiters, fanout, reqres, idle"
     );
     std::process::exit(2)
 }
@@ -240,6 +240,13 @@ impl Client {
 
     /// Reads a response, discarding its body; returns (status, body length).
     fn response(&mut self) -> io::Result<(u16, u64)> {
+        let (status, length, _) = self.response_with(None)?;
+        Ok((status, length))
+    }
+
+    /// Reads a response as [`Client::response`] does, and the value of
+    /// header `want` (lowercase), if asked for and present.
+    fn response_with(&mut self, want: Option<&str>) -> io::Result<(u16, u64, Option<String>)> {
         loop {
             let status_line = self.line()?;
             let status: u16 = status_line
@@ -249,12 +256,18 @@ impl Client {
                 .unwrap_or(0);
             let mut length = None;
             let mut chunked = false;
+            let mut wanted = None;
             loop {
                 let line = self.line()?;
                 if line.is_empty() {
                     break;
                 }
                 let lower = line.to_ascii_lowercase();
+                if let Some((name, value)) = line.split_once(':') {
+                    if want.is_some_and(|w| name.eq_ignore_ascii_case(w)) {
+                        wanted = Some(value.trim().to_owned());
+                    }
+                }
                 if let Some(v) = lower.strip_prefix("content-length:") {
                     length = v.trim().parse::<u64>().ok();
                 } else if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
@@ -284,7 +297,7 @@ impl Client {
                 self.skip(length)?;
                 length
             };
-            return Ok((status, body));
+            return Ok((status, body, wanted));
         }
     }
 
@@ -925,6 +938,247 @@ fn idle(report: &mut Report, target: &Target) {
 /// Whether this harness runs under qemu-user: started through a runner, or
 /// built for ARM but seeing an x86 CPU (binfmt_misc with qemu 7, which does
 /// not fake /proc/cpuinfo for ARM), or given qemu's QEMU_LD_PREFIX.
+/// How a looping responder answers in the req/res scenarios.
+#[derive(Clone, Copy)]
+enum Form {
+    /// `POST /res/<id>` with the answer as its body.
+    Simple,
+    /// `GET /res/<id>`, then the answer to its `Patch-Reply` path.
+    Reply,
+    /// `POST /res/<id>?switch=true`, then the answer to the named channel.
+    Switch,
+}
+
+impl Form {
+    fn label(self) -> &'static str {
+        match self {
+            Form::Simple => "simple",
+            Form::Reply => "reply path",
+            Form::Switch => "switch",
+        }
+    }
+
+    /// One round of a keep-alive responder: takes a request, answers it.
+    fn respond(
+        self,
+        c: &mut Client,
+        prefix: &str,
+        res: &str,
+        answers: &str,
+        round: u64,
+    ) -> io::Result<()> {
+        let answer = [b'a'; 64];
+        let ok = |status: u16| {
+            if status == 200 {
+                Ok(())
+            } else {
+                Err(io::Error::other(format!("status {status}")))
+            }
+        };
+        match self {
+            Form::Simple => {
+                c.send(&post(res, &answer, false))?;
+                ok(c.response()?.0)
+            }
+            Form::Reply => {
+                c.send(&get(res, false))?;
+                let (status, _, reply) = c.response_with(Some("patch-reply"))?;
+                ok(status)?;
+                let reply = reply.ok_or_else(|| io::Error::other("no Patch-Reply"))?;
+                c.send(&post(&reply, &answer, false))?;
+                ok(c.response()?.0)
+            }
+            Form::Switch => {
+                // The name is taken in the responder's namespace.
+                let channel = format!("{answers}/{round}");
+                c.send(&post(
+                    &format!("{res}?switch=true"),
+                    channel.as_bytes(),
+                    false,
+                ))?;
+                ok(c.response()?.0)?;
+                c.send(&post(&format!("{prefix}/{channel}"), &answer, false))?;
+                ok(c.response()?.0)
+            }
+        }
+    }
+}
+
+/// Scenario 9: `responders` looping responders answering as many looping
+/// requesters, 64-byte bodies each way, on one id, for `duration`.
+fn reqres_round_trips(
+    report: &mut Report,
+    target: &Target,
+    prefix: &str,
+    form: Form,
+    responders: usize,
+    duration: Duration,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let trips = Arc::new(AtomicU64::new(0));
+    let barrier = Arc::new(Barrier::new(responders * 2 + 1));
+    let id = format!("rt-{}", slug(form.label()));
+    let res = format!("{prefix}/res/{id}");
+    let req = format!("{prefix}/req/{id}/page");
+    let mut handles = Vec::new();
+    for n in 0..responders {
+        for requester in [true, false] {
+            let (stop, trips, barrier) = (stop.clone(), trips.clone(), barrier.clone());
+            let (res, req, addr) = (res.clone(), req.clone(), target.addr);
+            let answers = format!("answers/{n}");
+            let prefix = prefix.to_owned();
+            handles.push(thread::spawn(move || -> Vec<Duration> {
+                let mut latencies = Vec::new();
+                let mut client = Client::new(addr).ok();
+                barrier.wait();
+                let request = post(&req, &[b'q'; 64], false);
+                let mut round = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(c) = client.as_mut() else { break };
+                    round += 1;
+                    if !requester {
+                        if form.respond(c, &prefix, &res, &answers, round).is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                    let started = Instant::now();
+                    if c.send(&request).is_err() {
+                        break;
+                    }
+                    match c.response() {
+                        Ok((200, 64)) => {}
+                        _ => break,
+                    }
+                    latencies.push(started.elapsed());
+                    trips.fetch_add(1, Ordering::Relaxed);
+                }
+                stop.store(true, Ordering::Relaxed);
+                latencies
+            }));
+        }
+    }
+    barrier.wait();
+    let cpu_before = cpu_us(target.pid);
+    let started = Instant::now();
+    thread::sleep(duration);
+    let done = trips.load(Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    let cpu_after = cpu_us(target.pid);
+    stop.store(true, Ordering::Relaxed);
+    // Whoever waits for a partner that stopped is answered 410.
+    let delete = format!("DELETE {res} HTTP/1.1\r\nHost: bench\r\n\r\n");
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while handles.iter().any(|h| !h.is_finished()) && Instant::now() < give_up {
+        if let Ok(mut c) = Client::new(target.addr) {
+            let _ = c.send(delete.as_bytes());
+            let _ = c.response();
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let mut latencies: Vec<Duration> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap_or_default())
+        .collect();
+    latencies.sort();
+    let plural = if responders == 1 { "" } else { "s" };
+    let scenario = format!("req/res {} ({responders} responder{plural})", form.label());
+    report.add(
+        &scenario,
+        "round trips per second",
+        done as f64 / elapsed.as_secs_f64(),
+        "trips/s",
+    );
+    report.add(
+        &scenario,
+        "requester latency p50",
+        percentile(&latencies, 0.5).as_secs_f64() * 1e3,
+        "ms",
+    );
+    let per_trip = if done > 0 {
+        (cpu_after - cpu_before) as f64 / done as f64
+    } else {
+        f64::NAN
+    };
+    report.add(&scenario, "server CPU per round trip", per_trip, "us");
+    assert!(done > 0, "{scenario}: no round trip completed");
+}
+
+/// Writes `total` zero bytes to `stream`.
+fn write_zeros(stream: &mut TcpStream, total: u64) -> io::Result<()> {
+    let block = vec![0u8; 256 * 1024];
+    let mut sent = 0;
+    while sent < total {
+        let n = (total - sent).min(block.len() as u64) as usize;
+        stream.write_all(&block[..n])?;
+        sent += n as u64;
+    }
+    Ok(())
+}
+
+/// Scenario 10: a `total`-byte request and a `total`-byte answer through
+/// one pair (simple form), both with a Content-Length.
+fn reqres_big(report: &mut Report, target: &Target, prefix: &str, total: u64) {
+    reset_peak(target.pid);
+    let addr = target.addr;
+    let res = format!("{prefix}/res/big");
+    let req = format!("{prefix}/req/big/file");
+    let head = |path: &str| {
+        format!("POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {total}\r\n\r\n")
+    };
+    // The responder sends its answer while it reads the request: a reader
+    // thread on the same socket.
+    let mut responder = connect(addr).expect("connect");
+    let reader = responder.try_clone().expect("clone");
+    let got_request = thread::spawn(move || -> io::Result<u64> {
+        let mut c = Client {
+            stream: reader,
+            buf: vec![0; 64 * 1024],
+            start: 0,
+            end: 0,
+        };
+        Ok(c.response()?.1)
+    });
+    responder.write_all(head(&res).as_bytes()).expect("head");
+    let answer = thread::spawn(move || write_zeros(&mut responder, total));
+    // Let the responder park first, so that the figures are the transfer's.
+    thread::sleep(Duration::from_millis(100));
+    let cpu_before = cpu_us(target.pid);
+    let started = Instant::now();
+    let mut requester = Client::new(addr).expect("connect");
+    requester.send(head(&req).as_bytes()).expect("head");
+    write_zeros(&mut requester.stream, total).expect("request body");
+    let (status, received) = requester.response().expect("answer");
+    let elapsed = started.elapsed();
+    let cpu_ms = (cpu_us(target.pid) - cpu_before) as f64 / 1000.0;
+    answer.join().expect("answer thread").expect("answer body");
+    let request = got_request.join().expect("reader").expect("request");
+    let scenario = format!("req/res {} MiB each way", total / MIB);
+    assert_eq!(
+        (status, received, request),
+        (200, total, total),
+        "{scenario}: status, answer and request bytes"
+    );
+    report.add(
+        &scenario,
+        "throughput (both bodies)",
+        2.0 * total as f64 / MIB as f64 / elapsed.as_secs_f64(),
+        "MiB/s",
+    );
+    report.add(
+        &scenario,
+        "server peak RSS",
+        peak_rss_kib(target.pid) as f64 / 1024.0,
+        "MiB",
+    );
+    report.add(
+        &scenario,
+        "server CPU per GiB",
+        cpu_ms / (2.0 * total as f64 / (1024.0 * MIB as f64)),
+        "ms",
+    );
+}
+
 fn under_emulation() -> bool {
     let arm = matches!(std::env::consts::ARCH, "arm" | "aarch64");
     let x86_cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -1033,6 +1287,22 @@ fn main() {
     }
     if wanted("fanout") {
         fanout(&mut report, &fresh(), if smoke { 10 } else { 100 }, seconds);
+    }
+    if wanted("reqres") {
+        for form in [Form::Simple, Form::Reply, Form::Switch] {
+            for responders in [1, 20] {
+                reqres_round_trips(
+                    &mut report,
+                    &fresh(),
+                    &options.prefix,
+                    form,
+                    responders,
+                    seconds,
+                );
+            }
+        }
+        let total = if smoke { 16 * MIB } else { 256 * MIB };
+        reqres_big(&mut report, &fresh(), &options.prefix, total);
     }
     if let Some(path) = &options.json {
         std::fs::write(path, report.json()).expect("write --json file");
