@@ -10,15 +10,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use crate::access::Access;
 use crate::config::Config;
 use crate::error::Reject;
 use crate::http::{Common, Exchange, Head, Method};
+use crate::limits::Limits;
 use crate::metrics::{Kind, Observation, Stats};
 use crate::mode::Family;
 use crate::mode::pubsub::Pubsub;
 use crate::mode::queue::Queues;
 use crate::mode::reqres::ReqRes;
-use crate::route::{self, Action, CHANNEL_METHODS, Endpoint, Mode, Route, Routed};
+use crate::route::{
+    self, Action, CHANNEL_METHODS, Endpoint, Hook, Mode, Route, Routed, TokenSource,
+};
 
 /// The methods a requester may use, for a preflight's answer.
 const REQUESTER_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
@@ -33,13 +37,17 @@ pub struct Relay {
     families: Vec<Box<dyn Family>>,
     /// Request/responder channels, for the answers sent to reply paths.
     reqres: Arc<ReqRes>,
+    /// Who may do what on which channel (`--auth`).
+    access: Access,
+    /// Limits per client address.
+    pub limits: Limits,
     /// Set once on SIGINT/SIGTERM; from then on every request gets 503.
     stopping: AtomicBool,
 }
 
 impl Relay {
-    /// A relay with no channels yet.
-    pub fn new(config: Config) -> Relay {
+    /// A relay with no channels yet, checking requests against `access`.
+    pub fn new(config: Config, access: Access) -> Relay {
         let stats = Arc::new(Stats::new());
         let queues = Arc::new(Queues::new(
             Arc::clone(&stats),
@@ -65,12 +73,23 @@ impl Relay {
         ];
         Relay {
             common: Common::new(config.cors_origin.as_deref()),
+            limits: Limits::new(
+                config.rate,
+                config.max_connections_per_ip,
+                config.trust_proxy.clone(),
+            ),
+            access,
             config,
             stats,
             families,
             reqres,
             stopping: AtomicBool::new(false),
         }
+    }
+
+    /// Re-reads the access file (on SIGHUP).
+    pub fn reload(&self) {
+        self.access.reload();
     }
 
     /// Whether shutdown has begun.
@@ -139,6 +158,23 @@ impl Relay {
                 ex.respond(head, body.as_bytes()).map_err(|_| hung_up(ex))
             }
             Endpoint::Reply => self.reqres.reply(ex, routed),
+            Endpoint::Mint(hook) => {
+                if !matches!(ex.request.method, Method::Get | Method::Head) {
+                    return Err(Reject::method_not_allowed("GET, HEAD, OPTIONS"));
+                }
+                let minted = self.config.hook_key.mint(hook).map_err(|e| {
+                    log::error!("cannot read random bytes for a hook: {e}");
+                    Reject::new(500, "cannot make a hook channel now; try again")
+                })?;
+                let mut head = Head::new(200);
+                head.header("Content-Type", "application/json")
+                    .header("Cache-Control", "no-store");
+                let body = format!(
+                    "{{\"channel\":\"{}\",\"secret\":\"{}\"}}\n",
+                    minted.name, minted.secret
+                );
+                ex.respond(head, body.as_bytes()).map_err(|_| hung_up(ex))
+            }
             Endpoint::Reserved => Err(Reject::new(
                 404,
                 format!("{path:?} is reserved for the server, not a channel"),
@@ -147,12 +183,101 @@ impl Relay {
     }
 }
 
+impl Relay {
+    /// Serves a request on a hook channel: the side its kind guards takes
+    /// the channel's secret (`?secret=`, else `Authorization: Bearer`).
+    fn hook(
+        &self,
+        ex: &mut Exchange,
+        routed: &Routed,
+        hook: Hook,
+        channel: &route::Channel,
+        action: Action,
+    ) -> Result<(), Reject> {
+        if hook.guards(action) {
+            let name = &channel.key[hook.as_str().len() + 2..];
+            let bearer = ex.request.header("authorization").and_then(|value| {
+                let (scheme, secret) = value.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| secret.trim())
+            });
+            let presented = routed
+                .credential
+                .secret
+                .as_ref()
+                .map(|s| s.expose())
+                .or(bearer);
+            match presented {
+                None => {
+                    self.stats.denied();
+                    return Err(Reject::new(
+                        401,
+                        "this side of a hook channel takes its secret (?secret= or Authorization: Bearer)",
+                    )
+                    .with_header("WWW-Authenticate", "Bearer realm=\"patchcord hook\""));
+                }
+                Some(secret) if !self.config.hook_key.verify(hook, name, secret) => {
+                    self.stats.bad_credential();
+                    return Err(Reject::new(403, "that is not this hook channel's secret"));
+                }
+                Some(_) => {}
+            }
+        }
+        self.channel(ex, routed, channel, action)
+    }
+
+    /// Checks `routed` against the rate limit and the access file; counts
+    /// and logs a refusal (with the table's label, never the token).
+    fn admit(&self, ex: &Exchange, routed: &Routed) -> Result<(), Reject> {
+        let client = self.limits.client(ex.conn.peer(), &ex.request);
+        if let Err(reject) = self.limits.admit(client) {
+            self.stats.rate_limited();
+            return Err(reject);
+        }
+        match self.access.check(routed) {
+            Ok(_) => Ok(()),
+            Err((denial, label)) => {
+                match denial {
+                    crate::access::Denial::UnknownToken => self.stats.bad_credential(),
+                    _ => self.stats.denied(),
+                }
+                log::info!(
+                    "refused {} {} ({}): {}",
+                    routed.method.name(),
+                    crate::mode::short(&routed.path),
+                    label.as_deref().unwrap_or("no valid token"),
+                    denial.reject().status
+                );
+                Err(denial.reject())
+            }
+        }
+    }
+}
+
+/// Whether `--max-body` applies: queue sends, requesters, responders and
+/// answers to reply paths (pubsub has its own limit).
+fn body_is_limited(route: &Route) -> bool {
+    match route {
+        Route::Channel { channel, .. } => channel.mode != Mode::Pubsub,
+        Route::Endpoint(Endpoint::Reply) => true,
+        _ => false,
+    }
+}
+
 /// How a reply path appears in the access log.
 const REPLY_LOGGED: &str = "/_/reply/…";
 
 /// Serves one request whose head was read: the one entry point.
 pub fn serve(relay: &Relay, ex: &mut Exchange) {
-    let routed = route::route(&ex.request);
+    let mut routed = route::route(&ex.request);
+    if let Ok(routed) = &mut routed {
+        // Without an access file `Authorization: Bearer` is not the relay's:
+        // it travels to a responder like any other header.
+        if !relay.access.is_on()
+            && matches!(routed.credential.token, Some((_, TokenSource::Bearer)))
+        {
+            routed.credential.token = None;
+        }
+    }
     let result = match &routed {
         Err(reject) => Err(reject.clone()),
         Ok(_) if relay.is_stopping() => {
@@ -168,7 +293,7 @@ pub fn serve(relay: &Relay, ex: &mut Exchange) {
     }
     let (kind, path) = match &routed {
         Ok(Routed {
-            route: Route::Channel { channel, .. },
+            route: Route::Channel { channel, .. } | Route::Hook { channel, .. },
             path,
             ..
         }) => (Kind::Channel(channel.mode), path.as_str()),
@@ -217,10 +342,23 @@ fn dispatch(relay: &Relay, ex: &mut Exchange, routed: &Routed) -> Result<(), Rej
             "service workers cannot be registered through the relay",
         ));
     }
+    relay.admit(ex, routed)?;
+    if let Some(max) = relay
+        .config
+        .max_body
+        .filter(|_| body_is_limited(&routed.route))
+    {
+        ex.limit_body(max)?;
+    }
     match &routed.route {
         Route::Preflight => preflight(ex, routed),
         Route::Endpoint(endpoint) => relay.endpoint(ex, *endpoint, routed),
         Route::Channel { channel, action } => relay.channel(ex, routed, channel, *action),
+        Route::Hook {
+            hook,
+            channel,
+            action,
+        } => relay.hook(ex, routed, *hook, channel, *action),
     }
 }
 

@@ -25,7 +25,18 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the relay (the default when no subcommand is given).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Print a new random access token and the lines of the access file
+    /// (`--auth`) that grant it, plaintext and hashed.
+    Token(TokenArgs),
+}
+
+/// Options of `patchcord token`.
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// The table's name in the access file: a label for logs, never the secret.
+    #[arg(default_value = "NAME")]
+    pub label: String,
 }
 
 /// Options of `patchcord serve`.
@@ -163,6 +174,48 @@ pub struct ServeArgs {
     )]
     pub cors_origin: String,
 
+    /// The access file (TOML): tokens and the paths each may use per
+    /// method; without it every channel is open to everyone. Re-read on SIGHUP.
+    #[arg(long, env = "PATCHCORD_AUTH", value_name = "FILE")]
+    pub auth: Option<std::path::PathBuf>,
+
+    /// A file holding the key hook secrets are signed with (at least 32
+    /// bytes; a trailing newline is dropped). PATCHCORD_SECRET_KEY may hold
+    /// the key itself. Without either, a random key is made at start.
+    #[arg(long, env = "PATCHCORD_SECRET_KEY_FILE", value_name = "FILE")]
+    pub secret_key_file: Option<std::path::PathBuf>,
+
+    /// Requests per client address: N/s, N/m or N/h; beyond it, 429 with
+    /// Retry-After. Off by default.
+    #[arg(long, env = "PATCHCORD_RATE_LIMIT", value_name = "RATE")]
+    pub rate_limit: Option<String>,
+
+    /// Requests a client may make at once before --rate-limit applies
+    /// (default: one second's worth, at least 1).
+    #[arg(long, env = "PATCHCORD_RATE_BURST", value_name = "N")]
+    pub rate_burst: Option<u32>,
+
+    /// Proxies whose X-Forwarded-For is believed, as addresses or CIDR
+    /// ranges separated by commas (e.g. 127.0.0.1,10.0.0.0/8).
+    #[arg(long, env = "PATCHCORD_TRUST_PROXY", value_name = "CIDRS")]
+    pub trust_proxy: Option<String>,
+
+    /// Most connections open at once from one address (trusted proxies
+    /// excepted); beyond it new ones get 503. Off by default.
+    #[arg(long, env = "PATCHCORD_MAX_CONNECTIONS_PER_IP", value_name = "N")]
+    pub max_connections_per_ip: Option<usize>,
+
+    /// Largest body a queue, requester or responder may send (K, M, G):
+    /// 413 when Content-Length says more; a chunked body that passes it is
+    /// cut. Unlimited by default.
+    #[arg(
+        long,
+        env = "PATCHCORD_MAX_BODY",
+        value_parser = parse_size,
+        value_name = "BYTES"
+    )]
+    pub max_body: Option<u64>,
+
     /// Log level (RUST_LOG overrides it).
     #[arg(
         long,
@@ -194,7 +247,7 @@ impl Cli {
 
     /// What to do: the subcommand, or `serve` with the options given.
     pub fn into_command(self) -> Command {
-        self.command.unwrap_or(Command::Serve(self.serve))
+        self.command.unwrap_or(Command::Serve(Box::new(self.serve)))
     }
 }
 
@@ -286,7 +339,8 @@ mod tests {
     fn serve_args(argv: &[&str]) -> ServeArgs {
         let args = serve_first(argv.iter().map(OsString::from).collect());
         match Cli::try_parse_from(args).unwrap().into_command() {
-            Command::Serve(args) => args,
+            Command::Serve(args) => *args,
+            Command::Token(_) => panic!("not serve"),
         }
     }
 
@@ -326,6 +380,7 @@ mod tests {
         let negative = Cli::try_parse_from(["patchcord", "--timeout", "-1"]).unwrap();
         match negative.into_command() {
             Command::Serve(args) => assert_eq!(args.timeout, Some(-1.0)),
+            Command::Token(_) => panic!("not serve"),
         }
     }
 

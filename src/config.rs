@@ -2,10 +2,15 @@
 //! server sees only [`Config`]; nothing after start-up reads flags or variables.
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use ipnet::IpNet;
 
 use crate::cli::ServeArgs;
 use crate::error::ConfigError;
+use crate::hooks::{HookKey, MIN_KEY};
+use crate::limits::{Rate, parse_rate};
 
 /// Where the relay listens when neither --listen nor a port is given.
 const DEFAULT_LISTEN: &str = "0.0.0.0:3000";
@@ -33,6 +38,18 @@ pub struct Config {
     pub cors_origin: Option<String>,
     /// The log level before `RUST_LOG` is applied.
     pub log_level: log::LevelFilter,
+    /// The access file, read by `access.rs` (at start and on SIGHUP).
+    pub auth: Option<PathBuf>,
+    /// The key hook secrets are signed with.
+    pub hook_key: HookKey,
+    /// Requests per client address, when limited.
+    pub rate: Option<Rate>,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trust_proxy: Vec<IpNet>,
+    /// Most connections open at once from one address.
+    pub max_connections_per_ip: Option<usize>,
+    /// Largest queue or req/res body.
+    pub max_body: Option<u64>,
 }
 
 /// Retention and size limits of pubsub channels.
@@ -130,6 +147,28 @@ impl Config {
                 )));
             }
         };
+        let rate = match &args.rate_limit {
+            None => None,
+            Some(text) => {
+                let per_second =
+                    parse_rate(text).map_err(|e| ConfigError::new(format!("--rate-limit {e}")))?;
+                let burst = match args.rate_burst {
+                    Some(0) => return Err(ConfigError::new("--rate-burst must be at least 1")),
+                    Some(n) => f64::from(n),
+                    None => per_second.ceil().max(1.0),
+                };
+                Some(Rate { per_second, burst })
+            }
+        };
+        if args.rate_burst.is_some() && rate.is_none() {
+            return Err(ConfigError::new("--rate-burst needs --rate-limit"));
+        }
+        if args.max_connections_per_ip == Some(0) {
+            return Err(ConfigError::new(
+                "--max-connections-per-ip must be at least 1",
+            ));
+        }
+        let hook_key = hook_key(args.secret_key_file.as_deref(), env("PATCHCORD_SECRET_KEY"))?;
         Ok(Config {
             listen,
             max_wait: (!max_wait.is_zero()).then_some(max_wait),
@@ -141,8 +180,62 @@ impl Config {
             keepalive: keepalive(args.keepalive_secs)?,
             cors_origin,
             log_level: level,
+            auth: args.auth,
+            hook_key,
+            rate,
+            trust_proxy: trust_proxy(args.trust_proxy.as_deref().unwrap_or(""))?,
+            max_connections_per_ip: args.max_connections_per_ip,
+            max_body: args.max_body,
         })
     }
+}
+
+/// The hook key: from `--secret-key-file`, else `PATCHCORD_SECRET_KEY`,
+/// else made up for this run. A trailing newline is not part of it.
+fn hook_key(file: Option<&Path>, variable: Option<String>) -> Result<HookKey, ConfigError> {
+    let (bytes, from) = match (file, variable) {
+        (Some(file), _) => {
+            let bytes = std::fs::read(file).map_err(|e| {
+                ConfigError::caused(format!("--secret-key-file {}", file.display()), e)
+            })?;
+            (bytes, format!("--secret-key-file {}", file.display()))
+        }
+        (None, Some(text)) => (text.into_bytes(), "PATCHCORD_SECRET_KEY".to_owned()),
+        (None, None) => {
+            return HookKey::generate()
+                .map_err(|e| ConfigError::caused("cannot make a random hook key", e));
+        }
+    };
+    let mut bytes = bytes;
+    if bytes.last() == Some(&b'\n') {
+        bytes.pop();
+        if bytes.last() == Some(&b'\r') {
+            bytes.pop();
+        }
+    }
+    if bytes.len() < MIN_KEY {
+        return Err(ConfigError::new(format!(
+            "{from}: the key must be at least {MIN_KEY} bytes (try: head -c 32 /dev/urandom | base64)"
+        )));
+    }
+    Ok(HookKey::new(bytes))
+}
+
+/// `--trust-proxy`: addresses or CIDR ranges, separated by commas.
+fn trust_proxy(text: &str) -> Result<Vec<IpNet>, ConfigError> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            t.parse::<IpNet>()
+                .or_else(|_| t.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    ConfigError::new(format!(
+                        "--trust-proxy {t:?} is not an address or a CIDR range such as 10.0.0.0/8"
+                    ))
+                })
+        })
+        .collect()
 }
 
 /// The address to bind: an IP address and port, or a host name to look up.
@@ -212,8 +305,11 @@ mod tests {
         full.extend_from_slice(argv);
         let crate::cli::Command::Serve(args) = Cli::try_parse_from(full)
             .map_err(|e| e.to_string())?
-            .into_command();
-        Config::from_args_and_env(args, |name| {
+            .into_command()
+        else {
+            return Err("not serve".to_owned());
+        };
+        Config::from_args_and_env(*args, |name| {
             env.iter()
                 .find(|(k, _)| *k == name)
                 .map(|(_, v)| v.to_string())
@@ -242,6 +338,33 @@ mod tests {
         );
         assert_eq!(c.keepalive, Duration::from_secs(30));
         assert_eq!(c.cors_origin.as_deref(), Some("*"));
+        assert!(c.hook_key.generated);
+        assert_eq!(c.rate, None);
+        assert!(c.trust_proxy.is_empty());
+        assert_eq!((c.max_connections_per_ip, c.max_body), (None, None));
+    }
+
+    #[test]
+    fn limits_and_keys() {
+        let c = config(
+            &[
+                "--rate-limit",
+                "120/m",
+                "--trust-proxy",
+                "127.0.0.1, 10.0.0.0/8",
+            ],
+            &[("PATCHCORD_SECRET_KEY", &"k".repeat(32))],
+        )
+        .unwrap();
+        assert_eq!(
+            c.rate,
+            Some(Rate {
+                per_second: 2.0,
+                burst: 2.0
+            })
+        );
+        assert_eq!(c.trust_proxy.len(), 2);
+        assert!(!c.hook_key.generated);
     }
 
     #[test]
@@ -294,5 +417,12 @@ mod tests {
         assert!(config(&["--keepalive-secs", "0"], &[]).is_err());
         assert!(config(&["--reply-timeout", "0"], &[]).is_err());
         assert!(config(&["--keepalive-secs", "1e19"], &[]).is_err());
+        assert!(config(&["--rate-limit", "0/s"], &[]).is_err());
+        assert!(config(&["--rate-burst", "3"], &[]).is_err());
+        assert!(config(&["--rate-limit", "1/s", "--rate-burst", "0"], &[]).is_err());
+        assert!(config(&["--max-connections-per-ip", "0"], &[]).is_err());
+        assert!(config(&["--trust-proxy", "10.0.0.0/33"], &[]).is_err());
+        assert!(config(&[], &[("PATCHCORD_SECRET_KEY", "short")]).is_err());
+        assert!(config(&["--secret-key-file", "/nonexistent/key"], &[]).is_err());
     }
 }

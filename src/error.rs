@@ -36,12 +36,16 @@ pub enum Error {
     Bind { addr: String, source: io::Error },
     /// The bound socket's own address could not be read back.
     LocalAddr(io::Error),
-    /// The SIGINT/SIGTERM handler could not be installed.
-    Signal(ctrlc::Error),
+    /// The SIGINT/SIGTERM/SIGHUP handlers could not be installed.
+    Signal(io::Error),
     /// The logger could not be installed.
     Logger(log::SetLoggerError),
     /// The accept thread could not be started.
     Spawn(io::Error),
+    /// The access file (`--auth`) is unreadable or wrong.
+    Access(crate::access::FileError),
+    /// The kernel gave no random bytes.
+    Random(io::Error),
 }
 
 impl Error {
@@ -60,9 +64,11 @@ impl fmt::Display for Error {
             Error::Config(error) => write!(f, "{error}"),
             Error::Bind { addr, .. } => write!(f, "cannot listen on {addr}"),
             Error::LocalAddr(_) => write!(f, "cannot read the bound address"),
-            Error::Signal(_) => write!(f, "cannot install the signal handler"),
+            Error::Signal(_) => write!(f, "cannot install the signal handlers"),
             Error::Logger(_) => write!(f, "cannot install the logger"),
             Error::Spawn(_) => write!(f, "cannot start the accept thread"),
+            Error::Access(error) => write!(f, "{error}"),
+            Error::Random(_) => write!(f, "cannot read random bytes"),
         }
     }
 }
@@ -76,6 +82,8 @@ impl std::error::Error for Error {
             Error::Signal(source) => Some(source),
             Error::Logger(source) => Some(source),
             Error::Spawn(source) => Some(source),
+            Error::Access(_) => None,
+            Error::Random(source) => Some(source),
         }
     }
 }

@@ -5,6 +5,8 @@
 //! - `server.rs`: bind, accept loop, worker threads, the connection loop, shutdown
 //! - `http/`: the HTTP/1.1 layer (heads, bodies, responses)
 //! - `app.rs`: the one entry point: route → policy → endpoint or family → observe
+//! - `access.rs`, `hooks.rs`, `limits.rs`: who may do what: the access
+//!   file's tokens, hook secrets, limits per client address
 //! - `route.rs`: the URL grammar, a request head → its route
 //! - `registry.rs`: channel key → channel state, for every family
 //! - `mailbox.rs`: how a thread waits for word from another
@@ -12,14 +14,19 @@
 //! - `metrics.rs`: the counters, and the one observation of each request
 //! - `error.rs`: fatal errors, per-request refusals, exit statuses
 
+mod access;
 mod app;
 mod cli;
 mod config;
 mod error;
+mod hex;
+mod hooks;
 mod http;
+mod limits;
 mod mailbox;
 mod metrics;
 mod mode;
+mod random;
 mod registry;
 mod route;
 mod server;
@@ -31,7 +38,8 @@ use error::{Error, Exit};
 
 fn main() -> ExitCode {
     let result = match Cli::parse_args().into_command() {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
+        Command::Token(args) => token(&args.label),
     };
     match result {
         Ok(exit) => exit.into(),
@@ -58,6 +66,43 @@ fn serve(args: cli::ServeArgs) -> Result<Exit, Error> {
         .with_utc_timestamps()
         .init()
         .map_err(Error::Logger)?;
-    server::run(config)?;
+    let access = access::Access::open(config.auth.as_deref()).map_err(Error::Access)?;
+    if config.hook_key.generated {
+        log::warn!(
+            "no --secret-key-file or PATCHCORD_SECRET_KEY: hook secrets (/h, /r) will not survive a restart"
+        );
+    }
+    server::run(config, access)?;
+    Ok(Exit::Clean)
+}
+
+/// `patchcord token`: a new random token (192 bits, URL-safe) and the
+/// access file's lines for it, plaintext and hashed.
+fn token(label: &str) -> Result<Exit, Error> {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let mut bytes = [0u8; 24];
+    random::fill(&mut bytes).map_err(Error::Random)?;
+    let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let digest = hex::encode(&sha2::Sha256::digest(token.as_bytes()));
+    let label = if label
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        label.to_owned()
+    } else {
+        format!("{label:?}")
+    };
+    println!("token: {token}");
+    println!();
+    println!("# In the access file (--auth), either plaintext:");
+    println!("[tokens.{label}]");
+    println!("token = \"{token}\"");
+    println!();
+    println!("# or hashed, so that the file does not hold the token itself:");
+    println!("[tokens.{label}]");
+    println!("sha256 = \"{digest}\"");
+    println!("# then grant it paths per method, e.g.:");
+    println!("# POST = [\"/u/{}/**\"]", label.trim_matches('"'));
     Ok(Exit::Clean)
 }

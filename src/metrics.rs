@@ -88,6 +88,13 @@ pub struct Stats {
     published: AtomicU64,
     delivered: AtomicU64,
     evicted: AtomicU64,
+    /// Refused for want of a permission (401 without a credential, 403).
+    denied: AtomicU64,
+    /// Refused for an unknown token or a wrong hook secret.
+    bad_credentials: AtomicU64,
+    rate_limited: AtomicU64,
+    /// Connections refused by --max-connections-per-ip.
+    refused_per_ip: AtomicU64,
 }
 
 impl Default for Stats {
@@ -115,6 +122,10 @@ impl Stats {
             published: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
+            denied: AtomicU64::new(0),
+            bad_credentials: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
+            refused_per_ip: AtomicU64::new(0),
         }
     }
 
@@ -200,6 +211,26 @@ impl Stats {
         self.evicted.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// A request was refused for want of a permission.
+    pub fn denied(&self) {
+        self.denied.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request presented an unknown token or a wrong hook secret.
+    pub fn bad_credential(&self) {
+        self.bad_credentials.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request was refused by --rate-limit.
+    pub fn rate_limited(&self) {
+        self.rate_limited.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connection was refused by --max-connections-per-ip.
+    pub fn refused_per_ip(&self) {
+        self.refused_per_ip.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// How long the relay has run.
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
@@ -257,6 +288,14 @@ impl Stats {
             load(&self.relayed),
             load(&self.hangups),
             load(&self.timeouts)
+        );
+        let _ = write!(
+            out,
+            "\"access\":{{\"denied_total\":{},\"bad_credentials_total\":{},\"rate_limited_total\":{},\"connections_refused_per_ip_total\":{}}},",
+            load(&self.denied),
+            load(&self.bad_credentials),
+            load(&self.rate_limited),
+            load(&self.refused_per_ip)
         );
         let _ = write!(
             out,

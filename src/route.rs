@@ -32,6 +32,13 @@ pub enum Route {
     Endpoint(Endpoint),
     /// A channel, and what the request does on it.
     Channel { channel: Channel, action: Action },
+    /// A hook channel (`/h/<name>`, `/r/<name>`): a pubsub channel whose
+    /// secret guards sending (`/h`) or reading (`/r`).
+    Hook {
+        hook: Hook,
+        channel: Channel,
+        action: Action,
+    },
     /// `OPTIONS *`, or `OPTIONS` anywhere but on a requester: a CORS preflight.
     Preflight,
 }
@@ -43,6 +50,8 @@ pub enum Endpoint {
     Status,
     /// `/_/reply/<secret>`: a one-shot path for a responder's answer.
     Reply,
+    /// `GET /h` or `GET /r`: mints a hook channel and its secret.
+    Mint(Hook),
     /// A path reserved for an endpoint this version does not serve.
     Reserved,
 }
@@ -55,9 +64,38 @@ const RESERVED: [(&str, Endpoint); 8] = [
     ("/healthz", Endpoint::Reserved),
     ("/status", Endpoint::Status),
     ("/metrics", Endpoint::Reserved),
-    ("/h", Endpoint::Reserved),
-    ("/r", Endpoint::Reserved),
+    ("/h", Endpoint::Mint(Hook::Send)),
+    ("/r", Endpoint::Mint(Hook::Read)),
 ];
+
+/// The two kinds of hook channel; each takes its secret for one side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// `/h/<name>`: anyone reads; sending (and deleting) takes the secret.
+    Send,
+    /// `/r/<name>`: anyone sends; reading (and deleting) takes the secret.
+    Read,
+}
+
+impl Hook {
+    /// The path segment, and the prefix of the text its secret signs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hook::Send => "h",
+            Hook::Read => "r",
+        }
+    }
+
+    /// Whether `action` on this kind of hook takes the secret.
+    pub fn guards(self, action: Action) -> bool {
+        match action {
+            Action::Delete => true,
+            Action::Send => self == Hook::Send,
+            Action::Receive => self == Hook::Read,
+            _ => false,
+        }
+    }
+}
 
 /// Where one-shot reply paths live: `/_/reply/<secret>`.
 pub const REPLY_PREFIX: &str = "/_/reply/";
@@ -106,6 +144,15 @@ impl Channel {
     /// the query's `?pubsub=`).
     pub fn parse(key: String) -> Channel {
         channel(key)
+    }
+
+    /// The pubsub channel behind a hook path (`/h/<name>`): no namespace.
+    fn hook(key: String) -> Channel {
+        Channel {
+            mode: Mode::Pubsub,
+            key,
+            split: (0, 1),
+        }
     }
 
     /// The segments before the mode segment, as a path (`""` or `/u/alice`).
@@ -206,7 +253,6 @@ pub struct Secret(String);
 
 impl Secret {
     /// The text, for comparing against what the server knows.
-    #[allow(dead_code)] // read by the access check, which comes with access control
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -244,6 +290,16 @@ pub fn route(request: &Request) -> Result<Routed, Reject> {
         Route::Endpoint(Endpoint::Reply)
     } else if path == "/_" || path.starts_with("/_/") {
         Route::Endpoint(Endpoint::Reserved)
+    } else if let Some(hook) = hook_of(&path) {
+        let channel = Channel::hook(path.clone());
+        match action(&method, channel.mode, &query, request) {
+            Some(action) => Route::Hook {
+                hook,
+                channel,
+                action,
+            },
+            None => Route::Preflight,
+        }
     } else {
         let mut channel = channel(path.clone());
         if channel.mode == Mode::Queue {
@@ -270,6 +326,18 @@ pub fn route(request: &Request) -> Result<Routed, Reject> {
         route,
         query,
         credential,
+    })
+}
+
+/// The kind of hook `path` is a channel of: `/h/<name>` or `/r/<name>`.
+/// The name is all that follows; only names the relay minted have a
+/// secret anyone knows.
+fn hook_of(path: &str) -> Option<Hook> {
+    [Hook::Send, Hook::Read].into_iter().find(|hook| {
+        path.strip_prefix('/')
+            .and_then(|p| p.strip_prefix(hook.as_str()))
+            .and_then(|p| p.strip_prefix('/'))
+            .is_some_and(|name| !name.is_empty())
     })
 }
 

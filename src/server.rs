@@ -12,14 +12,17 @@
 //! `--max-connections`, and a pool of N blocked workers never starves N+1.
 
 use std::io::{self, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::bounded;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
+use crate::access::Access;
 use crate::app::{self, Relay};
 use crate::config::Config;
 use crate::error::{Error, Reject};
@@ -40,18 +43,13 @@ const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 
 /// Binds, prints `listening on http://ADDR`, serves until SIGINT or SIGTERM,
 /// then answers every waiter with 503 and returns (the process then exits 0).
-/// A second signal exits at once with status 1.
-pub fn run(config: Config) -> Result<(), Error> {
+/// A second signal exits at once with status 1. SIGHUP re-reads the access
+/// file (`systemctl reload`).
+pub fn run(config: Config, access: Access) -> Result<(), Error> {
     raise_open_files_limit(config.max_connections);
-    let (signal_tx, signal_rx) = bounded::<()>(1);
-    let signals = AtomicUsize::new(0);
-    ctrlc::set_handler(move || {
-        if signals.fetch_add(1, Ordering::SeqCst) > 0 {
-            std::process::exit(1);
-        }
-        let _ = signal_tx.try_send(());
-    })
-    .map_err(Error::Signal)?;
+    // Registered before anything else: a signal from now on is kept until
+    // the thread below takes it.
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(Error::Signal)?;
 
     let listener = TcpListener::bind(config.listen).map_err(|source| Error::Bind {
         addr: config.listen.to_string(),
@@ -67,14 +65,33 @@ pub fn run(config: Config) -> Result<(), Error> {
         env!("CARGO_PKG_VERSION")
     );
 
-    let relay = Arc::new(Relay::new(config));
+    let relay = Arc::new(Relay::new(config, access));
+    let (stop_tx, stop_rx) = bounded::<()>(1);
+    let signalled = Arc::clone(&relay);
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut stops = 0;
+            for signal in signals.forever() {
+                if signal == SIGHUP {
+                    signalled.reload();
+                    continue;
+                }
+                stops += 1;
+                if stops > 1 {
+                    std::process::exit(1);
+                }
+                let _ = stop_tx.try_send(());
+            }
+        })
+        .map_err(Error::Spawn)?;
     let accepting = Arc::clone(&relay);
     thread::Builder::new()
         .name("accept".into())
         .spawn(move || accept_loop(&listener, &accepting))
         .map_err(Error::Spawn)?;
 
-    let _ = signal_rx.recv();
+    let _ = stop_rx.recv();
     shut_down(&relay);
     Ok(())
 }
@@ -97,16 +114,16 @@ fn shut_down(relay: &Relay) {
 #[derive(Default)]
 struct Pool {
     /// Held for a push or a pop, never across a system call.
-    idle: Mutex<Vec<Poster<TcpStream>>>,
+    idle: Mutex<Vec<Poster<Accepted>>>,
 }
 
 impl Pool {
-    fn lock(&self) -> MutexGuard<'_, Vec<Poster<TcpStream>>> {
+    fn lock(&self) -> MutexGuard<'_, Vec<Poster<Accepted>>> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Hands `stream` to an idle worker, or gives it back if none is idle.
-    fn hand_over(&self, stream: TcpStream) -> Result<(), TcpStream> {
+    fn hand_over(&self, stream: Accepted) -> Result<(), Accepted> {
         let mut stream = stream;
         loop {
             // Popped in a statement of its own: the lock is released before
@@ -124,11 +141,11 @@ impl Pool {
 
     /// A worker's life: serves `first`, then each connection handed to it,
     /// until it has been idle for [`RETIRE_AFTER`].
-    fn work(&self, relay: &Relay, first: TcpStream) {
+    fn work(&self, relay: &Relay, first: Accepted) {
         let (mailbox, poster) = Mailbox::new();
         let mut next = Some(first);
-        while let Some(stream) = next {
-            serve_connection(relay, stream);
+        while let Some(accepted) = next {
+            serve_connection(relay, accepted);
             let offer = poster.clone();
             self.lock().push(offer);
             next = match mailbox.wait(Some(Instant::now() + RETIRE_AFTER)) {
@@ -159,7 +176,7 @@ fn accept_loop(listener: &TcpListener, relay: &Arc<Relay>) {
     // ── the main loop ──
     loop {
         match listener.accept() {
-            Ok((stream, _)) => admit(stream, relay, &pool),
+            Ok((stream, peer)) => admit(stream, peer, relay, &pool),
             Err(e)
                 if e.kind() == io::ErrorKind::ConnectionAborted
                     || e.kind() == io::ErrorKind::Interrupted => {}
@@ -172,24 +189,30 @@ fn accept_loop(listener: &TcpListener, relay: &Arc<Relay>) {
 }
 
 /// Hands `stream` to an idle worker or a new one, or refuses it with 503.
-fn admit(stream: TcpStream, relay: &Arc<Relay>, pool: &Arc<Pool>) {
+fn admit(stream: TcpStream, peer: SocketAddr, relay: &Arc<Relay>, pool: &Arc<Pool>) {
     if relay.is_stopping() {
         return turn_away(stream, relay, "server shutting down");
+    }
+    if !relay.limits.open_connection(peer) {
+        relay.stats.refused_per_ip();
+        log::info!("refused a connection: --max-connections-per-ip reached for {peer:?}");
+        return turn_away(stream, relay, "too many connections from your address");
     }
     let open = &relay.stats.open;
     if open.fetch_add(1, Ordering::SeqCst) >= relay.config.max_connections {
         open.fetch_sub(1, Ordering::SeqCst);
+        relay.limits.close_connection(peer);
         log::warn!(
             "refused a connection: --max-connections {} reached",
             relay.config.max_connections
         );
         return turn_away(stream, relay, "too many connections; try again later");
     }
-    let Err(stream) = pool.hand_over(stream) else {
+    let Err(accepted) = pool.hand_over(Accepted { stream, peer }) else {
         return;
     };
     // The slot lets the stream be taken back if the thread cannot be started.
-    let slot = Arc::new(Mutex::new(Some(stream)));
+    let slot = Arc::new(Mutex::new(Some(accepted)));
     let worker_slot = Arc::clone(&slot);
     let worker_relay = Arc::clone(relay);
     let worker_pool = Arc::clone(pool);
@@ -204,9 +227,14 @@ fn admit(stream: TcpStream, relay: &Arc<Relay>, pool: &Arc<Pool>) {
         });
     if let Err(e) = spawned {
         relay.stats.open.fetch_sub(1, Ordering::SeqCst);
+        relay.limits.close_connection(peer);
         log::warn!("cannot start a connection thread: {e}");
-        if let Some(stream) = slot.lock().ok().and_then(|mut s| s.take()) {
-            turn_away(stream, relay, "server out of threads; try again later");
+        if let Some(accepted) = slot.lock().ok().and_then(|mut s| s.take()) {
+            turn_away(
+                accepted.stream,
+                relay,
+                "server out of threads; try again later",
+            );
         }
     }
 }
@@ -233,12 +261,29 @@ impl Drop for Counted<'_> {
     }
 }
 
+/// An accepted connection and the address it came from.
+struct Accepted {
+    stream: TcpStream,
+    peer: SocketAddr,
+}
+
+/// Gives back a connection counted against its address when dropped.
+struct PerIp<'a>(&'a Relay, SocketAddr);
+
+impl Drop for PerIp<'_> {
+    fn drop(&mut self) {
+        self.0.limits.close_connection(self.1);
+    }
+}
+
 /// Serves the requests of one connection, in order, until it closes.
-fn serve_connection(relay: &Relay, stream: TcpStream) {
-    // `open` was counted in admit(); this gives it back however we leave.
+fn serve_connection(relay: &Relay, accepted: Accepted) {
+    // `open` and the address's count were taken in admit(); these give
+    // them back however we leave.
     let _open = Counted(&relay.stats.open);
+    let _per_ip = PerIp(relay, accepted.peer);
     let config = &relay.config;
-    let mut conn = Conn::new(stream, config.idle_timeout);
+    let mut conn = Conn::new(accepted.stream, config.idle_timeout);
     let timeouts = HeadTimeouts {
         header: config.header_timeout,
         idle: config.idle_timeout,

@@ -67,8 +67,15 @@ const HOOK_LOOP: &str = r#"while true; do
   ./on-event.sh < event.json
 done"#;
 const HOOK_SEND: &str = r#"curl -d '{"action":"opened"}' -H "Content-Type: application/json" localhost:3000/req/hooks/github"#;
+const TOKEN_SEND: &str =
+    r#"curl -H "Patch-Token: $TOKEN" -d "deploy v2" localhost:3000/u/alice/jobs"#;
+const TOKEN_RECEIVE: &str = r#"curl -H "Patch-Token: $TOKEN" localhost:3000/u/alice/jobs"#;
+const R_MINT: &str = "curl localhost:3000/r";
+const R_SEND: &str = r#"curl -d '{"action":"opened"}' localhost:3000/r/$NAME"#;
+const R_FOLLOW: &str =
+    r#"curl -N -H "Authorization: Bearer $SECRET" "localhost:3000/r/$NAME?format=ndjson&after=0""#;
 
-const ALL: [&str; 24] = [
+const ALL: [&str; 29] = [
     HTTPIPE_SEND,
     HTTPIPE_RECEIVE,
     DELETE_NAMESPACE,
@@ -93,6 +100,11 @@ const ALL: [&str; 24] = [
     SITE_GET,
     HOOK_LOOP,
     HOOK_SEND,
+    TOKEN_SEND,
+    TOKEN_RECEIVE,
+    R_MINT,
+    R_SEND,
+    R_FOLLOW,
 ];
 
 fn local(command: &str) -> String {
@@ -435,4 +447,55 @@ fn a_script_behind_nat_answers_webhooks() {
         read("events.log"),
         "{\"action\":\"opened\"}\n{\"action\":\"closed\"}\n"
     );
+}
+
+#[test]
+fn a_private_queue_takes_its_token() {
+    let dir = temp_dir("ex-token");
+    let file = dir.join("access.toml");
+    std::fs::write(
+        &file,
+        "[tokens.alice]\ntoken = \"alice-token-123\"\n\"*\" = [\"/u/alice/**\"]\n",
+    )
+    .unwrap();
+    let server = Server::start_with(&["--auth", file.to_str().unwrap()]);
+    let script = format!(
+        "TOKEN=alice-token-123\n\
+         {TOKEN_RECEIVE} > got.txt &\n\
+         {TOKEN_SEND}\n\
+         wait\n\
+         TOKEN=wrong\n\
+         {TOKEN_SEND} -s -o /dev/null -w '%{{http_code}}'"
+    );
+    let out = run(&server, &dir, &script);
+    assert_eq!(out, "401");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("got.txt")).unwrap(),
+        "deploy v2"
+    );
+}
+
+#[test]
+fn a_webhook_only_its_owner_reads() {
+    let server = Server::start();
+    let dir = temp_dir("ex-r-hook");
+    let script = format!(
+        "{R_MINT} > minted.json\n\
+         NAME=$(sed -E 's/.*\"channel\":\"([^\"]+)\".*/\\1/' minted.json)\n\
+         SECRET=$(sed -E 's/.*\"secret\":\"([^\"]+)\".*/\\1/' minted.json)\n\
+         {R_SEND} > sent.txt\n\
+         ({R_FOLLOW} > events.ndjson) &\n\
+         for i in $(seq 100); do grep -q opened events.ndjson 2>/dev/null && break; sleep 0.1; done\n\
+         kill %1\n\
+         curl -s -o /dev/null -w '%{{http_code}}' \"localhost:3000/r/$NAME?after=0\""
+    );
+    let out = run(&server, &dir, &script);
+    // Without the secret, reading is refused.
+    assert_eq!(out, "401");
+    let events = std::fs::read_to_string(dir.join("events.ndjson")).unwrap();
+    assert!(
+        events.contains("\"body\":\"{\\\"action\\\":\\\"opened\\\"}\""),
+        "{events}"
+    );
+    assert!(std::fs::read_to_string(dir.join("sent.txt")).is_ok());
 }

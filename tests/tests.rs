@@ -3,6 +3,7 @@
 
 mod support;
 
+mod access;
 mod capacity;
 mod examples;
 mod http;

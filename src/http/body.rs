@@ -47,6 +47,8 @@ pub struct BodyReader<'a> {
     pub state: &'a mut BodyState,
     /// Set while `100 Continue` is owed; cleared once it is sent.
     pub continue_pending: &'a mut bool,
+    /// Chunked bytes still allowed (`--max-body`), if capped.
+    pub allowance: &'a mut Option<u64>,
     /// The client already has its response (another client's request, for
     /// a responder): it may leave as soon as its body is sent.
     pub responded: bool,
@@ -141,6 +143,11 @@ impl Read for BodyReader<'_> {
                     self.send_continue()?;
                     let len = self.line(MAX_CHUNK_LINE)?;
                     let size = chunk_size(&self.conn.buffered()[..len])?;
+                    if let Some(left) = self.allowance {
+                        *left = left.checked_sub(size).ok_or_else(|| {
+                            io::Error::new(io::ErrorKind::FileTooLarge, "body over --max-body")
+                        })?;
+                    }
                     self.conn.consume(len);
                     *self.state = if size == 0 {
                         BodyState::Trailers
@@ -202,6 +209,27 @@ fn chunk_size(line: &[u8]) -> io::Result<u64> {
 
 fn invalid(reason: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, reason)
+}
+
+/// 413: a body over `--max-body`.
+pub fn too_large() -> crate::error::Reject {
+    crate::error::Reject::new(
+        413,
+        "the body is larger than this relay takes (--max-body); it was not delivered",
+    )
+}
+
+/// The refusal a sender gets when its body could not be read for a reason
+/// of its own making: malformed framing (400) or over `--max-body` (413);
+/// None when it just left or stalled.
+pub fn refusal_for(error: &io::Error) -> Option<crate::error::Reject> {
+    match error.kind() {
+        io::ErrorKind::InvalidData => Some(crate::error::Reject::bad_request(format!(
+            "malformed request body: {error}"
+        ))),
+        io::ErrorKind::FileTooLarge => Some(too_large()),
+        _ => None,
+    }
 }
 
 /// The error of a body that ended before its framing said it would.

@@ -38,6 +38,8 @@ pub struct Exchange<'c> {
     /// When the request's head was read.
     started: Instant,
     body: BodyState,
+    /// Chunked body bytes still allowed by [`Exchange::limit_body`].
+    allowance: Option<u64>,
     continue_pending: bool,
     /// The status of the response, once one was written or started.
     status: Option<u16>,
@@ -56,6 +58,7 @@ impl<'c> Exchange<'c> {
     pub fn new(conn: &'c mut Conn, request: Request, common: &'c Common) -> Exchange<'c> {
         Exchange {
             body: BodyState::new(request.framing),
+            allowance: None,
             continue_pending: request.expects_continue,
             conn,
             request,
@@ -85,6 +88,23 @@ impl<'c> Exchange<'c> {
         match self.request.framing {
             Framing::Length(n) => Some(n),
             Framing::Chunked => None,
+        }
+    }
+
+    /// Caps the body at `max` bytes: 413 now when its Content-Length says
+    /// more (nothing of it read); a chunked body fails to read (an error of
+    /// kind `FileTooLarge`) before the chunk that would pass the cap.
+    pub fn limit_body(&mut self, max: u64) -> Result<(), Reject> {
+        match self.request.framing {
+            Framing::Length(n) if n > max => {
+                self.close();
+                Err(body::too_large())
+            }
+            Framing::Length(_) => Ok(()),
+            Framing::Chunked => {
+                self.allowance = Some(max);
+                Ok(())
+            }
         }
     }
 
@@ -348,6 +368,7 @@ impl Read for Exchange<'_> {
             conn: self.conn,
             state: &mut self.body,
             continue_pending: &mut self.continue_pending,
+            allowance: &mut self.allowance,
             responded: self.status.is_some(),
         }
         .read(out)

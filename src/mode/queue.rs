@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::Reject;
-use crate::http::{Common, Exchange, Head, is_open};
+use crate::http::{Common, Exchange, Head, body, is_open};
 use crate::mailbox::{Mailbox, Poster};
 use crate::metrics::{Kind, Stats};
 use crate::mode::delivery::{Body, Delivered, Delivery, Outgoing, Receiver, deliver};
@@ -341,19 +341,19 @@ impl Queues {
                 }
                 Ok(())
             }
-            Err(Failed::Producer(error)) => match error.kind() {
-                io::ErrorKind::InvalidData => Err(Reject::bad_request(format!(
-                    "malformed request body: {error}"
-                ))),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-                    ex.close();
+            Err(Failed::Producer(error)) => {
+                ex.close();
+                if let Some(refusal) = body::refusal_for(&error) {
+                    Err(refusal)
+                } else if matches!(
+                    error.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) {
                     Err(stalled(self.idle_timeout))
-                }
-                _ => {
-                    ex.close();
+                } else {
                     Ok(())
                 }
-            },
+            }
             Err(Failed::Consumer) => Err(consumer_gone()),
         }
     }

@@ -20,12 +20,12 @@
 //! thread may write into their sockets, and an interim response must not
 //! fall into the middle of a final one.
 
-use std::io::{self, Read};
+use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::Reject;
-use crate::http::{Common, Exchange, Method};
+use crate::http::{Common, Exchange, Method, body};
 use crate::mailbox::{Mailbox, Poster};
 use crate::metrics::{Kind, Stats};
 use crate::mode::delivery::{Body, Delivered, Delivery, Outgoing, Receiver, deliver};
@@ -270,12 +270,7 @@ impl ReqRes {
                 }
                 ex.close();
                 if self.take_back(&answer, id) {
-                    return match error.kind() {
-                        io::ErrorKind::InvalidData => Err(Reject::bad_request(format!(
-                            "malformed request body: {error}"
-                        ))),
-                        _ => Ok(()),
-                    };
+                    return body::refusal_for(&error).map_or(Ok(()), Err);
                 }
                 // An answer is on its way all the same: it ends the exchange.
             }
@@ -636,32 +631,11 @@ fn thread_gone() -> Reject {
 
 /// A new one-shot reply path: `/_/reply/<128 random bits in hex>`.
 fn reply_path() -> Result<String, Reject> {
-    let secret = random_hex(REPLY_SECRET_BYTES).map_err(|e| {
+    let secret = crate::random::hex(REPLY_SECRET_BYTES).map_err(|e| {
         log::error!("cannot draw random bytes for a reply path: {e}");
         Reject::new(500, "the server cannot draw random bytes for a reply path")
     })?;
     Ok(format!("{REPLY_PREFIX}{secret}"))
-}
-
-/// `bytes` random bytes from the kernel, as lowercase hex.
-fn random_hex(bytes: usize) -> io::Result<String> {
-    let mut buf = vec![0u8; bytes];
-    let mut filled = 0;
-    while filled < bytes {
-        let rest = &mut buf[filled..];
-        // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`,
-        // which is live and owned.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n > 0 {
-            filled += n as usize;
-            continue;
-        }
-        let error = io::Error::last_os_error();
-        if error.kind() != io::ErrorKind::Interrupted {
-            return Err(error);
-        }
-    }
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 #[cfg(test)]

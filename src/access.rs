@@ -1,0 +1,639 @@
+//! Access control (DESIGN.md §7): the `--auth` file's tokens, each a table
+//! of path globs per method, and [`Access::check`], which every channel
+//! request passes once, in `app.rs`, on its routed (normalized) path.
+//! Tokens are known by their SHA-256 digests and compared in constant time;
+//! the file is re-read on SIGHUP, and a bad new file keeps the old rules.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use ctutils::CtEq;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::error::Reject;
+use crate::http::Method;
+use crate::route::{Action, Route, Routed};
+
+/// The method keys a table may have, in the order of [`Table::grants`];
+/// `"*"` (every method) is kept apart.
+const METHODS: [Method; 7] = [
+    Method::Get,
+    Method::Head,
+    Method::Post,
+    Method::Put,
+    Method::Patch,
+    Method::Delete,
+    Method::Options,
+];
+
+/// The table a request without a credential is checked against.
+const PUBLIC: &str = "public";
+
+/// The relay's access rules, replaced whole when the file is re-read.
+pub struct Access {
+    /// The file, when `--auth` was given; without it everything is public.
+    file: Option<PathBuf>,
+    rules: RwLock<Arc<Rules>>,
+}
+
+/// One reading of the access file.
+#[derive(Debug, Default)]
+pub struct Rules {
+    /// `[tokens.public]`, for requests that carry no credential.
+    public: Table,
+    /// Every other table, each with its token's digest.
+    tokens: Vec<(Table, [u8; 32])>,
+}
+
+/// What one table grants: path globs per method.
+#[derive(Debug, Default)]
+struct Table {
+    /// The table's name: a label for logs, never the secret.
+    label: String,
+    /// Globs per method, in the order of [`METHODS`].
+    grants: [Vec<Glob>; METHODS.len()],
+    /// Globs of `"*"`, for every method.
+    any: Vec<Glob>,
+}
+
+/// Why a request may not go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denial {
+    /// No credential, and the public table lacks the permission (401).
+    NoCredential,
+    /// A credential no table knows (401, never a fall-back to public).
+    UnknownToken,
+    /// A known token without the permission (403).
+    Forbidden,
+}
+
+impl Denial {
+    /// The refusal a client gets: it names neither the token nor the rule.
+    pub fn reject(self) -> Reject {
+        match self {
+            Denial::NoCredential => Reject::new(
+                401,
+                "this path needs an access token (Patch-Token, ?token= or Authorization: Bearer)",
+            )
+            .with_header("WWW-Authenticate", "Bearer realm=\"patchcord\""),
+            Denial::UnknownToken => Reject::new(401, "the access token is not valid").with_header(
+                "WWW-Authenticate",
+                "Bearer realm=\"patchcord\", error=\"invalid_token\"",
+            ),
+            Denial::Forbidden => Reject::new(403, "the access token does not allow this here"),
+        }
+    }
+}
+
+/// An error in the access file: where, and what.
+#[derive(Debug)]
+pub struct FileError {
+    pub file: PathBuf,
+    /// 1-based; 0 when the file could not be read at all.
+    pub line: usize,
+    pub message: String,
+}
+
+impl fmt::Display for FileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(f, "{}:{}: {}", self.file.display(), self.line, self.message)
+        }
+    }
+}
+
+impl std::error::Error for FileError {}
+
+impl Access {
+    /// The rules of `file`, or everything public without one.
+    pub fn open(file: Option<&Path>) -> Result<Access, FileError> {
+        let rules = match file {
+            Some(file) => Rules::read(file)?,
+            None => Rules::default(),
+        };
+        Ok(Access {
+            file: file.map(Path::to_path_buf),
+            rules: RwLock::new(Arc::new(rules)),
+        })
+    }
+
+    /// Whether an access file is in force (then `Authorization: Bearer` is
+    /// the relay's credential, and never travels).
+    pub fn is_on(&self) -> bool {
+        self.file.is_some()
+    }
+
+    /// Re-reads the file: a valid one takes effect for the next request; an
+    /// invalid one is logged, with its line, and the old rules stay.
+    pub fn reload(&self) {
+        let Some(file) = &self.file else {
+            log::info!("SIGHUP: no --auth file to re-read");
+            return;
+        };
+        match Rules::read(file) {
+            Ok(rules) => {
+                let count = rules.tokens.len();
+                *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
+                log::info!("re-read {}: {count} tokens", file.display());
+            }
+            Err(error) => log::error!("{error}; the rules read before stay in force"),
+        }
+    }
+
+    /// Checks `routed` against the rules: Ok with the label of the table
+    /// that allowed it (None when no file is in force or no check applies).
+    pub fn check(&self, routed: &Routed) -> Result<Option<String>, (Denial, Option<String>)> {
+        if self.file.is_none() {
+            return Ok(None);
+        }
+        let Some(method) = needed(routed) else {
+            return Ok(None);
+        };
+        let rules = Arc::clone(&self.rules.read().unwrap_or_else(|p| p.into_inner()));
+        let path = routed.path.as_str();
+        match &routed.credential.token {
+            None if rules.public.allows(method, path) => Ok(Some(PUBLIC.to_owned())),
+            None => Err((Denial::NoCredential, None)),
+            Some((token, _)) => match rules.find(token.expose()) {
+                None => Err((Denial::UnknownToken, None)),
+                Some(table) if table.allows(method, path) => Ok(Some(table.label.clone())),
+                Some(table) => Err((Denial::Forbidden, Some(table.label.clone()))),
+            },
+        }
+    }
+}
+
+/// The permission a request needs: its own method on its path, except that
+/// a send by GET (`?body=`) needs POST and a responder needs POST. None for
+/// what the file does not govern: preflights, endpoints, hooks.
+fn needed(routed: &Routed) -> Option<&Method> {
+    match &routed.route {
+        Route::Channel { channel: _, action } => Some(match action {
+            Action::Send if routed.method == Method::Get => &Method::Post,
+            Action::Respond => &Method::Post,
+            _ => &routed.method,
+        }),
+        Route::Preflight | Route::Endpoint(_) | Route::Hook { .. } => None,
+    }
+}
+
+impl Rules {
+    /// Reads and checks `file`.
+    fn read(file: &Path) -> Result<Rules, FileError> {
+        let text = std::fs::read_to_string(file).map_err(|e| FileError {
+            file: file.to_path_buf(),
+            line: 0,
+            message: format!("cannot read the access file: {e}"),
+        })?;
+        Rules::parse(&text).map_err(|(offset, message)| FileError {
+            file: file.to_path_buf(),
+            line: offset.map_or(0, |at| line_of(&text, at)),
+            message,
+        })
+    }
+
+    /// Parses the text of an access file; an error comes with the byte
+    /// offset it was found at.
+    fn parse(text: &str) -> Result<Rules, (Option<usize>, String)> {
+        let file: RawFile = toml::from_str(text)
+            .map_err(|e| (e.span().map(|s| s.start), e.message().to_owned()))?;
+        let mut rules = Rules::default();
+        for (label, raw) in file.tokens {
+            let at = Some(raw.span().start);
+            let raw = raw.into_inner();
+            let table = raw.table(&label);
+            let digest = match (&raw.token, &raw.sha256) {
+                (None, None) if label == PUBLIC => {
+                    rules.public = table;
+                    continue;
+                }
+                (_, _) if label == PUBLIC => {
+                    return Err((at, "[tokens.public] takes no token or sha256".to_owned()));
+                }
+                (Some(token), None) if !token.is_empty() => Sha256::digest(token.as_bytes()).into(),
+                (None, Some(hex)) => crate::hex::decode32(hex).ok_or_else(|| {
+                    (
+                        at,
+                        format!("[tokens.{label}]: sha256 must be 64 hexadecimal digits"),
+                    )
+                })?,
+                _ => {
+                    return Err((
+                        at,
+                        format!(
+                            "[tokens.{label}] needs exactly one of token (not empty) or sha256"
+                        ),
+                    ));
+                }
+            };
+            if rules.tokens.iter().any(|(_, d)| *d == digest) {
+                return Err((
+                    at,
+                    format!("[tokens.{label}]: the same token as another table"),
+                ));
+            }
+            rules.tokens.push((table, digest));
+        }
+        Ok(rules)
+    }
+
+    /// The table whose token is `presented`: every digest is compared, in
+    /// constant time, whichever matches.
+    fn find(&self, presented: &str) -> Option<&Table> {
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let mut found = None;
+        for (table, known) in &self.tokens {
+            if known.ct_eq(&digest).to_bool() {
+                found = Some(table);
+            }
+        }
+        found
+    }
+}
+
+impl Table {
+    /// Whether this table lets `method` reach `path`: some allow matches
+    /// and no deny does. GET grants HEAD too (a HEAD is a GET without body).
+    fn allows(&self, method: &Method, path: &str) -> bool {
+        let index = |m: &Method| METHODS.iter().position(|known| known == m);
+        let mut globs: Vec<&Glob> = self.any.iter().collect();
+        if let Some(i) = index(method) {
+            globs.extend(&self.grants[i]);
+        }
+        if *method == Method::Head {
+            globs.extend(&self.grants[0]);
+        }
+        if globs.iter().any(|g| g.deny && g.matches(path)) {
+            return false;
+        }
+        globs.iter().any(|g| !g.deny && g.matches(path))
+    }
+}
+
+/// A path glob: `*` matches within one segment, `**` any number of whole
+/// segments (so `/x/**` matches `/x` itself), a leading `!` denies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Glob {
+    deny: bool,
+    /// The segments after the leading `/`.
+    segments: Vec<String>,
+}
+
+impl TryFrom<String> for Glob {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Glob, String> {
+        let (deny, pattern) = match text.strip_prefix('!') {
+            Some(rest) => (true, rest),
+            None => (false, text.as_str()),
+        };
+        let Some(pattern) = pattern.strip_prefix('/') else {
+            return Err(format!("path glob {text:?} must start with / (or !/)"));
+        };
+        let segments: Vec<String> = pattern.split('/').map(str::to_owned).collect();
+        if segments.iter().any(|s| s.contains("**") && s != "**") {
+            return Err(format!(
+                "path glob {text:?}: ** must be a whole segment (/x/**, not /x**)"
+            ));
+        }
+        if segments.iter().any(|s| s.chars().any(char::is_control)) {
+            return Err(format!("path glob {text:?} has a control character"));
+        }
+        Ok(Glob { deny, segments })
+    }
+}
+
+impl Glob {
+    /// Whether the normalized `path` matches.
+    pub fn matches(&self, path: &str) -> bool {
+        let Some(path) = path.strip_prefix('/') else {
+            return false;
+        };
+        let path: Vec<&str> = path.split('/').collect();
+        match_segments(&self.segments, &path)
+    }
+}
+
+/// Matches glob segments against path segments; `**` takes any number of
+/// them. Backtracks at most once per `**` position (patterns are short).
+fn match_segments(glob: &[String], path: &[&str]) -> bool {
+    match glob.split_first() {
+        None => path.is_empty(),
+        Some((first, rest)) if first == "**" => {
+            // `/x/**` also matches `/x`: `**` may take no segment at all.
+            (0..=path.len()).any(|taken| match_segments(rest, &path[taken..]))
+        }
+        Some((first, rest)) => match path.split_first() {
+            Some((segment, path_rest)) => {
+                match_segment(first.as_bytes(), segment.as_bytes())
+                    && match_segments(rest, path_rest)
+            }
+            None => false,
+        },
+    }
+}
+
+/// Matches one segment against a pattern whose `*` matches any run of
+/// characters (none included) within the segment.
+fn match_segment(pattern: &[u8], text: &[u8]) -> bool {
+    // The classic two-pointer wildcard match: linear, no recursion.
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, t));
+            p += 1;
+        } else if p < pattern.len() && pattern[p] == text[t] {
+            p += 1;
+            t += 1;
+        } else if let Some((star_p, star_t)) = star {
+            p = star_p + 1;
+            t = star_t + 1;
+            star = Some((star_p, star_t + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|&b| b == b'*')
+}
+
+/// The 1-based line of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// The file as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    tokens: BTreeMap<String, toml::Spanned<RawTable>>,
+    /// Notification backends: read by the notification forwarding, which
+    /// comes with its own issue; accepted here so that one file serves both.
+    #[serde(default)]
+    #[allow(dead_code)]
+    notify: Option<toml::Value>,
+}
+
+/// One `[tokens.<label>]` table as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTable {
+    token: Option<String>,
+    sha256: Option<String>,
+    #[serde(rename = "GET", default)]
+    get: Vec<Glob>,
+    #[serde(rename = "HEAD", default)]
+    head: Vec<Glob>,
+    #[serde(rename = "POST", default)]
+    post: Vec<Glob>,
+    #[serde(rename = "PUT", default)]
+    put: Vec<Glob>,
+    #[serde(rename = "PATCH", default)]
+    patch: Vec<Glob>,
+    #[serde(rename = "DELETE", default)]
+    delete: Vec<Glob>,
+    #[serde(rename = "OPTIONS", default)]
+    options: Vec<Glob>,
+    #[serde(rename = "*", default)]
+    any: Vec<Glob>,
+    /// Targets of `/_/tunnel` (the tunnel's issue); accepted here.
+    #[serde(default)]
+    #[allow(dead_code)]
+    tunnel: Vec<String>,
+}
+
+impl<'de> Deserialize<'de> for Glob {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Glob, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Glob::try_from(text).map_err(serde::de::Error::custom)
+    }
+}
+
+impl RawTable {
+    /// The grants of this table, labelled `label`.
+    fn table(&self, label: &str) -> Table {
+        Table {
+            label: label.to_owned(),
+            grants: [
+                self.get.clone(),
+                self.head.clone(),
+                self.post.clone(),
+                self.put.clone(),
+                self.patch.clone(),
+                self.delete.clone(),
+                self.options.clone(),
+            ],
+            any: self.any.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::Request;
+
+    fn glob(text: &str) -> Glob {
+        Glob::try_from(text.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn globs_match_within_and_across_segments() {
+        let cases: &[(&str, &str, bool)] = &[
+            ("/public/**", "/public", true),
+            ("/public/**", "/public/", true),
+            ("/public/**", "/public/a/b/c", true),
+            ("/public/**", "/publicx", false),
+            ("/public/**", "/x/public/a", false),
+            ("/u/*/pub/**", "/u/alice/pub/x", true),
+            ("/u/*/pub/**", "/u/alice/bob/pub/x", false),
+            ("/u/*", "/u/alice", true),
+            ("/u/*", "/u/alice/x", false),
+            ("/jobs", "/jobs", true),
+            ("/jobs", "/jobs/", false),
+            ("/job*", "/jobs", true),
+            ("/*.txt", "/a.txt", true),
+            ("/*.txt", "/a/b.txt", false),
+            ("/a*b*c", "/abxxc", true),
+            ("/a*b*c", "/acb", false),
+            ("/**", "/", true),
+            ("/**", "/anything/at/all", true),
+            ("/**/x", "/a/b/x", true),
+            ("/**/x", "/x", true),
+            ("/a/**/z", "/a/z", true),
+            ("/a/**/z", "/a/b/c/z", true),
+            ("/a/**/z", "/a/b/c/y", false),
+        ];
+        for (pattern, path, expected) in cases {
+            assert_eq!(
+                glob(pattern).matches(path),
+                *expected,
+                "{pattern} on {path}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_globs_are_refused() {
+        for bad in ["public/**", "/x**", "/**y/z", "!x", ""] {
+            assert!(Glob::try_from(bad.to_owned()).is_err(), "{bad}");
+        }
+        assert!(glob("!/u/alice/private/**").deny);
+    }
+
+    const FILE: &str = r#"
+[tokens.public]
+GET = ["/public/**", "/u/*/pub/**"]
+
+[tokens.deploy]
+token = "s3cret-plaintext"
+POST = ["/u/alice/**", "!/u/alice/private/**"]
+GET  = ["/u/alice/**"]
+
+[tokens.admin]
+sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+"*" = ["/**"]
+"#;
+
+    fn access(text: &str) -> Access {
+        Access {
+            file: Some(PathBuf::from("test.toml")),
+            rules: RwLock::new(Arc::new(Rules::parse(text).unwrap())),
+        }
+    }
+
+    fn check(
+        access: &Access,
+        method: Method,
+        target: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Option<String>, Denial> {
+        let routed = crate::route::route(&Request::fake(method, target, headers)).unwrap();
+        access.check(&routed).map_err(|(denial, _)| denial)
+    }
+
+    #[test]
+    fn tables_allow_deny_wins_and_public_is_the_default() {
+        let a = access(FILE);
+        let deploy = [("Patch-Token", "s3cret-plaintext")];
+        let ok = |label: &str| Ok(Some(label.to_owned()));
+        assert_eq!(check(&a, Method::Get, "/public/x", &[]), ok("public"));
+        assert_eq!(check(&a, Method::Head, "/public/x", &[]), ok("public"));
+        assert_eq!(check(&a, Method::Get, "/u/bob/pub/feed", &[]), ok("public"));
+        assert_eq!(
+            check(&a, Method::Post, "/public/x", &[]),
+            Err(Denial::NoCredential)
+        );
+        assert_eq!(
+            check(&a, Method::Post, "/u/alice/jobs", &deploy),
+            ok("deploy")
+        );
+        assert_eq!(
+            check(&a, Method::Post, "/u/alice/private/x", &deploy),
+            Err(Denial::Forbidden)
+        );
+        // A known token is checked against its own table, not public's.
+        assert_eq!(
+            check(&a, Method::Get, "/public/x", &deploy),
+            Err(Denial::Forbidden)
+        );
+        assert_eq!(
+            check(&a, Method::Get, "/x?token=wrong", &[]),
+            Err(Denial::UnknownToken)
+        );
+        // "test" hashes to the admin digest; the digest itself is no token.
+        assert_eq!(
+            check(
+                &a,
+                Method::Delete,
+                "/anything",
+                &[("Authorization", "Bearer test")]
+            ),
+            ok("admin")
+        );
+        let digest = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        assert_eq!(
+            check(&a, Method::Get, &format!("/x?token={digest}"), &[]),
+            Err(Denial::UnknownToken)
+        );
+    }
+
+    #[test]
+    fn sends_by_get_and_responders_need_post() {
+        let a = access(FILE);
+        let reader = [("Patch-Token", "reader")];
+        let a2 = access(
+            r#"
+[tokens.reader]
+token = "reader"
+GET = ["/**"]
+"#,
+        );
+        assert_eq!(
+            check(&a2, Method::Get, "/jobs?body=hi", &reader),
+            Err(Denial::Forbidden)
+        );
+        assert_eq!(
+            check(&a2, Method::Get, "/jobs?method=post&body=hi", &reader),
+            Err(Denial::Forbidden)
+        );
+        assert_eq!(
+            check(&a2, Method::Get, "/res/site", &reader),
+            Err(Denial::Forbidden)
+        );
+        assert!(check(&a2, Method::Get, "/req/site/x", &reader).is_ok());
+        assert!(check(&a2, Method::Get, "/jobs", &reader).is_ok());
+        // Preflights and endpoints are not this file's to refuse.
+        assert!(check(&a, Method::Options, "/u/alice/x", &[]).is_ok());
+        assert!(check(&a, Method::Get, "/status", &[]).is_ok());
+        assert!(check(&a, Method::Post, "/h/abc", &[]).is_ok());
+    }
+
+    #[test]
+    fn file_errors_name_the_line() {
+        let cases: &[(&str, usize, &str)] = &[
+            (
+                "[tokens.a]\ntoken = \"x\"\nGET = [\"nope\"]\n",
+                3,
+                "must start with /",
+            ),
+            ("[tokens.a]\nGET = [\"/x\"]\n", 1, "exactly one of token"),
+            (
+                "\n[tokens.a]\ntoken = \"x\"\nsha256 = \"00\"\n",
+                2,
+                "exactly one of token",
+            ),
+            ("[tokens.a]\nsha256 = \"zz\"\n", 1, "64 hexadecimal"),
+            ("[tokens.public]\ntoken = \"x\"\n", 1, "takes no token"),
+            ("[tokens.a]\ntoken = \"x\"\nPOTS = []\n", 3, "unknown field"),
+            ("[tokens.a\n", 1, ""),
+            (
+                "[tokens.a]\ntoken = \"x\"\n[tokens.b]\ntoken = \"x\"\n",
+                3,
+                "same token",
+            ),
+        ];
+        for (text, line, words) in cases {
+            let (at, message) = Rules::parse(text).unwrap_err();
+            assert_eq!(line_of(text, at.unwrap_or(0)), *line, "{text:?}: {message}");
+            assert!(message.contains(words), "{text:?}: {message}");
+        }
+    }
+
+    #[test]
+    fn without_a_file_everything_is_public() {
+        let a = Access::open(None).unwrap();
+        assert!(!a.is_on());
+        assert_eq!(check(&a, Method::Delete, "/x?token=any", &[]), Ok(None));
+    }
+}
