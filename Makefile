@@ -4,6 +4,10 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 BINDIR ?= $(PREFIX)/bin
 MANDIR ?= $(PREFIX)/share/man
+# install-service: the unit where systemd looks for it under PREFIX (it reads
+# /usr/local/lib/systemd/system too), its options in /etc/default.
+SYSTEMDUNITDIR ?= $(PREFIX)/lib/systemd/system
+SYSCONFDIR ?= /etc
 # cargo from PATH (rustup's or Debian's cargo-web), else rustup's usual
 # place, else Debian's. `sudo make install` after `make` needs none: it copies.
 CARGO ?= $(shell command -v cargo 2>/dev/null || { [ -x "$$HOME/.cargo/bin/cargo" ] && echo "$$HOME/.cargo/bin/cargo"; } || echo /usr/bin/cargo)
@@ -26,7 +30,7 @@ AARCH64_SMOKE ?= examples::
 BIN := target/release/patchcord
 SOURCES := $(shell find src -name '*.rs') Cargo.toml Cargo.lock
 
-.PHONY: all build run test check lint-man bench install uninstall clean msrv cross cross-test
+.PHONY: all build run test check lint-man bench install uninstall install-service uninstall-service clean msrv cross cross-test
 
 all: build
 
@@ -86,6 +90,29 @@ install: $(BIN)
 
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/patchcord $(DESTDIR)$(MANDIR)/man1/patchcord.1
+
+# The systemd unit, starting $(BINDIR)/patchcord (so `make install` too), and
+# the example $(SYSCONFDIR)/default/patchcord unless there is one: that file
+# is the administrator's and is never overwritten (nor removed).
+install-service:
+	install -d $(DESTDIR)$(SYSTEMDUNITDIR)
+	sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' \
+		contrib/patchcord.service > $(DESTDIR)$(SYSTEMDUNITDIR)/patchcord.service
+	chmod 644 $(DESTDIR)$(SYSTEMDUNITDIR)/patchcord.service
+	@if [ -e $(DESTDIR)$(SYSCONFDIR)/default/patchcord ]; then \
+		echo "kept $(DESTDIR)$(SYSCONFDIR)/default/patchcord (the example is contrib/patchcord.default)"; \
+	else \
+		echo "install -Dm600 contrib/patchcord.default $(DESTDIR)$(SYSCONFDIR)/default/patchcord"; \
+		install -Dm600 contrib/patchcord.default $(DESTDIR)$(SYSCONFDIR)/default/patchcord; \
+	fi
+	@echo "then: systemctl daemon-reload && systemctl enable --now patchcord"
+
+# Stop it first: systemctl disable --now patchcord.
+uninstall-service:
+	rm -f $(DESTDIR)$(SYSTEMDUNITDIR)/patchcord.service
+	@if [ -e $(DESTDIR)$(SYSCONFDIR)/default/patchcord ]; then \
+		echo "kept $(DESTDIR)$(SYSCONFDIR)/default/patchcord (yours to remove)"; \
+	fi
 
 clean:
 	$(CARGO) clean

@@ -761,7 +761,34 @@ fn waiters(report: &mut Report, target: &Target, count: usize) {
         worst.as_secs_f64() * 1e3,
         "ms",
     );
+    // What a Prometheus scrape costs while they wait: 200 scrapes on one
+    // keep-alive connection.
+    let scrapes = 200;
     let mut c = Client::new(target.addr).expect("connect");
+    let cpu_before = cpu_us(target.pid);
+    let started = Instant::now();
+    let mut bytes = 0;
+    for _ in 0..scrapes {
+        c.send(&get("/metrics", false)).expect("scrape");
+        let (status, length) = c.response().expect("metrics");
+        assert_eq!(status, 200, "/metrics");
+        bytes = length;
+    }
+    let elapsed = started.elapsed();
+    let cpu = cpu_us(target.pid) - cpu_before;
+    report.add(
+        &scenario,
+        "/metrics scrape, mean",
+        elapsed.as_secs_f64() * 1e3 / scrapes as f64,
+        "ms",
+    );
+    report.add(
+        &scenario,
+        "/metrics server CPU per scrape",
+        cpu as f64 / scrapes as f64,
+        "us",
+    );
+    report.add(&scenario, "/metrics size", bytes as f64 / 1024.0, "KiB");
     let _ = c.send(b"DELETE /bench/waiters HTTP/1.1\r\nHost: bench\r\n\r\n");
     let _ = c.response();
     drop(parked);

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::Reject;
 use crate::http::Method;
-use crate::route::{Action, Route, Routed};
+use crate::route::{Action, Credential, Route, Routed};
 
 /// The method keys a table may have, in the order of [`Table::grants`];
 /// `"*"` (every method) is kept apart.
@@ -165,6 +165,26 @@ impl Access {
                 Some(table) => Err((Denial::Forbidden, Some(table.label.clone()))),
             },
         }
+    }
+}
+
+impl Access {
+    /// Which of `paths` the client of `credential` may GET, when a file is
+    /// in force (None without one): for listing channels. An unknown token
+    /// may GET nothing.
+    pub fn readable(&self, credential: &Credential, paths: &[&str]) -> Option<Vec<bool>> {
+        self.file.as_ref()?;
+        let rules = Arc::clone(&self.rules.read().unwrap_or_else(|p| p.into_inner()));
+        let table = match &credential.token {
+            None => Some(&rules.public),
+            Some((token, _)) => rules.find(token.expose()),
+        };
+        Some(
+            paths
+                .iter()
+                .map(|path| table.is_some_and(|t| t.allows(&Method::Get, path)))
+                .collect(),
+        )
     }
 }
 

@@ -16,10 +16,11 @@ use crate::error::Reject;
 use crate::http::{Common, Exchange, Head, Method};
 use crate::limits::Limits;
 use crate::metrics::{Kind, Observation, Stats};
-use crate::mode::Family;
 use crate::mode::pubsub::Pubsub;
 use crate::mode::queue::Queues;
 use crate::mode::reqres::ReqRes;
+use crate::mode::{ChannelView, Family};
+use crate::ops;
 use crate::route::{
     self, Action, CHANNEL_METHODS, Endpoint, Hook, Mode, Route, Routed, TokenSource,
 };
@@ -148,9 +149,7 @@ impl Relay {
         let path = &routed.path;
         match endpoint {
             Endpoint::Status => {
-                if !matches!(ex.request.method, Method::Get | Method::Head) {
-                    return Err(Reject::method_not_allowed("GET, HEAD, OPTIONS"));
-                }
+                only_get(ex)?;
                 let mut head = Head::new(200);
                 head.header("Content-Type", "application/json")
                     .header("Cache-Control", "no-store");
@@ -159,9 +158,7 @@ impl Relay {
             }
             Endpoint::Reply => self.reqres.reply(ex, routed),
             Endpoint::Mint(hook) => {
-                if !matches!(ex.request.method, Method::Get | Method::Head) {
-                    return Err(Reject::method_not_allowed("GET, HEAD, OPTIONS"));
-                }
+                only_get(ex)?;
                 let minted = self.config.hook_key.mint(hook).map_err(|e| {
                     log::error!("cannot read random bytes for a hook: {e}");
                     Reject::new(500, "cannot make a hook channel now; try again")
@@ -175,6 +172,77 @@ impl Relay {
                 );
                 ex.respond(head, body.as_bytes()).map_err(|_| hung_up(ex))
             }
+            Endpoint::Health => {
+                only_get(ex)?;
+                let mut head = Head::new(200);
+                head.header("Content-Type", "text/plain; charset=utf-8")
+                    .header("Cache-Control", "no-store");
+                ex.respond(head, b"ok\n").map_err(|_| hung_up(ex))
+            }
+            Endpoint::Metrics => {
+                only_get(ex)?;
+                self.check_metrics_token(ex)?;
+                let mut head = Head::new(200);
+                head.header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                    .header("Cache-Control", "no-store");
+                let body = self.stats.to_prometheus();
+                ex.respond(head, body.as_bytes()).map_err(|_| hung_up(ex))
+            }
+            Endpoint::Channels => {
+                only_get(ex)?;
+                let (views, whole) = self.channels_for(routed);
+                let listed = listed(&views, whole);
+                let mut head = Head::new(200);
+                head.header("Content-Type", "application/json")
+                    .header("Cache-Control", "no-store");
+                let body = ops::channels_json(&listed, whole);
+                ex.respond(head, body.as_bytes()).map_err(|_| hung_up(ex))
+            }
+            Endpoint::Page => {
+                only_get(ex)?;
+                let (views, whole) = self.channels_for(routed);
+                let listed = listed(&views, whole);
+                let fallback = self.config.listen.to_string();
+                let host = ex
+                    .request
+                    .header("host")
+                    .and_then(ops::valid_host)
+                    .unwrap_or(&fallback)
+                    .to_owned();
+                let waiters: u64 = views
+                    .iter()
+                    .flat_map(|v| v.waiting.iter().map(|(_, n)| *n as u64))
+                    .sum();
+                let body = ops::page(&ops::PageData {
+                    host: &host,
+                    uptime_seconds: self.stats.uptime().as_secs(),
+                    waiters,
+                    pairs: self.stats.pairs(),
+                    published: self.stats.published_count(),
+                    connections: self.stats.open.load(std::sync::atomic::Ordering::Relaxed) as u64,
+                    listed: &listed,
+                    whole,
+                });
+                let mut head = Head::new(200);
+                head.header("Content-Type", "text/html; charset=utf-8")
+                    .header("Cache-Control", "no-store")
+                    .header("Content-Security-Policy", ops::PAGE_POLICY);
+                ex.respond(head, body.as_bytes()).map_err(|_| hung_up(ex))
+            }
+            Endpoint::Favicon => {
+                only_get(ex)?;
+                let mut head = Head::new(200);
+                head.header("Content-Type", "image/x-icon")
+                    .header("Cache-Control", "public, max-age=86400");
+                ex.respond(head, ops::FAVICON).map_err(|_| hung_up(ex))
+            }
+            Endpoint::Robots => {
+                only_get(ex)?;
+                let mut head = Head::new(200);
+                head.header("Content-Type", "text/plain; charset=utf-8");
+                ex.respond(head, ops::ROBOTS.as_bytes())
+                    .map_err(|_| hung_up(ex))
+            }
             Endpoint::Reserved => Err(Reject::new(
                 404,
                 format!("{path:?} is reserved for the server, not a channel"),
@@ -184,6 +252,50 @@ impl Relay {
 }
 
 impl Relay {
+    /// The channels a listing shows to the client of `routed`, sorted, and
+    /// whether their names are whole: with an access file, the ones it may
+    /// GET, whole; else all of them, shortened unless `--list-channels`.
+    fn channels_for(&self, routed: &Routed) -> (Vec<ChannelView>, bool) {
+        let mut views: Vec<ChannelView> = self.families.iter().flat_map(|f| f.channels()).collect();
+        views.sort_by(|a, b| a.key.cmp(&b.key));
+        let keys: Vec<&str> = views.iter().map(|v| v.key.as_str()).collect();
+        match self.access.readable(&routed.credential, &keys) {
+            Some(readable) => {
+                let mut allowed = readable.into_iter();
+                views.retain(|_| allowed.next().unwrap_or(false));
+                (views, true)
+            }
+            None => (views, self.config.list_channels),
+        }
+    }
+
+    /// `--metrics-token`: `/metrics` takes it as a Bearer token.
+    fn check_metrics_token(&self, ex: &Exchange) -> Result<(), Reject> {
+        let Some(expected) = &self.config.metrics_token else {
+            return Ok(());
+        };
+        let presented = ex.request.header("authorization").and_then(|value| {
+            let (scheme, token) = value.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
+        let matches = presented.is_some_and(|token| {
+            use ctutils::CtEq as _;
+            use sha2::Digest as _;
+            let a: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+            let b: [u8; 32] = sha2::Sha256::digest(expected.as_bytes()).into();
+            a.ct_eq(&b).to_bool()
+        });
+        if matches {
+            return Ok(());
+        }
+        self.stats.denied();
+        Err(Reject::new(
+            401,
+            "the metrics take their token (--metrics-token) as a Bearer",
+        )
+        .with_header("WWW-Authenticate", "Bearer realm=\"patchcord metrics\""))
+    }
+
     /// Serves a request on a hook channel: the side its kind guards takes
     /// the channel's secret (`?secret=`, else `Authorization: Bearer`).
     fn hook(
@@ -250,6 +362,29 @@ impl Relay {
                 Err(denial.reject())
             }
         }
+    }
+}
+
+/// The channels of `views` with their names as shown.
+fn listed(views: &[ChannelView], whole: bool) -> Vec<ops::Listed<'_>> {
+    views
+        .iter()
+        .map(|view| ops::Listed {
+            shown: if whole {
+                view.key.clone()
+            } else {
+                crate::mode::short(&view.key)
+            },
+            view,
+        })
+        .collect()
+}
+
+/// 405 for anything but GET and HEAD (OPTIONS is a preflight before this).
+fn only_get(ex: &Exchange) -> Result<(), Reject> {
+    match ex.request.method {
+        Method::Get | Method::Head => Ok(()),
+        _ => Err(Reject::method_not_allowed("GET, HEAD, OPTIONS")),
     }
 }
 

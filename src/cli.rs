@@ -216,6 +216,17 @@ pub struct ServeArgs {
     )]
     pub max_body: Option<u64>,
 
+    /// A token that `GET /metrics` must carry (`Authorization: Bearer`);
+    /// without it the metrics are open.
+    #[arg(long, env = "PATCHCORD_METRICS_TOKEN", value_name = "TOKEN")]
+    pub metrics_token: Option<String>,
+
+    /// Show channel names whole in `/_/channels` and on the page (they are
+    /// capabilities, so they are shortened by default). With --auth, a
+    /// caller sees the channels it may GET, whole, either way.
+    #[arg(long, env = "PATCHCORD_LIST_CHANNELS", value_parser = BoolishValueParser::new())]
+    pub list_channels: bool,
+
     /// Log level (RUST_LOG overrides it).
     #[arg(
         long,

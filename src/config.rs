@@ -50,6 +50,10 @@ pub struct Config {
     pub max_connections_per_ip: Option<usize>,
     /// Largest queue or req/res body.
     pub max_body: Option<u64>,
+    /// What `GET /metrics` must carry as a Bearer token, if anything.
+    pub metrics_token: Option<String>,
+    /// Channel names whole in listings.
+    pub list_channels: bool,
 }
 
 /// Retention and size limits of pubsub channels.
@@ -186,6 +190,8 @@ impl Config {
             trust_proxy: trust_proxy(args.trust_proxy.as_deref().unwrap_or(""))?,
             max_connections_per_ip: args.max_connections_per_ip,
             max_body: args.max_body,
+            metrics_token: args.metrics_token.filter(|t| !t.is_empty()),
+            list_channels: args.list_channels,
         })
     }
 }

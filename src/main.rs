@@ -26,6 +26,7 @@ mod limits;
 mod mailbox;
 mod metrics;
 mod mode;
+mod ops;
 mod random;
 mod registry;
 mod route;

@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::route::Mode;
 
@@ -69,6 +69,8 @@ pub struct Seed {
 /// The counters. Gauges go up and down; `_total` counters only up.
 pub struct Stats {
     started: Instant,
+    /// When the relay started, as wall-clock time (for `process_start_time_seconds`).
+    started_at: SystemTime,
     /// Connections open now (for --max-connections).
     pub open: AtomicUsize,
     /// Requests between their head and their answer; shutdown waits for them.
@@ -108,6 +110,7 @@ impl Stats {
     pub fn new() -> Stats {
         Stats {
             started: Instant::now(),
+            started_at: SystemTime::now(),
             open: AtomicUsize::new(0),
             busy: AtomicUsize::new(0),
             requests: Default::default(),
@@ -231,6 +234,16 @@ impl Stats {
         self.refused_per_ip.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Messages relayed so far (queue and req/res pairs).
+    pub fn pairs(&self) -> u64 {
+        self.pairs.load(Ordering::Relaxed)
+    }
+
+    /// Pubsub messages published so far.
+    pub fn published_count(&self) -> u64 {
+        self.published.load(Ordering::Relaxed)
+    }
+
     /// How long the relay has run.
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
@@ -246,11 +259,15 @@ impl Stats {
             env!("CARGO_PKG_VERSION"),
             self.uptime().as_secs_f64()
         );
+        let process = Process::read();
         let _ = write!(
             out,
-            "\"connections\":{{\"open\":{},\"busy\":{}}},",
+            "\"connections\":{{\"open\":{},\"busy\":{}}},\"process\":{{\"threads\":{},\"resident_memory_bytes\":{},\"open_fds\":{}}},",
             self.open.load(Ordering::Relaxed),
-            self.busy.load(Ordering::Relaxed)
+            self.busy.load(Ordering::Relaxed),
+            process.threads,
+            process.resident_bytes,
+            process.open_fds
         );
         out.push_str("\"requests\":{");
         for (i, classes) in self.requests.iter().enumerate() {
@@ -307,6 +324,262 @@ impl Stats {
             load(&self.streams_total)
         );
         out
+    }
+}
+
+impl Stats {
+    /// The counters, and this process's figures, in the Prometheus text
+    /// exposition format (version 0.0.4): each family once, with its HELP
+    /// and TYPE, in base units.
+    pub fn to_prometheus(&self) -> String {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let mut out = Exposition(String::with_capacity(8 * 1024));
+        out.family(
+            "patchcord_requests_total",
+            "counter",
+            "Requests answered, by what they were (a channel mode, an endpoint, other) and status class.",
+        );
+        for (i, classes) in self.requests.iter().enumerate() {
+            for (j, counter) in classes.iter().enumerate() {
+                out.sample(
+                    "patchcord_requests_total",
+                    &[("kind", Kind::label(i)), ("class", CLASSES[j])],
+                    load(counter),
+                );
+            }
+        }
+        out.family(
+            "patchcord_waiters",
+            "gauge",
+            "Requests waiting for a counterpart now, by mode.",
+        );
+        for (i, mode) in Mode::ALL.iter().enumerate() {
+            let waiting = self.waiting[i].load(Ordering::Relaxed) as u64;
+            out.sample("patchcord_waiters", &[("mode", mode.as_str())], waiting);
+        }
+        out.family(
+            "patchcord_parked_total",
+            "counter",
+            "Requests that waited for a counterpart, by mode.",
+        );
+        for (i, mode) in Mode::ALL.iter().enumerate() {
+            out.sample(
+                "patchcord_parked_total",
+                &[("mode", mode.as_str())],
+                load(&self.parked[i]),
+            );
+        }
+        let simple: [(&str, &str, &str, u64); 14] = [
+            (
+                "patchcord_open_connections",
+                "gauge",
+                "Client connections open now.",
+                self.open.load(Ordering::Relaxed) as u64,
+            ),
+            (
+                "patchcord_pairs_total",
+                "counter",
+                "Messages relayed from a sender to a receiver (queue, req/res).",
+                load(&self.pairs),
+            ),
+            (
+                "patchcord_relayed_bytes_total",
+                "counter",
+                "Body bytes relayed from senders to receivers.",
+                load(&self.relayed),
+            ),
+            (
+                "patchcord_hangups_total",
+                "counter",
+                "Waiting clients found to have hung up.",
+                load(&self.hangups),
+            ),
+            (
+                "patchcord_timeouts_total",
+                "counter",
+                "Requests answered 408: nobody came in time.",
+                load(&self.timeouts),
+            ),
+            (
+                "patchcord_pubsub_published_total",
+                "counter",
+                "Pubsub messages published.",
+                load(&self.published),
+            ),
+            (
+                "patchcord_pubsub_delivered_total",
+                "counter",
+                "Pubsub messages handed to subscribers.",
+                load(&self.delivered),
+            ),
+            (
+                "patchcord_pubsub_evicted_total",
+                "counter",
+                "Retained pubsub messages evicted.",
+                load(&self.evicted),
+            ),
+            (
+                "patchcord_pubsub_streams",
+                "gauge",
+                "Streaming pubsub subscriptions open now.",
+                self.streams.load(Ordering::Relaxed) as u64,
+            ),
+            (
+                "patchcord_denied_total",
+                "counter",
+                "Requests refused for want of a permission (401 without a credential, 403).",
+                load(&self.denied),
+            ),
+            (
+                "patchcord_bad_credentials_total",
+                "counter",
+                "Requests with an unknown token or a wrong hook secret.",
+                load(&self.bad_credentials),
+            ),
+            (
+                "patchcord_rate_limited_total",
+                "counter",
+                "Requests refused by --rate-limit.",
+                load(&self.rate_limited),
+            ),
+            (
+                "patchcord_connections_refused_per_ip_total",
+                "counter",
+                "Connections refused by --max-connections-per-ip.",
+                load(&self.refused_per_ip),
+            ),
+            (
+                "patchcord_busy_requests",
+                "gauge",
+                "Requests between their head and their answer now.",
+                self.busy.load(Ordering::Relaxed) as u64,
+            ),
+        ];
+        for (name, kind, help, value) in simple {
+            out.family(name, kind, help);
+            out.sample(name, &[], value);
+        }
+        let process = Process::read();
+        let start = self
+            .started_at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let figures: [(&str, &str, &str, f64); 5] = [
+            (
+                "process_resident_memory_bytes",
+                "gauge",
+                "Resident memory size in bytes.",
+                process.resident_bytes as f64,
+            ),
+            (
+                "process_threads",
+                "gauge",
+                "Threads of the process.",
+                process.threads as f64,
+            ),
+            (
+                "process_open_fds",
+                "gauge",
+                "Open file descriptors.",
+                process.open_fds as f64,
+            ),
+            (
+                "process_cpu_seconds_total",
+                "counter",
+                "User and system CPU time spent, in seconds.",
+                process.cpu_seconds,
+            ),
+            (
+                "process_start_time_seconds",
+                "gauge",
+                "Start time of the process since the Unix epoch, in seconds.",
+                start,
+            ),
+        ];
+        for (name, kind, help, value) in figures {
+            out.family(name, kind, help);
+            out.sample_f64(name, value);
+        }
+        out.0
+    }
+}
+
+/// The text exposition being written.
+struct Exposition(String);
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}");
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+    }
+
+    /// One sample; label values here are the relay's own words, never a
+    /// client's, so they need no escaping.
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (label, value)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.0.push(',');
+                }
+                let _ = write!(self.0, "{label}=\"{value}\"");
+            }
+            self.0.push('}');
+        }
+        let _ = writeln!(self.0, " {value}");
+    }
+
+    fn sample_f64(&mut self, name: &str, value: f64) {
+        let _ = writeln!(self.0, "{name} {value}");
+    }
+}
+
+/// This process's own figures, from `/proc/self` (zero where unreadable).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Process {
+    pub resident_bytes: u64,
+    pub threads: u64,
+    pub open_fds: u64,
+    pub cpu_seconds: f64,
+}
+
+impl Process {
+    /// Reads them now: a few small files, no lock of the relay's.
+    pub fn read() -> Process {
+        let mut process = Process::default();
+        if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+            for line in status.lines() {
+                let field = |prefix: &str| -> Option<u64> {
+                    line.strip_prefix(prefix)?
+                        .trim()
+                        .trim_end_matches(" kB")
+                        .parse()
+                        .ok()
+                };
+                if let Some(kib) = field("VmRSS:") {
+                    process.resident_bytes = kib * 1024;
+                } else if let Some(n) = field("Threads:") {
+                    process.threads = n;
+                }
+            }
+        }
+        process.open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+            // Fields after the command name (which may hold spaces): utime
+            // and stime are the 12th and 13th of them, in clock ticks.
+            let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+            let fields: Vec<&str> = after.split_whitespace().collect();
+            let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+            // SAFETY: sysconf has no memory effects.
+            let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+            if let (Some(user), Some(system)) = (ticks(11), ticks(12)) {
+                if per_second > 0 {
+                    process.cpu_seconds = (user + system) as f64 / per_second as f64;
+                }
+            }
+        }
+        process
     }
 }
 

@@ -52,18 +52,31 @@ pub enum Endpoint {
     Reply,
     /// `GET /h` or `GET /r`: mints a hook channel and its secret.
     Mint(Hook),
+    /// `GET /`: the live page.
+    Page,
+    /// `/favicon.ico`: a tiny icon, so browsers never park a consumer there.
+    Favicon,
+    /// `/robots.txt`: crawlers stay out.
+    Robots,
+    /// `GET /healthz`: 200 `ok`.
+    Health,
+    /// `GET /metrics`: Prometheus text exposition.
+    Metrics,
+    /// `GET /_/channels`: the active channels as JSON.
+    Channels,
     /// A path reserved for an endpoint this version does not serve.
     Reserved,
 }
 
 /// Paths that are never channels, and the endpoint each one is.
-const RESERVED: [(&str, Endpoint); 8] = [
-    ("/", Endpoint::Reserved),
-    ("/favicon.ico", Endpoint::Reserved),
-    ("/robots.txt", Endpoint::Reserved),
-    ("/healthz", Endpoint::Reserved),
+const RESERVED: [(&str, Endpoint); 9] = [
+    ("/", Endpoint::Page),
+    ("/favicon.ico", Endpoint::Favicon),
+    ("/robots.txt", Endpoint::Robots),
+    ("/healthz", Endpoint::Health),
     ("/status", Endpoint::Status),
-    ("/metrics", Endpoint::Reserved),
+    ("/metrics", Endpoint::Metrics),
+    ("/_/channels", Endpoint::Channels),
     ("/h", Endpoint::Mint(Hook::Send)),
     ("/r", Endpoint::Mint(Hook::Read)),
 ];

@@ -139,8 +139,9 @@ fn connections_beyond_the_cap_get_503() {
 fn pipelined_requests_are_answered_in_order() {
     let server = Server::start();
     let mut stream = connect(server.addr);
-    send(&mut stream, b"GET /p?timeout=0 HTTP/1.1\r\nHost: t\r\n\r\nOPTIONS * HTTP/1.1\r\nHost: t\r\n\r\nGET / HTTP/1.1\r\nHost: t\r\n\r\n");
+    send(&mut stream, b"GET /p?timeout=0 HTTP/1.1\r\nHost: t\r\n\r\nOPTIONS * HTTP/1.1\r\nHost: t\r\n\r\nGET /_/nothing HTTP/1.1\r\nHost: t\r\n\r\nGET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
     assert_eq!(read_response(&mut stream).unwrap().status, 408);
     assert_eq!(read_response(&mut stream).unwrap().status, 200);
     assert_eq!(read_response(&mut stream).unwrap().status, 404);
+    assert_eq!(read_response(&mut stream).unwrap().text(), "ok\n");
 }

@@ -539,9 +539,20 @@ fn options_is_a_cors_preflight() {
 #[test]
 fn reserved_paths_are_not_channels() {
     let server = Server::start();
-    for path in ["/", "/healthz", "/favicon.ico", "/_/channels"] {
+    for path in [
+        "/",
+        "/healthz",
+        "/favicon.ico",
+        "/robots.txt",
+        "/_/channels",
+    ] {
+        assert_eq!(request(server.addr, &get(path)).status, 200, "{path}");
+    }
+    for path in ["/_", "/_/events", "/_/notify"] {
         assert_eq!(request(server.addr, &get(path)).status, 404, "{path}");
     }
+    // None of them parked anyone.
+    assert_eq!(server.counter("parked_total"), 0);
     assert_eq!(request(server.addr, &get("/a/../b")).status, 400);
 }
 

@@ -4,10 +4,12 @@
 mod support;
 
 mod access;
+mod browser;
 mod capacity;
 mod examples;
 mod http;
 mod lifecycle;
+mod operations;
 mod policy;
 mod pubsub;
 mod queue;

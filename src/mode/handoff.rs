@@ -228,6 +228,15 @@ impl<A: Waiter, B: Waiter> Handoff<A, B> {
         self.end(self.registry.remove_under(prefix), reject)
     }
 
+    /// Each channel with how many wait in each line, for `/_/channels`.
+    pub fn lines(&self) -> Vec<(String, usize, usize)> {
+        self.registry
+            .lock_even_closed()
+            .iter()
+            .map(|(key, lines)| (key.clone(), lines.a.len(), lines.b.len()))
+            .collect()
+    }
+
     /// Closes every channel for shutdown; returns how many waiters were told.
     pub fn close(&self) -> usize {
         self.end(self.registry.close(), &Reject::shutting_down()).1

@@ -47,6 +47,22 @@ pub trait Family: Send + Sync {
 
     /// Closes every channel for shutdown; returns how many waiters were answered.
     fn close(&self) -> usize;
+
+    /// The channels that exist now, with who waits on them.
+    fn channels(&self) -> Vec<ChannelView>;
+}
+
+/// One active channel, as `/_/channels` and the page show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelView {
+    pub key: String,
+    /// `queue`, `pubsub` or `reqres`.
+    pub mode: &'static str,
+    /// Who waits, by role (`producers`, `consumers`, `subscribers`,
+    /// `requesters`, `responders`), and how many.
+    pub waiting: Vec<(&'static str, usize)>,
+    /// Messages a pubsub channel retains.
+    pub retained: Option<usize>,
 }
 
 /// When a wait that started now ends: the request's own `?timeout=`, capped by
@@ -58,6 +74,11 @@ pub fn deadline(requested: Option<Duration>, max_wait: Option<Duration>) -> Opti
     };
     // A wait too long to represent (`?timeout=1e19`) is no deadline at all.
     wait.and_then(|wait| Instant::now().checked_add(wait))
+}
+
+/// How long since `start`, as the info line of a delivery says it.
+pub fn took(start: Instant) -> String {
+    format!("{:.1} ms", start.elapsed().as_secs_f64() * 1e3)
 }
 
 /// The channel's key as info-level logs show it: channel names are
@@ -91,6 +112,10 @@ impl<F: Family + ?Sized> Family for std::sync::Arc<F> {
 
     fn close(&self) -> usize {
         (**self).close()
+    }
+
+    fn channels(&self) -> Vec<ChannelView> {
+        (**self).channels()
     }
 }
 

@@ -29,7 +29,7 @@ use crate::mode::delivery::{Body, Delivered, Delivery, Outgoing, Receiver, deliv
 use crate::mode::envelope::Envelope;
 use crate::mode::handoff::{Arrival, Handoff, Park, Waiter, Wake};
 use crate::mode::wait::{READ_AHEAD, Sleep, Waited, wait};
-use crate::mode::{Family, deadline, short};
+use crate::mode::{ChannelView, Family, deadline, short, took};
 use crate::route::{Action, CHANNEL_METHODS, Channel, Mode, Query, Routed};
 
 /// Every queue channel.
@@ -395,10 +395,15 @@ impl Queues {
         consumer: Receiver,
         common: &Common,
     ) -> Result<(), Failed> {
+        let start = Instant::now();
         match deliver(&self.stats, body, outgoing, consumer, common) {
             Delivered::Whole { sent } => {
                 self.stats.paired(sent);
-                log::info!("queue {}: delivered {sent} bytes", short(key));
+                log::info!(
+                    "queue {}: delivered {sent} bytes in {}",
+                    short(key),
+                    took(start)
+                );
                 Ok(())
             }
             Delivered::SenderFailed { error, sent, back } => {
@@ -480,6 +485,21 @@ impl Family for Queues {
 
     fn close(&self) -> usize {
         self.handoff.close()
+    }
+
+    /// Reply paths (`/_/reply/<secret>`) are secrets, never listed.
+    fn channels(&self) -> Vec<ChannelView> {
+        self.handoff
+            .lines()
+            .into_iter()
+            .filter(|(key, _, _)| !key.starts_with("/_/"))
+            .map(|(key, producers, consumers)| ChannelView {
+                key,
+                mode: "queue",
+                waiting: vec![("producers", producers), ("consumers", consumers)],
+                retained: None,
+            })
+            .collect()
     }
 }
 

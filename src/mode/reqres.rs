@@ -33,7 +33,7 @@ use crate::mode::envelope::Envelope;
 use crate::mode::handoff::{Arrival, Handoff, Park, Waiter, Wake};
 use crate::mode::queue::{Queues, park_until};
 use crate::mode::wait::{READ_AHEAD, Sleep, Waited, wait};
-use crate::mode::{Family, deadline, short};
+use crate::mode::{ChannelView, Family, deadline, short, took};
 use crate::route::{
     Action, CHANNEL_METHODS, Channel, Mode, Query, REPLY_PREFIX, Routed, normalize,
     without_credentials,
@@ -468,10 +468,15 @@ impl ReqRes {
             Some(bytes) => Body::Inline(bytes),
             None => Body::Request(ex),
         };
+        let start = Instant::now();
         match deliver(&self.stats, body, answer, requester, common) {
             Delivered::Whole { sent } => {
                 self.stats.paired(sent);
-                log::info!("reqres {}: answered, {sent} bytes", short(key));
+                log::info!(
+                    "reqres {}: answered, {sent} bytes in {}",
+                    short(key),
+                    took(start)
+                );
             }
             Delivered::SenderFailed { error, back, .. } => {
                 log::debug!(
@@ -552,6 +557,19 @@ impl Family for ReqRes {
 
     fn close(&self) -> usize {
         self.handoff.close()
+    }
+
+    fn channels(&self) -> Vec<ChannelView> {
+        self.handoff
+            .lines()
+            .into_iter()
+            .map(|(key, requesters, responders)| ChannelView {
+                key,
+                mode: "reqres",
+                waiting: vec![("requesters", requesters), ("responders", responders)],
+                retained: None,
+            })
+            .collect()
     }
 }
 

@@ -31,7 +31,7 @@ use crate::mailbox::Mailbox;
 use crate::metrics::Stats;
 use crate::mode::envelope::Envelope;
 use crate::mode::wait::{Sleep, Waited, wait};
-use crate::mode::{Family, deadline, short};
+use crate::mode::{ChannelView, Family, deadline, short, took};
 use crate::registry::{Guard, Registry};
 use crate::route::{Action, CHANNEL_METHODS, Channel, Mode, Query, Routed};
 use format::Format;
@@ -135,8 +135,9 @@ impl Pubsub {
             let _ = bell.post(());
         }
         log::info!(
-            "pubsub {}: message {id} ({bytes} bytes) handed to {handed} subscribers",
-            short(key)
+            "pubsub {}: message {id} ({bytes} bytes) handed to {handed} subscribers in {}",
+            short(key),
+            took(ex.started())
         );
         let mut head = Head::new(200);
         head.header("Patch-Id", id.to_string())
@@ -307,6 +308,20 @@ impl Family for Pubsub {
     /// Waiters get 503, streams end.
     fn close(&self) -> usize {
         self.end(self.registry.close(), &Reject::shutting_down()).1
+    }
+
+    fn channels(&self) -> Vec<ChannelView> {
+        self.registry
+            .lock_even_closed()
+            .views()
+            .into_iter()
+            .map(|(key, subscribers, retained)| ChannelView {
+                key,
+                mode: "pubsub",
+                waiting: vec![("subscribers", subscribers)],
+                retained: Some(retained),
+            })
+            .collect()
     }
 }
 

@@ -190,6 +190,21 @@ impl Channels for Store {
 }
 
 impl Store {
+    /// Each channel with its subscribers (waiting GETs and streams) and
+    /// retained messages, for `/_/channels`.
+    pub fn views(&self) -> Vec<(String, usize, usize)> {
+        self.feeds
+            .iter()
+            .map(|(key, feed)| {
+                (
+                    key.clone(),
+                    feed.waiters.len() + feed.listeners.len(),
+                    feed.retained.len(),
+                )
+            })
+            .collect()
+    }
+
     /// The channel `key`, created with a fresh history if it is not there.
     fn feed(&mut self, key: &str) -> &mut Feed {
         if !self.feeds.contains_key(key) {
