@@ -11,6 +11,7 @@ mod http;
 mod lifecycle;
 mod operations;
 mod policy;
+mod proxy;
 mod pubsub;
 mod queue;
 mod reqres;
