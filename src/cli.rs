@@ -29,6 +29,65 @@ pub enum Command {
     /// Print a new random access token and the lines of the access file
     /// (`--auth`) that grant it, plaintext and hashed.
     Token(TokenArgs),
+    /// Bridge channels to a pair of named pipes: lines written to DIR/send
+    /// are sent to a channel, messages of another come out of DIR/recv.
+    Fifo(Box<FifoArgs>),
+}
+
+/// Options of `patchcord fifo`.
+#[derive(Debug, Clone, Args)]
+pub struct FifoArgs {
+    /// The directory to create, holding the FIFOs `send` and `recv`.
+    pub dir: std::path::PathBuf,
+
+    /// The relay (default: PATCHCORD_URL, else http://127.0.0.1:3000).
+    #[arg(long, env = "PATCHCORD_URL", value_name = "URL")]
+    pub server: Option<String>,
+
+    /// Lines written to DIR/send are sent to this channel.
+    #[arg(long, value_name = "CHANNEL")]
+    pub send: Option<String>,
+
+    /// Messages of this channel come out of DIR/recv, one per line.
+    #[arg(long, value_name = "CHANNEL")]
+    pub recv: Option<String>,
+
+    /// NUL instead of newline ends a message, both ways.
+    #[arg(short = 'z', long = "null")]
+    pub null: bool,
+
+    /// Permission bits of the FIFOs (octal).
+    #[arg(long, default_value = "0600", value_name = "MODE")]
+    pub mode: String,
+
+    /// Longest message; longer lines are dropped, logged and counted.
+    #[arg(long, default_value = "1M", value_parser = parse_size, value_name = "BYTES")]
+    pub max_message: u64,
+
+    /// On SIGINT/SIGTERM, how long to keep delivering lines already written.
+    #[arg(long, default_value_t = 2.0, value_name = "SECS")]
+    pub drain_timeout: f64,
+
+    /// Where undelivered messages go at exit (default: standard error).
+    #[arg(long, value_name = "FILE")]
+    pub spool: Option<std::path::PathBuf>,
+
+    /// Return once DIR is ready, printing the bridge's process id.
+    #[arg(short = 'b', long = "background")]
+    pub background: bool,
+
+    /// Replace a DIR left behind by a bridge that was killed.
+    #[arg(long)]
+    pub force: bool,
+
+    /// Log less (warnings and errors only).
+    #[arg(short, long)]
+    pub quiet: bool,
+
+    /// Run this command with PATCHCORD_SEND and PATCHCORD_RECV set to the
+    /// FIFOs; the bridge stops when it exits.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<std::ffi::OsString>,
 }
 
 /// Options of `patchcord token`.
@@ -351,7 +410,7 @@ mod tests {
         let args = serve_first(argv.iter().map(OsString::from).collect());
         match Cli::try_parse_from(args).unwrap().into_command() {
             Command::Serve(args) => *args,
-            Command::Token(_) => panic!("not serve"),
+            _ => panic!("not serve"),
         }
     }
 
@@ -391,7 +450,7 @@ mod tests {
         let negative = Cli::try_parse_from(["patchcord", "--timeout", "-1"]).unwrap();
         match negative.into_command() {
             Command::Serve(args) => assert_eq!(args.timeout, Some(-1.0)),
-            Command::Token(_) => panic!("not serve"),
+            _ => panic!("not serve"),
         }
     }
 

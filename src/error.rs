@@ -44,6 +44,8 @@ pub enum Error {
     Spawn(io::Error),
     /// The access file (`--auth`) is unreadable or wrong.
     Access(crate::access::FileError),
+    /// `patchcord fifo` could not start.
+    Fifo(crate::fifo::Failed),
     /// The kernel gave no random bytes.
     Random(io::Error),
 }
@@ -69,6 +71,7 @@ impl fmt::Display for Error {
             Error::Spawn(_) => write!(f, "cannot start the accept thread"),
             Error::Access(error) => write!(f, "{error}"),
             Error::Random(_) => write!(f, "cannot read random bytes"),
+            Error::Fifo(error) => write!(f, "fifo: {error}"),
         }
     }
 }
@@ -84,6 +87,7 @@ impl std::error::Error for Error {
             Error::Spawn(source) => Some(source),
             Error::Access(_) => None,
             Error::Random(source) => Some(source),
+            Error::Fifo(_) => None,
         }
     }
 }

@@ -19,6 +19,7 @@ mod app;
 mod cli;
 mod config;
 mod error;
+mod fifo;
 mod hex;
 mod hooks;
 mod http;
@@ -41,6 +42,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse_args().into_command() {
         Command::Serve(args) => serve(*args),
         Command::Token(args) => token(&args.label),
+        Command::Fifo(args) => fifo(*args),
     };
     match result {
         Ok(exit) => exit.into(),
@@ -75,6 +77,22 @@ fn serve(args: cli::ServeArgs) -> Result<Exit, Error> {
     }
     server::run(config, access)?;
     Ok(Exit::Clean)
+}
+
+/// `patchcord fifo`: logs to stderr, then bridges until a signal.
+fn fifo(args: cli::FifoArgs) -> Result<Exit, Error> {
+    let level = if args.quiet {
+        log::LevelFilter::Warn
+    } else {
+        log::LevelFilter::Info
+    };
+    simple_logger::SimpleLogger::new()
+        .with_level(level)
+        .env()
+        .with_utc_timestamps()
+        .init()
+        .map_err(Error::Logger)?;
+    fifo::run(args).map_err(Error::Fifo)
 }
 
 /// `patchcord token`: a new random token (192 bits, URL-safe) and the

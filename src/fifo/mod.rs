@@ -1,0 +1,473 @@
+//! `patchcord fifo DIR`: channels as a pair of named pipes, for any program
+//! that can `read` and `printf` lines. Lines written to `DIR/send` are sent
+//! to one channel (`send.rs`); messages of another come out of `DIR/recv`
+//! (`recv.rs`), strictly one at a time. The supervisor here makes the
+//! directory (`dir.rs`), mends it, and on SIGINT/SIGTERM removes it first,
+//! drains what was accepted, and spools what could not be delivered.
+//! Design notes: reference/fifo-bridge.md of the project's shared notes.
+
+mod client;
+mod dir;
+mod recv;
+mod send;
+mod sys;
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{RecvTimeoutError, bounded, unbounded};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use crate::cli::FifoArgs;
+use crate::error::Exit;
+
+/// The variable that tells a bridge started by `-b` where to say it is ready.
+const READY_FD: &str = "PATCHCORD_FIFO_READY_FD";
+
+/// How often the supervisor checks that the FIFOs are still there.
+const WATCHDOG: Duration = Duration::from_secs(1);
+
+/// What the pumps and the supervisor share.
+pub struct Shared {
+    /// Raised on the first signal: stop taking new work.
+    pub stop: sys::Flag,
+    /// Raised at the drain deadline or on a second signal: give up.
+    pub abort: sys::Flag,
+    /// The message delimiter: `\n`, or NUL with -z.
+    pub delim: u8,
+    /// The longest message.
+    pub max: usize,
+    /// The recv pump is blocked opening its FIFO, waiting for a reader.
+    pub recv_opening: AtomicBool,
+    spooled: Mutex<Vec<Spooled>>,
+    sent: AtomicU64,
+    received: AtomicU64,
+    dropped: AtomicU64,
+}
+
+/// A message that could not be delivered, kept for the spool.
+pub struct Spooled {
+    bytes: Vec<u8>,
+    note: &'static str,
+}
+
+impl Spooled {
+    pub fn new(bytes: Vec<u8>, note: &'static str) -> Spooled {
+        Spooled { bytes, note }
+    }
+}
+
+impl Shared {
+    pub fn spool(&self, message: Spooled) {
+        self.spooled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(message);
+    }
+
+    /// A message over --max-message was dropped.
+    pub fn dropped(&self, bytes: usize, side: &str) {
+        let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        log::warn!(
+            "{side}: a message of {bytes} bytes is over --max-message {}; dropped ({n} so far)",
+            self.max
+        );
+    }
+
+    pub fn count_dropped(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count_sent(&self) {
+        self.sent.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count_received(&self) {
+        self.received.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Waits before try `attempt` (100 ms doubling to 5 s); true if `flag` was
+/// raised meanwhile.
+pub fn backoff(flag: &sys::Flag, attempt: u32) -> bool {
+    let ms = (100u64 << attempt.saturating_sub(1).min(6)).min(5000);
+    flag.sleep(Duration::from_millis(ms))
+}
+
+/// A startup error: said on stderr, exit status 1.
+#[derive(Debug)]
+pub struct Failed(pub String);
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Failed {}
+
+/// What ends the supervisor's wait.
+enum Event {
+    Signal,
+    CommandExited(i32),
+}
+
+/// `patchcord fifo`.
+pub fn run(args: FifoArgs) -> Result<Exit, Failed> {
+    if args.send.is_none() && args.recv.is_none() {
+        return Err(Failed(
+            "give --send CHANNEL, --recv CHANNEL, or both".to_owned(),
+        ));
+    }
+    if args.send.is_some() && args.send == args.recv {
+        log::warn!(
+            "--send and --recv name the same channel: on a queue the bridge takes its own messages"
+        );
+    }
+    let mode = u32::from_str_radix(args.mode.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| {
+            Failed(format!(
+                "--mode {:?} is not octal permission bits",
+                args.mode
+            ))
+        })?;
+    let url = args
+        .server
+        .clone()
+        .unwrap_or_else(|| "http://127.0.0.1:3000".to_owned());
+    let relay = client::Relay::parse(&url).map_err(Failed)?;
+    for channel in [&args.send, &args.recv].into_iter().flatten() {
+        if channel.is_empty() || channel.bytes().any(|b| b <= b' ' || b == b'?' || b == b'#') {
+            return Err(Failed(format!(
+                "channel {channel:?}: a path without spaces, ? or #"
+            )));
+        }
+    }
+    let drain = crate::config::seconds("--drain-timeout", args.drain_timeout)
+        .map_err(|e| Failed(e.to_string()))?;
+    let max = usize::try_from(args.max_message)
+        .map_err(|_| Failed("--max-message is too large here".to_owned()))?;
+    if args.background && std::env::var_os(READY_FD).is_none() {
+        return background();
+    }
+
+    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(|e| Failed(e.to_string()))?;
+    let shared = Shared {
+        stop: sys::Flag::new().map_err(|e| Failed(e.to_string()))?,
+        abort: sys::Flag::new().map_err(|e| Failed(e.to_string()))?,
+        delim: if args.null { 0 } else { b'\n' },
+        max,
+        recv_opening: AtomicBool::new(false),
+        spooled: Mutex::new(Vec::new()),
+        sent: AtomicU64::new(0),
+        received: AtomicU64::new(0),
+        dropped: AtomicU64::new(0),
+    };
+    let mut names = Vec::new();
+    if args.send.is_some() {
+        names.push("send");
+    }
+    if args.recv.is_some() {
+        names.push("recv");
+    }
+    let (dir, send_fifo) = dir::Dir::create(&args.dir, &names, mode, args.force).map_err(Failed)?;
+    let spool_to = args.spool.clone();
+    let (events_tx, events) = unbounded::<Event>();
+    let signal_tx = events_tx.clone();
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                if signal_tx.send(Event::Signal).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(|e| Failed(e.to_string()))?;
+
+    let (more_send, more_send_rx) = bounded::<File>(4);
+    let recv_path = dir.fifo("recv");
+    let exit = thread::scope(|scope| {
+        let shared = &shared;
+        let mut pumps = Vec::new();
+        if let (Some(channel), Some(fifo)) = (&args.send, send_fifo) {
+            let client = client::Client::new(relay.clone());
+            pumps.push(scope.spawn(move || send::run(shared, client, channel, fifo, more_send_rx)));
+        }
+        if let Some(channel) = &args.recv {
+            let client = client::Client::new(relay.clone());
+            let fifo = recv_path.clone();
+            pumps.push(scope.spawn(move || recv::run(shared, client, channel, &fifo)));
+        }
+        log::info!(
+            "{} ready: {}{}{}",
+            dir.path.display(),
+            args.send
+                .as_ref()
+                .map(|c| format!("lines to send go to {}", relay.target(c)))
+                .unwrap_or_default(),
+            if args.send.is_some() && args.recv.is_some() {
+                "; "
+            } else {
+                ""
+            },
+            args.recv
+                .as_ref()
+                .map(|c| format!("messages of {} come out of recv", relay.target(c)))
+                .unwrap_or_default(),
+        );
+        say_ready();
+        let mut command_status = None;
+        if !args.command.is_empty() {
+            match start_command(&args.command, &dir, &args, events_tx.clone()) {
+                Ok(()) => {}
+                Err(e) => {
+                    log::error!("cannot run {:?}: {e}", args.command[0]);
+                    command_status = Some(127);
+                    let _ = events_tx.send(Event::CommandExited(127));
+                }
+            }
+        }
+        // ── the supervisor's loop: mend the directory, wait for the end ──
+        loop {
+            match events.recv_timeout(WATCHDOG) {
+                Err(RecvTimeoutError::Timeout) => mend(&dir, &more_send),
+                Err(RecvTimeoutError::Disconnected) | Ok(Event::Signal) => break,
+                Ok(Event::CommandExited(code)) => {
+                    command_status = Some(code);
+                    break;
+                }
+            }
+        }
+        // Stop: nothing new is taken, the directory goes first, and what
+        // was accepted is delivered until the deadline.
+        shared.stop.raise();
+        let release = shared
+            .recv_opening
+            .load(Ordering::SeqCst)
+            .then(|| sys::open(&recv_path, libc::O_RDONLY | libc::O_NONBLOCK).ok())
+            .flatten();
+        dir.remove();
+        let deadline = Instant::now() + drain;
+        while pumps.iter().any(|p| !p.is_finished()) {
+            if Instant::now() >= deadline {
+                shared.abort.raise();
+            }
+            if let Ok(Event::Signal) = events.recv_timeout(Duration::from_millis(20)) {
+                log::warn!("second signal: stopping now");
+                shared.abort.raise();
+            }
+        }
+        drop(release);
+        for pump in pumps {
+            if pump.join().is_err() {
+                log::error!("a pump failed; what it held may be lost");
+            }
+        }
+        let spooled =
+            std::mem::take(&mut *shared.spooled.lock().unwrap_or_else(|p| p.into_inner()));
+        let left = write_spool(&spooled, spool_to.as_ref(), shared.delim);
+        log::info!(
+            "stopped: {} sent, {} received, {} dropped, {} undelivered",
+            shared.sent.load(Ordering::Relaxed),
+            shared.received.load(Ordering::Relaxed),
+            shared.dropped.load(Ordering::Relaxed),
+            left
+        );
+        if left > 0 {
+            Exit::Undelivered
+        } else {
+            match command_status {
+                Some(0) | None => Exit::Clean,
+                Some(_) => Exit::Fatal,
+            }
+        }
+    });
+    Ok(exit)
+}
+
+/// Mends the directory; a send FIFO made again is handed to the pump.
+fn mend(dir: &dir::Dir, more_send: &crossbeam_channel::Sender<File>) {
+    for mended in dir.mend() {
+        match mended {
+            dir::Mended::Recreated(name) => {
+                log::warn!("{}/{name} was deleted; made again", dir.path.display());
+                if name == "send" {
+                    if let Ok(fifo) = sys::open(&dir.fifo("send"), libc::O_RDWR | libc::O_NONBLOCK)
+                    {
+                        let _ = more_send.try_send(fifo);
+                    }
+                }
+            }
+            dir::Mended::MovedAside(name, aside, bytes) => {
+                log::warn!(
+                    "{}/{name} was a regular file ({bytes} bytes, written while the FIFO was gone): moved to {}; FIFO made again",
+                    dir.path.display(),
+                    aside.display()
+                );
+                if name == "send" {
+                    if let Ok(fifo) = sys::open(&dir.fifo("send"), libc::O_RDWR | libc::O_NONBLOCK)
+                    {
+                        let _ = more_send.try_send(fifo);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Writes the undelivered messages to `file` (appended, framed as they
+/// were written, so `cat FILE > DIR/send` offers them again), or to
+/// stderr, one `undelivered:` line each; returns how many.
+fn write_spool(spooled: &[Spooled], file: Option<&PathBuf>, delim: u8) -> usize {
+    if spooled.is_empty() {
+        return 0;
+    }
+    for message in spooled.iter().filter(|m| !m.note.is_empty()) {
+        log::warn!(
+            "undelivered message of {} bytes: {}",
+            message.bytes.len(),
+            message.note
+        );
+    }
+    match file {
+        Some(path) => {
+            let written = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)
+                .and_then(|mut f| {
+                    for message in spooled {
+                        f.write_all(&message.bytes)?;
+                        f.write_all(&[delim])?;
+                    }
+                    f.flush()
+                });
+            match written {
+                Ok(()) => log::warn!(
+                    "{} undelivered messages written to {}",
+                    spooled.len(),
+                    path.display()
+                ),
+                Err(e) => log::error!("cannot write the spool {}: {e}", path.display()),
+            }
+        }
+        None => {
+            let mut err = io::stderr().lock();
+            for message in spooled {
+                let _ = err.write_all(b"undelivered: ");
+                let _ = err.write_all(&message.bytes);
+                let _ = err.write_all(b"\n");
+            }
+        }
+    }
+    spooled.len()
+}
+
+/// `-b`: starts the bridge again in the background and returns once its
+/// directory is ready, printing its process id; its own failure to start
+/// is this one's (exit 1).
+fn background() -> Result<Exit, Failed> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two descriptors into the valid `fds`.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(Failed(io::Error::last_os_error().to_string()));
+    }
+    // SAFETY: both were just created and are owned here.
+    let (mut ready, write) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+    let write_fd = write.as_raw_fd();
+    let exe = std::env::current_exe().map_err(|e| Failed(e.to_string()))?;
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let mut command = Command::new(exe);
+    command
+        .args(args)
+        .env(READY_FD, write_fd.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    // SAFETY: between fork and exec only async-signal-safe calls: fcntl to
+    // let the child keep the ready pipe's write end across exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(move || {
+            let flags = libc::fcntl(write_fd, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(write_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|e| Failed(e.to_string()))?;
+    drop(write);
+    let mut said = String::new();
+    let _ = ready.read_to_string(&mut said);
+    if said.trim() == "ready" {
+        println!("{}", child.id());
+        return Ok(Exit::Clean);
+    }
+    let status = child.wait().map_err(|e| Failed(e.to_string()))?;
+    Err(Failed(format!(
+        "the bridge did not start ({})",
+        status.code().map_or_else(
+            || format!("signal {:?}", status.signal()),
+            |c| format!("exit {c}")
+        )
+    )))
+}
+
+/// Tells a `-b` parent that the directory is ready, and lets it go.
+fn say_ready() {
+    let Some(fd) = std::env::var(READY_FD)
+        .ok()
+        .and_then(|v| v.parse::<libc::c_int>().ok())
+    else {
+        return;
+    };
+    // SAFETY: the descriptor was left open for us by the parent, named in
+    // READY_FD, and is used once and closed here.
+    let mut file = unsafe { File::from_raw_fd(fd) };
+    let _ = file.write_all(b"ready\n");
+}
+
+/// Runs `-- CMD` with the FIFOs in its environment; its exit ends the bridge.
+fn start_command(
+    command: &[OsString],
+    dir: &dir::Dir,
+    args: &FifoArgs,
+    events: crossbeam_channel::Sender<Event>,
+) -> io::Result<()> {
+    let mut cmd = Command::new(&command[0]);
+    cmd.args(&command[1..]).env_remove(READY_FD);
+    if args.send.is_some() {
+        cmd.env("PATCHCORD_SEND", dir.fifo("send"));
+    }
+    if args.recv.is_some() {
+        cmd.env("PATCHCORD_RECV", dir.fifo("recv"));
+    }
+    let mut child = cmd.spawn()?;
+    thread::Builder::new()
+        .name("command".into())
+        .spawn(move || {
+            let code = match child.wait() {
+                Ok(status) => status
+                    .code()
+                    .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+                Err(_) => 1,
+            };
+            let _ = events.send(Event::CommandExited(code));
+        })?;
+    Ok(())
+}

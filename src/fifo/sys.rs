@@ -1,0 +1,173 @@
+//! The system calls the bridge needs that std does not offer: FIFOs,
+//! `poll(2)`, `flock(2)`, FIONREAD, and a level-triggered flag a pump can
+//! poll beside its descriptors.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
+}
+
+fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// `mkfifo(path, mode)` (the umask may narrow `mode`; callers chmod after).
+pub fn mkfifo(path: &Path, mode: u32) -> io::Result<()> {
+    let path = c_path(path)?;
+    // SAFETY: `path` is a valid NUL-terminated string for the call.
+    check(unsafe { libc::mkfifo(path.as_ptr(), mode as libc::mode_t) }).map(|_| ())
+}
+
+/// Renames `from` to `to`, failing if `to` exists (even an empty directory).
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    let (from, to) = (c_path(from)?, c_path(to)?);
+    // SAFETY: two valid NUL-terminated paths relative to the working directory.
+    check(unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    })
+    .map(|_| ())
+}
+
+/// Opens `path` with raw `flags` (O_CLOEXEC added).
+pub fn open(path: &Path, flags: libc::c_int) -> io::Result<File> {
+    let path = c_path(path)?;
+    // SAFETY: a valid path; the returned descriptor is owned by the File.
+    let fd = check(unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) })?;
+    // SAFETY: `fd` was just opened and is owned by nobody else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Sets or clears O_NONBLOCK on `fd`.
+pub fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor the caller owns; no memory is passed.
+    let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
+    let flags = if on {
+        flags | libc::O_NONBLOCK
+    } else {
+        flags & !libc::O_NONBLOCK
+    };
+    // SAFETY: as above.
+    check(unsafe { libc::fcntl(fd, libc::F_SETFL, flags) }).map(|_| ())
+}
+
+/// `flock(fd, LOCK_EX | LOCK_NB)`: false when another holds it.
+pub fn try_lock(file: &File) -> io::Result<bool> {
+    // SAFETY: flock on an owned, open descriptor.
+    match check(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Bytes written to a pipe and not yet read (FIONREAD works on either end).
+pub fn unread(fd: RawFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int into the valid, owned `n`.
+    check(unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) })?;
+    Ok(n.max(0) as usize)
+}
+
+/// What `poll` saw on one descriptor.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ready {
+    pub readable: bool,
+    /// POLLERR or POLLHUP: for a FIFO's write end, no reader is left.
+    pub error: bool,
+}
+
+/// Polls `fds` (descriptor, events) for up to `timeout` (None: forever).
+pub fn poll(fds: &[(RawFd, libc::c_short)], timeout: Option<Duration>) -> io::Result<Vec<Ready>> {
+    let mut polled: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&(fd, events)| libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        })
+        .collect();
+    let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as libc::c_int);
+    loop {
+        // SAFETY: `polled` is a valid array of `polled.len()` pollfds.
+        let rc = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, ms) };
+        if rc >= 0 {
+            break;
+        }
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    }
+    Ok(polled
+        .iter()
+        .map(|p| Ready {
+            readable: p.revents & libc::POLLIN != 0,
+            error: p.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0,
+        })
+        .collect())
+}
+
+/// A flag that is also a descriptor: once raised, its read end stays
+/// readable, so a pump polling it beside its sockets wakes, and keeps waking.
+pub struct Flag {
+    raised: AtomicBool,
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Flag {
+    pub fn new() -> io::Result<Flag> {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe2 writes two descriptors into the valid `fds`.
+        check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) })?;
+        // SAFETY: both descriptors were just created and are owned here.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        Ok(Flag {
+            raised: AtomicBool::new(false),
+            read,
+            write,
+        })
+    }
+
+    /// Raises the flag (once is enough; again is harmless).
+    pub fn raise(&self) {
+        if !self.raised.swap(true, Ordering::SeqCst) {
+            // SAFETY: writes one byte from a valid buffer to an owned pipe.
+            unsafe { libc::write(self.write.as_raw_fd(), b"!".as_ptr().cast(), 1) };
+        }
+    }
+
+    pub fn is_raised(&self) -> bool {
+        self.raised.load(Ordering::SeqCst)
+    }
+
+    /// The descriptor to poll for POLLIN.
+    pub fn fd(&self) -> RawFd {
+        self.read.as_raw_fd()
+    }
+
+    /// Sleeps up to `duration`, or until the flag is raised; true if raised.
+    pub fn sleep(&self, duration: Duration) -> bool {
+        let _ = poll(&[(self.fd(), libc::POLLIN)], Some(duration));
+        self.is_raised()
+    }
+}
