@@ -11,7 +11,7 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
@@ -41,7 +41,7 @@ fn usage() -> ! {
         "usage: relay [--url http://HOST:PORT --pid PID] [--json FILE] [--smoke] [--only NAME] [--pairs N] [--prefix PATH] [--consumer-delay MICROS] [--pi]\n\
          --prefix: where the rendezvous channels are, PATH/LABEL/PAIR (default /bench; /channels for httpipe)\n\
          --consumer-delay: rendezvous consumers wait so long before each receive (producers park first)\n\
-         Scenarios: rendezvous, reconnect, stream, backpressure, waiters, fanout, reqres, idle"
+         Scenarios: rendezvous, reconnect, stream, backpressure, waiters, fanout, reqres, fifo, idle"
     );
     std::process::exit(2)
 }
@@ -962,6 +962,51 @@ fn idle(report: &mut Report, target: &Target) {
     }
 }
 
+/// Scenario 11: the named-pipe bridge beside pipe-io-server 1.0.3, the
+/// same bash client against each (benches/fifo.sh); skipped, with a line
+/// that says why, without python3 or the package.
+fn fifo(report: &mut Report, messages: usize) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/fifo.sh");
+    let output = Command::new("bash")
+        .args([
+            script,
+            env!("CARGO_BIN_EXE_patchcord"),
+            &messages.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run benches/fifo.sh");
+    let text = String::from_utf8_lossy(&output.stdout);
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split('|').collect();
+        match fields.as_slice() {
+            ["SKIP", why] => println!("fifo: skipped: {why}"),
+            [scenario, figure, value, unit] => {
+                let unit: &'static str = match *unit {
+                    "trips/s" => "trips/s",
+                    "msg/s" => "msg/s",
+                    "us" => "us",
+                    "MiB" => "MiB",
+                    _ => "of 3",
+                };
+                report.add(
+                    scenario,
+                    figure,
+                    value.trim().parse().unwrap_or(f64::NAN),
+                    unit,
+                );
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        output.status.success(),
+        "benches/fifo.sh failed: {:?}",
+        output.status
+    );
+}
+
 /// Whether this harness runs under qemu-user: started through a runner, or
 /// built for ARM but seeing an x86 CPU (binfmt_misc with qemu 7, which does
 /// not fake /proc/cpuinfo for ARM), or given qemu's QEMU_LD_PREFIX.
@@ -1330,6 +1375,9 @@ fn main() {
         }
         let total = if smoke { 16 * MIB } else { 256 * MIB };
         reqres_big(&mut report, &fresh(), &options.prefix, total);
+    }
+    if wanted("fifo") {
+        fifo(&mut report, if smoke { 100 } else { 2000 });
     }
     if let Some(path) = &options.json {
         std::fs::write(path, report.json()).expect("write --json file");

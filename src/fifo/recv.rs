@@ -14,8 +14,11 @@ use std::time::Duration;
 use super::client::{Client, Outcome};
 use super::{Shared, Spooled, backoff, sys};
 
-/// How often a message written to the FIFO is checked for being read out.
-const DRAIN_CHECK: Duration = Duration::from_millis(10);
+/// How often a message written to the FIFO is checked for being read out:
+/// first after 50 µs (a reader in a loop takes it at once), then twice as
+/// long each time, up to every 10 ms (a reader that takes its time).
+const DRAIN_FIRST: Duration = Duration::from_micros(50);
+const DRAIN_MOST: Duration = Duration::from_millis(10);
 
 /// What came of serving one reader.
 enum Served {
@@ -175,6 +178,7 @@ enum Drained {
 /// Waits until the reader has read everything written (FIONREAD is 0).
 /// Once stopping, the reader has until the drain deadline (abort).
 fn drained(shared: &Shared, fd: i32) -> Drained {
+    let mut wait = DRAIN_FIRST;
     loop {
         match sys::unread(fd) {
             Ok(0) => return Drained::Yes,
@@ -182,9 +186,10 @@ fn drained(shared: &Shared, fd: i32) -> Drained {
             Err(_) => return Drained::ReaderLeft,
         }
         let fds = [(fd, 0), (shared.abort.fd(), libc::POLLIN)];
-        let Ok(ready) = sys::poll(&fds, Some(DRAIN_CHECK)) else {
+        let Ok(ready) = sys::poll(&fds, Some(wait)) else {
             return Drained::ReaderLeft;
         };
+        wait = (wait * 2).min(DRAIN_MOST);
         if ready[0].error {
             // A reader that read everything and left at once also shows
             // POLLERR: what is unread decides.

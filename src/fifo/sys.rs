@@ -105,10 +105,25 @@ pub fn poll(fds: &[(RawFd, libc::c_short)], timeout: Option<Duration>) -> io::Re
             revents: 0,
         })
         .collect();
-    let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as libc::c_int);
+    // ppoll: a timeout finer than poll's milliseconds.
+    let spec = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs().min(i32::MAX as u64) as libc::time_t,
+        tv_nsec: t.subsec_nanos() as libc::c_long,
+    });
+    let spec_ptr = spec
+        .as_ref()
+        .map_or(std::ptr::null(), |s| s as *const libc::timespec);
     loop {
-        // SAFETY: `polled` is a valid array of `polled.len()` pollfds.
-        let rc = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, ms) };
+        // SAFETY: `polled` is a valid array of `polled.len()` pollfds;
+        // `spec_ptr` is null or points at a live timespec; no signal mask.
+        let rc = unsafe {
+            libc::ppoll(
+                polled.as_mut_ptr(),
+                polled.len() as libc::nfds_t,
+                spec_ptr,
+                std::ptr::null(),
+            )
+        };
         if rc >= 0 {
             break;
         }
