@@ -74,8 +74,17 @@ const R_MINT: &str = "curl localhost:3000/r";
 const R_SEND: &str = r#"curl -d '{"action":"opened"}' localhost:3000/r/$NAME"#;
 const R_FOLLOW: &str =
     r#"curl -N -H "Authorization: Bearer $SECRET" "localhost:3000/r/$NAME?format=ndjson&after=0""#;
+const FIFO_WORKER: &str = r#"pid=$(patchcord fifo -b ./w --recv jobs --send results) || exit 1
+trap 'kill -INT "$pid"' EXIT
+trap '' PIPE
+while IFS= read -r job; do
+  printf '%s\n' "$(do_work "$job")" > ./w/send
+done < ./w/recv"#;
+const FIFO_ECHO: &str = r#"patchcord fifo ./echo --recv echo/in --send echo/out -- bash -c 'while IFS= read -r line; do printf "%s\n" "$line"; done < "$PATCHCORD_RECV" > "$PATCHCORD_SEND"'"#;
+const FIFO_ECHO_CLIENT: &str =
+    "curl -d hello localhost:3000/echo/in & curl localhost:3000/echo/out";
 
-const ALL: [&str; 29] = [
+const ALL: [&str; 32] = [
     HTTPIPE_SEND,
     HTTPIPE_RECEIVE,
     DELETE_NAMESPACE,
@@ -105,6 +114,9 @@ const ALL: [&str; 29] = [
     R_MINT,
     R_SEND,
     R_FOLLOW,
+    FIFO_WORKER,
+    FIFO_ECHO,
+    FIFO_ECHO_CLIENT,
 ];
 
 fn local(command: &str) -> String {
@@ -498,4 +510,75 @@ fn a_webhook_only_its_owner_reads() {
         "{events}"
     );
     assert!(std::fs::read_to_string(dir.join("sent.txt")).is_ok());
+}
+
+/// Runs `script` with `patchcord` on PATH and PATCHCORD_URL set: the
+/// documented bridge commands as written.
+fn spawn_with_patchcord(server: &Server, dir: &Path, script: &str) -> std::process::Child {
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_patchcord"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    std::process::Command::new("bash")
+        .args(["-c", &local(script)])
+        .env("PC", server.addr.to_string())
+        .env("PATH", path)
+        .env("PATCHCORD_URL", server.url(""))
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run bash")
+}
+
+#[test]
+fn a_bash_worker_through_the_fifo_bridge() {
+    if is_emulated() {
+        eprintln!("SKIP under emulation: runs the host's bash with the ARM binary on PATH");
+        return;
+    }
+    let server = Server::start();
+    let dir = temp_dir("ex-fifo-worker");
+    let script = format!("do_work() {{ echo \"done: $1\"; }}\n{FIFO_WORKER}");
+    let worker = spawn_with_patchcord(&server, &dir, &script);
+    for job in ["a.mp3", "b.mp3", "c.mp3"] {
+        let sent = curl(&["-sf", "-d", job, &server.url("/jobs")]);
+        assert!(sent.status.success(), "{sent:?}");
+        let got = curl(&["-sf", &server.url("/results")]);
+        assert_eq!(String::from_utf8_lossy(&got.stdout), format!("done: {job}"));
+    }
+    // The worker's bridge stops with it: SIGTERM to bash runs its EXIT trap.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(worker.id() as libc::pid_t, libc::SIGTERM) };
+    let _ = finish(worker);
+    let deadline = std::time::Instant::now() + *STEP;
+    while dir.join("w").exists() {
+        assert!(std::time::Instant::now() < deadline, "the bridge stayed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_echo_server_through_the_fifo_bridge() {
+    if is_emulated() {
+        eprintln!("SKIP under emulation: runs the host's bash with the ARM binary on PATH");
+        return;
+    }
+    let server = Server::start();
+    let dir = temp_dir("ex-fifo-echo");
+    let mut echo = spawn_with_patchcord(&server, &dir, FIFO_ECHO);
+    let out = run(&server, &dir, FIFO_ECHO_CLIENT);
+    assert_eq!(out, "hello");
+    let again = run(&server, &dir, &FIFO_ECHO_CLIENT.replace("hello", "again"));
+    assert_eq!(again, "again");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(echo.id() as libc::pid_t, libc::SIGINT) };
+    let status = echo.wait().expect("wait");
+    assert_eq!(status.code(), Some(0), "{status:?}");
 }

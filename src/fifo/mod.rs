@@ -231,9 +231,10 @@ pub fn run(args: FifoArgs) -> Result<Exit, Failed> {
         );
         say_ready();
         let mut command_status = None;
+        let mut command_pid = None;
         if !args.command.is_empty() {
             match start_command(&args.command, &dir, &args, events_tx.clone()) {
-                Ok(()) => {}
+                Ok(pid) => command_pid = Some(pid),
                 Err(e) => {
                     log::error!("cannot run {:?}: {e}", args.command[0]);
                     command_status = Some(127);
@@ -253,8 +254,14 @@ pub fn run(args: FifoArgs) -> Result<Exit, Failed> {
             }
         }
         // Stop: nothing new is taken, the directory goes first, and what
-        // was accepted is delivered until the deadline.
+        // was accepted is delivered until the deadline. A command still
+        // running is asked to stop too.
         shared.stop.raise();
+        if let (Some(pid), None) = (command_pid, command_status) {
+            // SAFETY: kill(2) on the pid of our own child, not yet reaped
+            // (its status has not been seen).
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
         let release = shared
             .recv_opening
             .load(Ordering::SeqCst)
@@ -448,7 +455,7 @@ fn start_command(
     dir: &dir::Dir,
     args: &FifoArgs,
     events: crossbeam_channel::Sender<Event>,
-) -> io::Result<()> {
+) -> io::Result<u32> {
     let mut cmd = Command::new(&command[0]);
     cmd.args(&command[1..]).env_remove(READY_FD);
     if args.send.is_some() {
@@ -458,6 +465,7 @@ fn start_command(
         cmd.env("PATCHCORD_RECV", dir.fifo("recv"));
     }
     let mut child = cmd.spawn()?;
+    let pid = child.id();
     thread::Builder::new()
         .name("command".into())
         .spawn(move || {
@@ -469,5 +477,5 @@ fn start_command(
             };
             let _ = events.send(Event::CommandExited(code));
         })?;
-    Ok(())
+    Ok(pid)
 }
