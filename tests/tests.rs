@@ -7,6 +7,7 @@ mod access;
 mod browser;
 mod capacity;
 mod examples;
+mod fifo;
 mod http;
 mod lifecycle;
 mod operations;

@@ -15,13 +15,13 @@ mod sys;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -48,8 +48,9 @@ pub struct Shared {
     pub delim: u8,
     /// The longest message.
     pub max: usize,
-    /// The recv pump is blocked opening its FIFO, waiting for a reader.
-    pub recv_opening: AtomicBool,
+    /// While the recv pump waits in open(2) for a reader: its O_PATH
+    /// descriptor of the FIFO it waits on (see [`Shared::release_recv`]).
+    recv_waiting: Mutex<Option<RawFd>>,
     spooled: Mutex<Vec<Spooled>>,
     sent: AtomicU64,
     received: AtomicU64,
@@ -95,6 +96,29 @@ impl Shared {
 
     pub fn count_received(&self) {
         self.received.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The recv pump is about to wait for a reader on the FIFO that `fd`
+    /// (O_PATH, open until the wait is over) refers to, or (None) is done
+    /// waiting. False when stopping: it must not wait, as nobody would
+    /// release it.
+    pub fn recv_waiting(&self, fd: Option<RawFd>) -> bool {
+        let mut waiting = self.recv_waiting.lock().unwrap_or_else(|p| p.into_inner());
+        if fd.is_some() && self.stop.is_raised() {
+            return false;
+        }
+        *waiting = fd;
+        true
+    }
+
+    /// Releases the recv pump from its wait for a reader by opening, as a
+    /// reader, the very FIFO it waits on: by its descriptor, since its path
+    /// may be gone (at stop) or lead to a FIFO made since (the watchdog).
+    /// The descriptor is returned; closing it at once is enough.
+    pub fn release_recv(&self) -> Option<File> {
+        let waiting = self.recv_waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let fd = (*waiting)?;
+        sys::open(&sys::reopen_path(fd), libc::O_RDONLY | libc::O_NONBLOCK).ok()
     }
 }
 
@@ -170,7 +194,7 @@ pub fn run(args: FifoArgs) -> Result<Exit, Failed> {
         abort: sys::Flag::new().map_err(|e| Failed(e.to_string()))?,
         delim: if args.null { 0 } else { b'\n' },
         max,
-        recv_opening: AtomicBool::new(false),
+        recv_waiting: Mutex::new(None),
         spooled: Mutex::new(Vec::new()),
         sent: AtomicU64::new(0),
         received: AtomicU64::new(0),
@@ -245,7 +269,7 @@ pub fn run(args: FifoArgs) -> Result<Exit, Failed> {
         // ── the supervisor's loop: mend the directory, wait for the end ──
         loop {
             match events.recv_timeout(WATCHDOG) {
-                Err(RecvTimeoutError::Timeout) => mend(&dir, &more_send),
+                Err(RecvTimeoutError::Timeout) => mend(shared, &dir, &more_send),
                 Err(RecvTimeoutError::Disconnected) | Ok(Event::Signal) => break,
                 Ok(Event::CommandExited(code)) => {
                     command_status = Some(code);
@@ -262,11 +286,7 @@ pub fn run(args: FifoArgs) -> Result<Exit, Failed> {
             // (its status has not been seen).
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
         }
-        let release = shared
-            .recv_opening
-            .load(Ordering::SeqCst)
-            .then(|| sys::open(&recv_path, libc::O_RDONLY | libc::O_NONBLOCK).ok())
-            .flatten();
+        let release = shared.release_recv();
         dir.remove();
         let deadline = Instant::now() + drain;
         while pumps.iter().any(|p| !p.is_finished()) {
@@ -306,9 +326,17 @@ pub fn run(args: FifoArgs) -> Result<Exit, Failed> {
     Ok(exit)
 }
 
-/// Mends the directory; a send FIFO made again is handed to the pump.
-fn mend(dir: &dir::Dir, more_send: &crossbeam_channel::Sender<File>) {
+/// Mends the directory; a send FIFO made again is handed to the pump, and
+/// a recv pump waiting for a reader on the FIFO that was replaced is
+/// released, to wait on the new one (no reader can reach the old one).
+fn mend(shared: &Shared, dir: &dir::Dir, more_send: &crossbeam_channel::Sender<File>) {
     for mended in dir.mend() {
+        let name = match &mended {
+            dir::Mended::Recreated(name) | dir::Mended::MovedAside(name, ..) => *name,
+        };
+        if name == "recv" {
+            drop(shared.release_recv());
+        }
         match mended {
             dir::Mended::Recreated(name) => {
                 log::warn!("{}/{name} was deleted; made again", dir.path.display());

@@ -7,8 +7,8 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::client::{Client, Outcome};
@@ -32,16 +32,24 @@ pub fn run(shared: &Shared, mut client: Client, channel: &str, fifo: &Path) {
     let target = client.relay().target(channel);
     // The message fetched and not yet read out whole: framed, ready to write.
     let mut pending: Option<Vec<u8>> = None;
+    // The write end the last reader had, kept (empty) until the next reader
+    // is in: a reader that opens the FIFO just as the last one leaves finds
+    // a writer there, where closing this would give it an end of file.
+    let mut held: Option<File> = None;
     while !shared.stop.is_raised() {
-        // Blocks until a reader opens the FIFO (at stop, the supervisor
-        // opens it itself to release this).
-        shared.recv_opening.store(true, Ordering::SeqCst);
-        let opened = sys::open(fifo, libc::O_WRONLY);
-        shared.recv_opening.store(false, Ordering::SeqCst);
-        let out = match opened {
-            Ok(out) => out,
+        // The FIFO the path leads to now, held (O_PATH: no reader or
+        // writer) so that the supervisor can open this very one to release
+        // the wait below: at stop, or when the path was deleted and the
+        // watchdog made a new FIFO that readers open instead.
+        let inode = match sys::open(fifo, libc::O_PATH) {
+            Ok(inode) if inode.metadata().is_ok_and(|m| m.file_type().is_fifo()) => inode,
+            // Deleted, or a file written in its place: the watchdog makes
+            // it again (moving such a file aside) within a second.
+            Ok(_) => {
+                shared.stop.sleep(Duration::from_millis(100));
+                continue;
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                // Deleted: the watchdog makes it again within a second.
                 shared.stop.sleep(Duration::from_millis(100));
                 continue;
             }
@@ -51,6 +59,26 @@ pub fn run(shared: &Shared, mut client: Client, channel: &str, fifo: &Path) {
                 continue;
             }
         };
+        // Kept for a FIFO that is no longer at the path, it helps no reader.
+        if held.as_ref().is_some_and(|h| !same_file(h, &inode)) {
+            held = None;
+        }
+        if !shared.recv_waiting(Some(inode.as_raw_fd())) {
+            break;
+        }
+        // Blocks until a reader opens the FIFO (at once if one has).
+        let opened = sys::open(&sys::reopen_path(inode.as_raw_fd()), libc::O_WRONLY);
+        shared.recv_waiting(None);
+        drop(inode);
+        let out = match opened {
+            Ok(out) => out,
+            Err(e) => {
+                log::warn!("recv: cannot open {}: {e}", fifo.display());
+                shared.stop.sleep(Duration::from_secs(1));
+                continue;
+            }
+        };
+        held = None;
         if shared.stop.is_raised() {
             break;
         }
@@ -58,12 +86,27 @@ pub fn run(shared: &Shared, mut client: Client, channel: &str, fifo: &Path) {
             continue;
         }
         match serve(shared, &mut client, &target, &out, &mut pending) {
-            Served::ReaderLeft => continue,
+            // Bytes left unread are the start of a message the next reader
+            // gets whole: they go when no descriptor holds the pipe. With
+            // none, the write end is kept for the next reader.
+            Served::ReaderLeft => {
+                if sys::unread(out.as_raw_fd()).is_ok_and(|n| n == 0) {
+                    held = Some(out);
+                }
+            }
             Served::Stopped => break,
         }
     }
     if let Some(message) = pending {
         shared.spool(Spooled::new(unframe(shared, message), ""));
+    }
+}
+
+/// Whether two descriptors refer to the same file.
+fn same_file(a: &File, b: &File) -> bool {
+    match (a.metadata(), b.metadata()) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
     }
 }
 

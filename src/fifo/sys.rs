@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -54,6 +54,12 @@ pub fn open(path: &Path, flags: libc::c_int) -> io::Result<File> {
     let fd = check(unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) })?;
     // SAFETY: `fd` was just opened and is owned by nobody else.
     Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// The path that opens again the file `fd` refers to, even once its own
+/// path is gone (procfs); for an O_PATH descriptor, with any access.
+pub fn reopen_path(fd: RawFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{fd}"))
 }
 
 /// Sets or clears O_NONBLOCK on `fd`.
