@@ -11,9 +11,12 @@ use std::time::Duration;
 
 use super::sys;
 
-/// How long connecting, writing a request, and each read of a response
-/// (once its head has begun) may take.
+/// How long writing a request, and each read of a response (once its head
+/// has begun), may take.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long connecting may take (short: a stop waits for it).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a withdrawn request waits for the relay to close it, or for an
 /// answer it had already begun to send.
@@ -117,7 +120,7 @@ impl Client {
         if self.stream.is_none() {
             let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
             for addr in &self.relay.addrs {
-                match TcpStream::connect_timeout(addr, IO_TIMEOUT) {
+                match TcpStream::connect_timeout(addr, CONNECT_TIMEOUT) {
                     Ok(stream) => {
                         stream.set_nodelay(true)?;
                         stream.set_write_timeout(Some(IO_TIMEOUT))?;

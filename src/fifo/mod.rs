@@ -35,6 +35,9 @@ use crate::error::Exit;
 /// The variable that tells a bridge started by `-b` where to say it is ready.
 const READY_FD: &str = "PATCHCORD_FIFO_READY_FD";
 
+/// How long after the drain deadline the pumps may take to finish.
+const GIVE_UP: Duration = Duration::from_secs(6);
+
 /// How often the supervisor checks that the FIFOs are still there.
 const WATCHDOG: Duration = Duration::from_secs(1);
 
@@ -292,6 +295,14 @@ pub fn run(args: FifoArgs) -> Result<Exit, Failed> {
         while pumps.iter().any(|p| !p.is_finished()) {
             if Instant::now() >= deadline {
                 shared.abort.raise();
+            }
+            if Instant::now() >= deadline + GIVE_UP {
+                // A pump stuck in a system call: say what is known, and go.
+                log::error!("a pump did not stop; exiting without it");
+                let spooled =
+                    std::mem::take(&mut *shared.spooled.lock().unwrap_or_else(|p| p.into_inner()));
+                write_spool(&spooled, spool_to.as_ref(), shared.delim);
+                std::process::exit(Exit::Undelivered as i32);
             }
             if let Ok(Event::Signal) = events.recv_timeout(Duration::from_millis(20)) {
                 log::warn!("second signal: stopping now");
