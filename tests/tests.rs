@@ -8,6 +8,7 @@ mod browser;
 mod capacity;
 mod examples;
 mod fifo;
+mod fifo_more;
 mod http;
 mod lifecycle;
 mod operations;

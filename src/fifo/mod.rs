@@ -26,7 +26,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{RecvTimeoutError, bounded, unbounded};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::cli::FifoArgs;
@@ -191,7 +191,8 @@ pub fn run(args: FifoArgs) -> Result<Exit, Failed> {
         return background();
     }
 
-    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(|e| Failed(e.to_string()))?;
+    // SIGHUP (the terminal closed) stops it like the others, removing DIR.
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(|e| Failed(e.to_string()))?;
     let shared = Shared {
         stop: sys::Flag::new().map_err(|e| Failed(e.to_string()))?,
         abort: sys::Flag::new().map_err(|e| Failed(e.to_string()))?,

@@ -78,30 +78,45 @@ pub fn run(shared: &Shared, client: Client, channel: &str, first: File, more: Re
     }
     // Stopping: what is in the pipe now was written before; send it too
     // (or, past the deadline, spool it).
-    pump.read_available();
-    if pump.send_lines() {
-        pump.spool_partial();
-    } else {
-        pump.spool_rest();
+    // A writer that still holds the FIFO may add more while we send: read
+    // again until nothing new comes, so nothing it wrote is dropped unseen.
+    loop {
+        if !pump.send_lines() {
+            pump.spool_lines();
+            break;
+        }
+        if pump.read_available() == 0 {
+            break;
+        }
     }
+    // Last, right before the FIFOs close: bytes written meanwhile.
+    pump.read_available();
+    pump.fifos.clear();
+    pump.spool_lines();
+    pump.spool_partial();
 }
 
 impl Pump<'_> {
     /// Reads whatever the FIFOs hold now, without waiting, up to about a
     /// message and a pipe's worth (the rest stays in the pipe).
-    fn read_available(&mut self) {
+    fn read_available(&mut self) -> usize {
         let mut chunk = vec![0u8; 64 * 1024];
         let cap = self.shared.max + chunk.len();
+        let mut read = 0;
         for i in 0..self.fifos.len() {
             while self.buf.len() < cap {
                 match self.fifos[i].read(&mut chunk) {
                     Ok(0) => break,
-                    Ok(n) => self.take(&chunk[..n]),
+                    Ok(n) => {
+                        read += n;
+                        self.take(&chunk[..n]);
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(_) => break,
                 }
             }
         }
+        read
     }
 
     /// Adds bytes read; a line growing past the limit is dropped, up to its
@@ -159,6 +174,8 @@ impl Pump<'_> {
     fn send(&mut self, line: &[u8]) -> bool {
         let abort = [(self.shared.abort.fd(), libc::POLLIN)];
         let mut attempt = 0;
+        // Said once per kind of trouble in a row, not once per try.
+        let mut said = "";
         loop {
             if self.shared.abort.is_raised() {
                 return false;
@@ -184,7 +201,10 @@ impl Pump<'_> {
                     return true;
                 }
                 Outcome::Answered(r) => {
-                    log::warn!("send: the relay answered {}; trying again", r.status);
+                    if said != "status" {
+                        log::warn!("send: the relay answered {}; trying again", r.status);
+                        said = "status";
+                    }
                     attempt += 1;
                     if backoff(&self.shared.abort, attempt) {
                         return false;
@@ -195,8 +215,9 @@ impl Pump<'_> {
                     return false;
                 }
                 Outcome::Failed(e) => {
-                    if attempt == 0 {
+                    if said != "unreachable" {
                         log::warn!("send: cannot reach the relay ({e}); trying again");
+                        said = "unreachable";
                     }
                     attempt += 1;
                     if backoff(&self.shared.abort, attempt) {
@@ -225,8 +246,8 @@ impl Pump<'_> {
         }
     }
 
-    /// At stop: the unsent lines, and an unterminated rest marked partial.
-    fn spool_rest(&mut self) {
+    /// At stop: the unsent complete lines.
+    fn spool_lines(&mut self) {
         let delim = self.shared.delim;
         let mut first = true;
         while let Some(at) = self.buf.iter().position(|&b| b == delim) {
@@ -239,8 +260,8 @@ impl Pump<'_> {
             };
             self.shared.spool(Spooled::new(line, note));
             first = false;
+            self.cut = false;
         }
-        self.spool_partial();
     }
 
     fn spool_partial(&mut self) {
