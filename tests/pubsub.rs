@@ -409,7 +409,10 @@ fn a_stalled_subscriber_slows_nobody_and_holds_no_memory() {
         assert!(got == message);
     }
     let peak = status_kib(server.pid(), "VmHWM");
-    assert!(peak < 32 << 10, "peak RSS {peak} KiB");
+    // Under qemu-user the figure is the emulator's, with its translation
+    // cache: a fixed 16 MiB more is allowed there.
+    let limit = if is_emulated() { 48 << 10 } else { 32 << 10 };
+    assert!(peak < limit, "peak RSS {peak} KiB");
     // The stalled subscriber was never dropped for being slow: it reads on.
     let mut first = [0u8; 64];
     (&stalled).read_exact(&mut first).unwrap();

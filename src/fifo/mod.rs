@@ -19,7 +19,7 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
@@ -31,9 +31,6 @@ use signal_hook::iterator::Signals;
 
 use crate::cli::FifoArgs;
 use crate::error::Exit;
-
-/// The variable that tells a bridge started by `-b` where to say it is ready.
-const READY_FD: &str = "PATCHCORD_FIFO_READY_FD";
 
 /// How long after the drain deadline the pumps may take to finish.
 const GIVE_UP: Duration = Duration::from_secs(6);
@@ -187,9 +184,7 @@ pub fn run(args: FifoArgs) -> Result<Exit, Failed> {
         .map_err(|e| Failed(e.to_string()))?;
     let max = usize::try_from(args.max_message)
         .map_err(|_| Failed("--max-message is too large here".to_owned()))?;
-    if args.background && std::env::var_os(READY_FD).is_none() {
-        return background();
-    }
+    let ready = if args.background { background()? } else { None };
 
     // SIGHUP (the terminal closed) stops it like the others, removing DIR.
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(|e| Failed(e.to_string()))?;
@@ -257,7 +252,7 @@ pub fn run(args: FifoArgs) -> Result<Exit, Failed> {
                 .map(|c| format!("messages of {} come out of recv", relay.target(c)))
                 .unwrap_or_default(),
         );
-        say_ready();
+        say_ready(ready);
         let mut command_status = None;
         let mut command_pid = None;
         if !args.command.is_empty() {
@@ -425,10 +420,13 @@ fn write_spool(spooled: &[Spooled], file: Option<&PathBuf>, delim: u8) -> usize 
     spooled.len()
 }
 
-/// `-b`: starts the bridge again in the background and returns once its
-/// directory is ready, printing its process id; its own failure to start
-/// is this one's (exit 1).
-fn background() -> Result<Exit, Failed> {
+/// `-b`: forks (the process is still single-threaded here); the parent
+/// returns once the child's directory is ready, printing its process id,
+/// and fails (exit 1) if the child could not start. The child goes on as
+/// the bridge, with stdin and stdout on /dev/null so that a `$(...)` that
+/// captured the pid is not held open. No exec: under an emulator a
+/// re-executed binary would not start.
+fn background() -> Result<Option<File>, Failed> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: pipe2 writes two descriptors into the valid `fds`.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -436,57 +434,45 @@ fn background() -> Result<Exit, Failed> {
     }
     // SAFETY: both were just created and are owned here.
     let (mut ready, write) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
-    let write_fd = write.as_raw_fd();
-    let exe = std::env::current_exe().map_err(|e| Failed(e.to_string()))?;
-    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-    let mut command = Command::new(exe);
-    command
-        .args(args)
-        .env(READY_FD, write_fd.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    // SAFETY: between fork and exec only async-signal-safe calls: fcntl to
-    // let the child keep the ready pipe's write end across exec.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        command.pre_exec(move || {
-            let flags = libc::fcntl(write_fd, libc::F_GETFD);
-            if flags < 0 || libc::fcntl(write_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
+    let _ = io::stdout().flush();
+    // SAFETY: no other thread exists yet (the signal thread and the pumps
+    // start later), so the child may go on running Rust code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(Failed(io::Error::last_os_error().to_string()));
     }
-    let mut child = command.spawn().map_err(|e| Failed(e.to_string()))?;
+    if pid == 0 {
+        drop(ready);
+        if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
+            // SAFETY: dup2 onto the standard descriptors of this process.
+            unsafe {
+                libc::dup2(null.as_raw_fd(), 0);
+                libc::dup2(null.as_raw_fd(), 1);
+            }
+        }
+        return Ok(Some(write));
+    }
     drop(write);
     let mut said = String::new();
     let _ = ready.read_to_string(&mut said);
     if said.trim() == "ready" {
-        println!("{}", child.id());
-        return Ok(Exit::Clean);
+        println!("{pid}");
+        std::process::exit(Exit::Clean as i32);
     }
-    let status = child.wait().map_err(|e| Failed(e.to_string()))?;
+    let mut status = 0;
+    // SAFETY: waitpid on our own child, writing into the valid `status`.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
     Err(Failed(format!(
-        "the bridge did not start ({})",
-        status.code().map_or_else(
-            || format!("signal {:?}", status.signal()),
-            |c| format!("exit {c}")
-        )
+        "the bridge did not start (exit {})",
+        libc::WEXITSTATUS(status)
     )))
 }
 
 /// Tells a `-b` parent that the directory is ready, and lets it go.
-fn say_ready() {
-    let Some(fd) = std::env::var(READY_FD)
-        .ok()
-        .and_then(|v| v.parse::<libc::c_int>().ok())
-    else {
-        return;
-    };
-    // SAFETY: the descriptor was left open for us by the parent, named in
-    // READY_FD, and is used once and closed here.
-    let mut file = unsafe { File::from_raw_fd(fd) };
-    let _ = file.write_all(b"ready\n");
+fn say_ready(ready: Option<File>) {
+    if let Some(mut file) = ready {
+        let _ = file.write_all(b"ready\n");
+    }
 }
 
 /// Runs `-- CMD` with the FIFOs in its environment; its exit ends the bridge.
@@ -497,7 +483,7 @@ fn start_command(
     events: crossbeam_channel::Sender<Event>,
 ) -> io::Result<u32> {
     let mut cmd = Command::new(&command[0]);
-    cmd.args(&command[1..]).env_remove(READY_FD);
+    cmd.args(&command[1..]);
     if args.send.is_some() {
         cmd.env("PATCHCORD_SEND", dir.fifo("send"));
     }

@@ -69,7 +69,7 @@ pub fn run(shared: &Shared, client: Client, channel: &str, first: File, more: Re
             break;
         };
         if ready[..pump.fifos.len()].iter().any(|r| r.readable) {
-            pump.read_available();
+            pump.read_available(true);
         }
         if !pump.send_lines() {
             break;
@@ -85,26 +85,28 @@ pub fn run(shared: &Shared, client: Client, channel: &str, first: File, more: Re
             pump.spool_lines();
             break;
         }
-        if pump.read_available() == 0 {
+        if pump.read_available(false) == 0 {
             break;
         }
     }
     // Last, right before the FIFOs close: bytes written meanwhile.
-    pump.read_available();
+    pump.read_available(false);
     pump.fifos.clear();
     pump.spool_lines();
     pump.spool_partial();
 }
 
 impl Pump<'_> {
-    /// Reads whatever the FIFOs hold now, without waiting, up to about a
-    /// message and a pipe's worth (the rest stays in the pipe).
-    fn read_available(&mut self) -> usize {
+    /// Reads what the FIFOs hold now, without waiting, up to about a
+    /// message and a pipe's worth; with `enough_for_one`, only until a
+    /// whole line is here (the rest waits in the pipe, where it holds its
+    /// writers back: the bridge keeps at most a read's worth of its own).
+    fn read_available(&mut self, enough_for_one: bool) -> usize {
         let mut chunk = vec![0u8; 64 * 1024];
         let cap = self.shared.max + chunk.len();
         let mut read = 0;
         for i in 0..self.fifos.len() {
-            while self.buf.len() < cap {
+            while self.buf.len() < cap && !(enough_for_one && self.has_line()) {
                 match self.fifos[i].read(&mut chunk) {
                     Ok(0) => break,
                     Ok(n) => {
@@ -142,6 +144,11 @@ impl Pump<'_> {
         }
         self.partial_since = (self.buf.len() > self.partial_start()).then(Instant::now);
         self.warned = false;
+    }
+
+    /// Whether `buf` holds a whole line.
+    fn has_line(&self) -> bool {
+        self.buf.contains(&self.shared.delim)
     }
 
     /// Where the unterminated rest of `buf` starts.
