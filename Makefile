@@ -28,7 +28,7 @@ CROSS_ENV := \
 AARCH64_SMOKE ?= examples::
 
 BIN := target/release/patchcord
-SOURCES := $(shell find src -name '*.rs') Cargo.toml Cargo.lock
+SOURCES := $(shell find src assets -type f) Cargo.toml Cargo.lock
 
 .PHONY: all build run test check lint-man bench install uninstall install-service uninstall-service clean msrv cross cross-test
 

@@ -209,10 +209,8 @@ impl Relay {
                     .and_then(ops::valid_host)
                     .unwrap_or(&fallback)
                     .to_owned();
-                let waiters: u64 = views
-                    .iter()
-                    .flat_map(|v| v.waiting.iter().map(|(_, n)| *n as u64))
-                    .sum();
+                // The relay's, whatever the viewer may list (as the script shows it).
+                let waiters = self.stats.waiting_now();
                 let body = ops::page(&ops::PageData {
                     host: &host,
                     uptime_seconds: self.stats.uptime().as_secs(),
@@ -274,21 +272,20 @@ impl Relay {
         let Some(expected) = &self.config.metrics_token else {
             return Ok(());
         };
-        let presented = ex.request.header("authorization").and_then(|value| {
-            let (scheme, token) = value.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-        });
-        let matches = presented.is_some_and(|token| {
+        let matches = ex.request.bearer().is_some_and(|token| {
             use ctutils::CtEq as _;
             use sha2::Digest as _;
-            let a: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
-            let b: [u8; 32] = sha2::Sha256::digest(expected.as_bytes()).into();
-            a.ct_eq(&b).to_bool()
+            let presented: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+            presented.ct_eq(expected).to_bool()
         });
         if matches {
             return Ok(());
         }
-        self.stats.denied();
+        if ex.request.bearer().is_some() {
+            self.stats.bad_credential();
+        } else {
+            self.stats.denied();
+        }
         Err(Reject::new(
             401,
             "the metrics take their token (--metrics-token) as a Bearer",
@@ -307,17 +304,13 @@ impl Relay {
         action: Action,
     ) -> Result<(), Reject> {
         if hook.guards(action) {
-            let name = &channel.key[hook.as_str().len() + 2..];
-            let bearer = ex.request.header("authorization").and_then(|value| {
-                let (scheme, secret) = value.split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| secret.trim())
-            });
+            let name = channel.name();
             let presented = routed
                 .credential
                 .secret
                 .as_ref()
                 .map(|s| s.expose())
-                .or(bearer);
+                .or(ex.request.bearer());
             match presented {
                 None => {
                     self.stats.denied();
@@ -340,10 +333,12 @@ impl Relay {
     /// Checks `routed` against the rate limit and the access file; counts
     /// and logs a refusal (with the table's label, never the token).
     fn admit(&self, ex: &Exchange, routed: &Routed) -> Result<(), Reject> {
-        let client = self.limits.client(ex.conn.peer(), &ex.request);
-        if let Err(reject) = self.limits.admit(client) {
-            self.stats.rate_limited();
-            return Err(reject);
+        if self.limits.limits_requests() {
+            let client = self.limits.client(ex.conn.peer(), &ex.request);
+            if let Err(reject) = self.limits.admit(client) {
+                self.stats.rate_limited();
+                return Err(reject);
+            }
         }
         match self.access.check(routed) {
             Ok(_) => Ok(()),

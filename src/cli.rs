@@ -1,6 +1,7 @@
-//! The command line, as clap derive types. Every flag has a `PATCHCORD_*`
-//! environment twin; the doc comments are the `--help` text. Validation and
-//! defaults that depend on other variables live in `config.rs`.
+//! The command line, as clap derive types. Every flag of `serve` has a
+//! `PATCHCORD_*` environment twin (`fifo` reads `PATCHCORD_URL` only); the
+//! doc comments are the `--help` text. Validation and defaults that depend
+//! on other variables live in `config.rs`.
 
 use std::ffi::OsString;
 

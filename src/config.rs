@@ -50,8 +50,9 @@ pub struct Config {
     pub max_connections_per_ip: Option<usize>,
     /// Largest queue or req/res body.
     pub max_body: Option<u64>,
-    /// What `GET /metrics` must carry as a Bearer token, if anything.
-    pub metrics_token: Option<String>,
+    /// The SHA-256 of the Bearer token `GET /metrics` must carry, if any
+    /// (the token itself is not kept).
+    pub metrics_token: Option<[u8; 32]>,
     /// Channel names whole in listings.
     pub list_channels: bool,
 }
@@ -190,7 +191,10 @@ impl Config {
             trust_proxy: trust_proxy(args.trust_proxy.as_deref().unwrap_or(""))?,
             max_connections_per_ip: args.max_connections_per_ip,
             max_body: args.max_body,
-            metrics_token: args.metrics_token.filter(|t| !t.is_empty()),
+            metrics_token: args.metrics_token.filter(|t| !t.is_empty()).map(|token| {
+                use sha2::Digest as _;
+                sha2::Sha256::digest(token.as_bytes()).into()
+            }),
             list_channels: args.list_channels,
         })
     }

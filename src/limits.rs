@@ -47,6 +47,9 @@ struct Bucket {
 /// The least number of buckets before a sweep is worth it.
 const SWEEP_FLOOR: usize = 1024;
 
+/// The most buckets kept (about 10 MiB).
+const MAX_BUCKETS: usize = 1 << 18;
+
 impl Limits {
     pub fn new(rate: Option<Rate>, per_ip: Option<usize>, trusted: Vec<IpNet>) -> Limits {
         Limits {
@@ -59,6 +62,11 @@ impl Limits {
             }),
             connections: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether `--rate-limit` is on (the client is worked out only then).
+    pub fn limits_requests(&self) -> bool {
+        self.rate.is_some()
     }
 
     fn is_trusted(&self, ip: IpAddr) -> bool {
@@ -99,6 +107,7 @@ impl Limits {
         let (Some(rate), Some(client)) = (self.rate, client) else {
             return Ok(());
         };
+        let client = counted_as(client);
         let now = Instant::now();
         let mut buckets = lock(&self.buckets);
         if buckets.by_client.len() >= buckets.sweep_at {
@@ -106,7 +115,15 @@ impl Limits {
             buckets.by_client.retain(|_, b| {
                 b.tokens + now.duration_since(b.at).as_secs_f64() * rate.per_second < rate.burst
             });
-            buckets.sweep_at = (buckets.by_client.len() * 2).max(SWEEP_FLOOR);
+            if buckets.by_client.len() >= MAX_BUCKETS {
+                // So many clients at once: forget them all rather than grow.
+                log::warn!(
+                    "--rate-limit: {} clients at once; their buckets start over",
+                    buckets.by_client.len()
+                );
+                buckets.by_client.clear();
+            }
+            buckets.sweep_at = (buckets.by_client.len() * 2).clamp(SWEEP_FLOOR, MAX_BUCKETS);
         }
         let bucket = buckets.by_client.entry(client).or_insert(Bucket {
             tokens: rate.burst,
@@ -159,12 +176,25 @@ impl Limits {
     /// The address whose connections are capped: the peer, unless trusted.
     fn capped(&self, peer: SocketAddr) -> Option<IpAddr> {
         let ip = canonical(peer.ip());
-        (!self.is_trusted(ip)).then_some(ip)
+        (!self.is_trusted(ip)).then(|| counted_as(ip))
     }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a client is counted as: its IPv4 address, or its IPv6 /64 (one
+/// subscriber's network: counting each of its 2^64 addresses apart would
+/// let it start a new bucket with every request).
+fn counted_as(ip: IpAddr) -> IpAddr {
+    match canonical(ip) {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(bits.into())
+        }
+        v4 => v4,
+    }
 }
 
 /// An IPv4 client seen on an IPv6 socket (`::ffff:1.2.3.4`) as IPv4.
@@ -287,6 +317,17 @@ mod tests {
         for _ in 0..5 {
             assert!(l.open_connection(proxy));
         }
+    }
+
+    #[test]
+    fn an_ipv6_network_is_one_client() {
+        let l = limits(&[]);
+        let a = Some("2001:db8::1".parse().unwrap());
+        let b = Some("2001:db8::ffff:2".parse().unwrap());
+        assert!(l.admit(a).is_ok());
+        assert!(l.admit(b).is_ok());
+        assert_eq!(l.admit(a).unwrap_err().status, 429);
+        assert!(l.admit(Some("2001:db8:0:1::1".parse().unwrap())).is_ok());
     }
 
     #[test]

@@ -7,6 +7,9 @@
 //! - `app.rs`: the one entry point: route → policy → endpoint or family → observe
 //! - `access.rs`, `hooks.rs`, `limits.rs`: who may do what: the access
 //!   file's tokens, hook secrets, limits per client address
+//! - `ops.rs`: what an operator sees: the channel list and the live page
+//! - `fifo/`: `patchcord fifo`, channels as a pair of named pipes
+//! - `hex.rs`, `random.rs`: hexadecimal, and random bytes for secrets
 //! - `route.rs`: the URL grammar, a request head → its route
 //! - `registry.rs`: channel key → channel state, for every family
 //! - `mailbox.rs`: how a thread waits for word from another

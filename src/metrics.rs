@@ -234,6 +234,12 @@ impl Stats {
         self.refused_per_ip.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Requests waiting now, of every mode, and streaming subscriptions.
+    pub fn waiting_now(&self) -> u64 {
+        let parked: usize = self.waiting.iter().map(|w| w.load(Ordering::Relaxed)).sum();
+        (parked + self.streams.load(Ordering::Relaxed)) as u64
+    }
+
     /// Messages relayed so far (queue and req/res pairs).
     pub fn pairs(&self) -> u64 {
         self.pairs.load(Ordering::Relaxed)

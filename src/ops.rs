@@ -148,17 +148,11 @@ fn escape(text: &str) -> String {
 
 /// `text` as a JSON string.
 fn json_string(out: &mut String, text: &str) {
+    let mut bytes = Vec::with_capacity(text.len() + 2);
+    crate::mode::pubsub::format::json_bytes(text.as_bytes(), &mut bytes);
     out.push('"');
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
+    // Only ASCII bytes were escaped: still UTF-8.
+    out.push_str(&String::from_utf8_lossy(&bytes));
     out.push('"');
 }
 

@@ -159,12 +159,13 @@ impl Channel {
         channel(key)
     }
 
-    /// The pubsub channel behind a hook path (`/h/<name>`): no namespace.
+    /// The pubsub channel behind a hook path (`/h/<name>`): no namespace,
+    /// and the name is what follows `/h/`.
     fn hook(key: String) -> Channel {
         Channel {
             mode: Mode::Pubsub,
             key,
-            split: (0, 1),
+            split: (0, 3),
         }
     }
 
@@ -301,7 +302,9 @@ pub fn route(request: &Request) -> Result<Routed, Reject> {
         .is_some_and(|secret| !secret.is_empty() && !secret.contains('/'))
     {
         Route::Endpoint(Endpoint::Reply)
-    } else if path == "/_" || path.starts_with("/_/") {
+    } else if path == "/_" || path.starts_with("/_/") || path == "/h/" || path == "/r/" {
+        // `/h/` and `/r/` hold every hook channel: never a channel of their own
+        // (a DELETE there would end them all).
         Route::Endpoint(Endpoint::Reserved)
     } else if let Some(hook) = hook_of(&path) {
         let channel = Channel::hook(path.clone());
@@ -381,11 +384,9 @@ fn credential(request: &Request, token: Option<String>, secret: Option<String>) 
         .map(|t| (t.to_owned(), TokenSource::PatchToken));
     let query_token = token.map(|t| (t, TokenSource::Query));
     let bearer = || {
-        let value = request.header("authorization")?;
-        let (scheme, token) = value.split_once(' ')?;
-        scheme
-            .eq_ignore_ascii_case("bearer")
-            .then(|| (token.trim().to_owned(), TokenSource::Bearer))
+        request
+            .bearer()
+            .map(|token| (token.to_owned(), TokenSource::Bearer))
     };
     let token = header_token
         .or(query_token)

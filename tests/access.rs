@@ -462,6 +462,11 @@ fn h_hooks_take_the_secret_to_send_and_anyone_reads() {
     // Reading takes no secret, on any hook channel.
     let other_read = request(server.addr, &get(&format!("/h/{other}?timeout=0.2")));
     assert!(!matches!(other_read.status, 401 | 403), "{other_read:?}");
+    // Nobody deletes every hook at once, and no hook is listed.
+    assert_eq!(code(&["-X", "DELETE", &server.url("/h/")]), "404");
+    assert_eq!(code(&["-X", "DELETE", &server.url("/r/")]), "404");
+    let listing = request(server.addr, &get("/_/channels")).text();
+    assert!(!listing.contains("/h/"), "{listing}");
     // Deleting takes it.
     assert_eq!(code(&["-X", "DELETE", &url]), "401");
     assert_eq!(code(&["-X", "DELETE", &right]), "200");

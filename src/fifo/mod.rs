@@ -344,15 +344,9 @@ fn mend(shared: &Shared, dir: &dir::Dir, more_send: &crossbeam_channel::Sender<F
         if name == "recv" {
             drop(shared.release_recv());
         }
-        match mended {
+        match &mended {
             dir::Mended::Recreated(name) => {
                 log::warn!("{}/{name} was deleted; made again", dir.path.display());
-                if name == "send" {
-                    if let Ok(fifo) = sys::open(&dir.fifo("send"), libc::O_RDWR | libc::O_NONBLOCK)
-                    {
-                        let _ = more_send.try_send(fifo);
-                    }
-                }
             }
             dir::Mended::MovedAside(name, aside, bytes) => {
                 log::warn!(
@@ -360,12 +354,11 @@ fn mend(shared: &Shared, dir: &dir::Dir, more_send: &crossbeam_channel::Sender<F
                     dir.path.display(),
                     aside.display()
                 );
-                if name == "send" {
-                    if let Ok(fifo) = sys::open(&dir.fifo("send"), libc::O_RDWR | libc::O_NONBLOCK)
-                    {
-                        let _ = more_send.try_send(fifo);
-                    }
-                }
+            }
+        }
+        if name == "send" {
+            if let Ok(fifo) = sys::open(&dir.fifo("send"), libc::O_RDWR | libc::O_NONBLOCK) {
+                let _ = more_send.try_send(fifo);
             }
         }
     }

@@ -66,6 +66,15 @@ pub fn run(shared: &Shared, mut client: Client, channel: &str, fifo: &Path) {
         if !shared.recv_waiting(Some(inode.as_raw_fd())) {
             break;
         }
+        // The watchdog may have made the FIFO again between the open above
+        // and the registration, and found nothing to release: look again.
+        let still_there = sys::open(fifo, libc::O_PATH)
+            .ok()
+            .is_some_and(|now| same_file(&now, &inode));
+        if !still_there {
+            shared.recv_waiting(None);
+            continue;
+        }
         // Blocks until a reader opens the FIFO (at once if one has).
         let opened = sys::open(&sys::reopen_path(inode.as_raw_fd()), libc::O_WRONLY);
         shared.recv_waiting(None);

@@ -196,6 +196,12 @@ impl Request {
             .get(name)
             .and_then(|value| std::str::from_utf8(value).ok())
     }
+
+    /// The token of `Authorization: Bearer <token>`, if that is the scheme.
+    pub fn bearer(&self) -> Option<&str> {
+        let (scheme, token) = self.header("authorization")?.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    }
 }
 
 /// Why no request could be read.

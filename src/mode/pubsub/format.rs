@@ -274,7 +274,7 @@ fn headers(message: &Message) -> impl Iterator<Item = (&str, &[u8])> {
 /// Appends the bytes of UTF-8 text, escaped for the inside of a JSON string
 /// (RFC 8259 §7). Only ASCII bytes are escaped, so a piece may end inside a
 /// multi-byte character.
-fn json_bytes(text: &[u8], out: &mut Vec<u8>) {
+pub fn json_bytes(text: &[u8], out: &mut Vec<u8>) {
     for &byte in text {
         match byte {
             b'"' => out.extend_from_slice(b"\\\""),

@@ -15,7 +15,7 @@
 //!   holds no queue of its own: when it falls behind the retention, it is
 //!   told how many messages it missed.
 
-mod format;
+pub mod format;
 pub mod store;
 mod stream;
 
@@ -310,11 +310,13 @@ impl Family for Pubsub {
         self.end(self.registry.close(), &Reject::shutting_down()).1
     }
 
+    /// Hook channels (`/h/<name>`, `/r/<name>`) are capabilities, never listed.
     fn channels(&self) -> Vec<ChannelView> {
         self.registry
             .lock_even_closed()
             .views()
             .into_iter()
+            .filter(|(key, _, _)| !key.starts_with("/h/") && !key.starts_with("/r/"))
             .map(|(key, subscribers, retained)| ChannelView {
                 key,
                 mode: "pubsub",
