@@ -265,15 +265,15 @@ impl Stats {
             env!("CARGO_PKG_VERSION"),
             self.uptime().as_secs_f64()
         );
-        let process = Process::read();
+        // The cheap figures only: the page polls this every second.
+        let process = Process::memory();
         let _ = write!(
             out,
-            "\"connections\":{{\"open\":{},\"busy\":{}}},\"process\":{{\"threads\":{},\"resident_memory_bytes\":{},\"open_fds\":{}}},",
+            "\"connections\":{{\"open\":{},\"busy\":{}}},\"process\":{{\"threads\":{},\"resident_memory_bytes\":{}}},",
             self.open.load(Ordering::Relaxed),
             self.busy.load(Ordering::Relaxed),
             process.threads,
-            process.resident_bytes,
-            process.open_fds
+            process.resident_bytes
         );
         out.push_str("\"requests\":{");
         for (i, classes) in self.requests.iter().enumerate() {
@@ -551,8 +551,30 @@ pub struct Process {
 }
 
 impl Process {
-    /// Reads them now: a few small files, no lock of the relay's.
+    /// Reads them all now: a few small files, no lock of the relay's (the
+    /// kernel lists descriptors and sums threads' times in proportion to them).
     pub fn read() -> Process {
+        let mut process = Process::memory();
+        process.open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+            // Fields after the command name (which may hold spaces): utime
+            // and stime are the 12th and 13th of them, in clock ticks.
+            let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+            let fields: Vec<&str> = after.split_whitespace().collect();
+            let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+            // SAFETY: sysconf has no memory effects.
+            let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+            if let (Some(user), Some(system)) = (ticks(11), ticks(12)) {
+                if per_second > 0 {
+                    process.cpu_seconds = (user + system) as f64 / per_second as f64;
+                }
+            }
+        }
+        process
+    }
+
+    /// Threads and resident memory only: one small file, whatever the load.
+    pub fn memory() -> Process {
         let mut process = Process::default();
         if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
             for line in status.lines() {
@@ -567,21 +589,6 @@ impl Process {
                     process.resident_bytes = kib * 1024;
                 } else if let Some(n) = field("Threads:") {
                     process.threads = n;
-                }
-            }
-        }
-        process.open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
-        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
-            // Fields after the command name (which may hold spaces): utime
-            // and stime are the 12th and 13th of them, in clock ticks.
-            let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-            let fields: Vec<&str> = after.split_whitespace().collect();
-            let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
-            // SAFETY: sysconf has no memory effects.
-            let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-            if let (Some(user), Some(system)) = (ticks(11), ticks(12)) {
-                if per_second > 0 {
-                    process.cpu_seconds = (user + system) as f64 / per_second as f64;
                 }
             }
         }
