@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::Reject;
 use crate::metrics::Stats;
+use crate::mode::ChannelView;
 use crate::registry::{ChannelState, Closed, Registry};
 use crate::route::Mode;
 
@@ -228,12 +229,22 @@ impl<A: Waiter, B: Waiter> Handoff<A, B> {
         self.end(self.registry.remove_under(prefix), reject)
     }
 
-    /// Each channel with how many wait in each line, for `/_/channels`.
-    pub fn lines(&self) -> Vec<(String, usize, usize)> {
+    /// Each channel as `/_/channels` shows it, of `mode`: how many wait in
+    /// each line, under the names `roles` gives them.
+    pub fn views(
+        &self,
+        mode: &'static str,
+        roles: (&'static str, &'static str),
+    ) -> Vec<ChannelView> {
         self.registry
             .lock_even_closed()
             .iter()
-            .map(|(key, lines)| (key.clone(), lines.a.len(), lines.b.len()))
+            .map(|(key, lines)| ChannelView {
+                key: key.clone(),
+                mode,
+                waiting: vec![(roles.0, lines.a.len()), (roles.1, lines.b.len())],
+                retained: None,
+            })
             .collect()
     }
 

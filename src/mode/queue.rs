@@ -489,17 +489,9 @@ impl Family for Queues {
 
     /// Reply paths (`/_/reply/<secret>`) are secrets, never listed.
     fn channels(&self) -> Vec<ChannelView> {
-        self.handoff
-            .lines()
-            .into_iter()
-            .filter(|(key, _, _)| !key.starts_with("/_/"))
-            .map(|(key, producers, consumers)| ChannelView {
-                key,
-                mode: "queue",
-                waiting: vec![("producers", producers), ("consumers", consumers)],
-                retained: None,
-            })
-            .collect()
+        let mut views = self.handoff.views("queue", ("producers", "consumers"));
+        views.retain(|view| !view.key.starts_with("/_/"));
+        views
     }
 }
 

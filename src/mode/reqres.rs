@@ -560,16 +560,7 @@ impl Family for ReqRes {
     }
 
     fn channels(&self) -> Vec<ChannelView> {
-        self.handoff
-            .lines()
-            .into_iter()
-            .map(|(key, requesters, responders)| ChannelView {
-                key,
-                mode: "reqres",
-                waiting: vec![("requesters", requesters), ("responders", responders)],
-                retained: None,
-            })
-            .collect()
+        self.handoff.views("reqres", ("requesters", "responders"))
     }
 }
 
