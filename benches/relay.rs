@@ -514,19 +514,7 @@ fn rendezvous(
         "DELETE {prefix}/{} HTTP/1.1\r\nHost: bench\r\n\r\n",
         slug(label)
     );
-    let give_up = Instant::now() + Duration::from_secs(30);
-    while handles.iter().any(|h| !h.is_finished()) && Instant::now() < give_up {
-        if let Ok(mut c) = Client::new(target.addr) {
-            let _ = c.send(delete.as_bytes());
-            let _ = c.response();
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    let mut latencies: Vec<Duration> = handles
-        .into_iter()
-        .flat_map(|h| h.join().unwrap_or_default())
-        .collect();
-    latencies.sort();
+    let latencies = finish_clients(target, &delete, handles);
     let scenario = format!("{label} ({pairs} pairs)");
     report.add(
         &scenario,
@@ -1076,6 +1064,30 @@ impl Form {
     }
 }
 
+/// Sends `delete` (a DELETE of the scenario's channels, answering 410 to
+/// whoever waits for a partner that stopped) until every client thread is
+/// done, for at most 30 s; returns their latencies, sorted.
+fn finish_clients(
+    target: &Target,
+    delete: &str,
+    handles: Vec<thread::JoinHandle<Vec<Duration>>>,
+) -> Vec<Duration> {
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while handles.iter().any(|h| !h.is_finished()) && Instant::now() < give_up {
+        if let Ok(mut c) = Client::new(target.addr) {
+            let _ = c.send(delete.as_bytes());
+            let _ = c.response();
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let mut latencies: Vec<Duration> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap_or_default())
+        .collect();
+    latencies.sort();
+    latencies
+}
+
 /// Scenario 9: `responders` looping responders answering as many looping
 /// requesters, 64-byte bodies each way, on one id, for `duration`.
 fn reqres_round_trips(
@@ -1140,19 +1152,7 @@ fn reqres_round_trips(
     stop.store(true, Ordering::Relaxed);
     // Whoever waits for a partner that stopped is answered 410.
     let delete = format!("DELETE {res} HTTP/1.1\r\nHost: bench\r\n\r\n");
-    let give_up = Instant::now() + Duration::from_secs(30);
-    while handles.iter().any(|h| !h.is_finished()) && Instant::now() < give_up {
-        if let Ok(mut c) = Client::new(target.addr) {
-            let _ = c.send(delete.as_bytes());
-            let _ = c.response();
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    let mut latencies: Vec<Duration> = handles
-        .into_iter()
-        .flat_map(|h| h.join().unwrap_or_default())
-        .collect();
-    latencies.sort();
+    let latencies = finish_clients(target, &delete, handles);
     let plural = if responders == 1 { "" } else { "s" };
     let scenario = format!("req/res {} ({responders} responder{plural})", form.label());
     report.add(
