@@ -209,9 +209,14 @@ fn healthz_is_ok_and_503_while_stopping() {
         b"POST /slow HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nfirst",
     );
     server.wait_counter("busy", 2);
+    // Connected (and served by a thread) before the stop, so that the
+    // question is answered within the grace even where accepting is slow.
+    let mut asker = connect(server.addr);
+    server.wait_counter("open", 4);
     server.signal(libc::SIGTERM);
     server.wait_log("stopping", 1);
-    let got = request(server.addr, &get("/healthz"));
+    send(&mut asker, &get("/healthz"));
+    let got = read_response(&mut asker).expect("an answer within the grace");
     assert_eq!(got.status, 503, "{}", got.text());
     assert!(server.wait_exit(*STEP).is_some());
 }
