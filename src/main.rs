@@ -20,6 +20,7 @@
 mod access;
 mod app;
 mod cli;
+mod client;
 mod config;
 mod error;
 mod fifo;
@@ -35,6 +36,7 @@ mod random;
 mod registry;
 mod route;
 mod server;
+mod sys;
 
 use std::process::ExitCode;
 

@@ -9,7 +9,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::sys;
+use crate::sys;
 
 /// The lock file that marks a directory as a bridge's, held while it lives.
 const LOCK: &str = ".lock";

@@ -6,11 +6,9 @@
 //! drains what was accepted, and spools what could not be delivered.
 //! Design notes: reference/fifo-bridge.md of the project's shared notes.
 
-mod client;
 mod dir;
 mod recv;
 mod send;
-mod sys;
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -31,6 +29,7 @@ use signal_hook::iterator::Signals;
 
 use crate::cli::FifoArgs;
 use crate::error::Exit;
+use crate::{client, sys};
 
 /// How long after the drain deadline the pumps may take to finish.
 const GIVE_UP: Duration = Duration::from_secs(6);
@@ -122,11 +121,15 @@ impl Shared {
     }
 }
 
-/// Waits before try `attempt` (100 ms doubling to 5 s); true if `flag` was
-/// raised meanwhile.
+/// Waits before try `attempt` (from 1: 100 ms doubling to 5 s, with
+/// jitter); true if `flag` was raised meanwhile.
 pub fn backoff(flag: &sys::Flag, attempt: u32) -> bool {
-    let ms = (100u64 << attempt.saturating_sub(1).min(6)).min(5000);
-    flag.sleep(Duration::from_millis(ms))
+    let wait = client::jittered(
+        Duration::from_millis(100),
+        Duration::from_secs(5),
+        attempt.saturating_sub(1),
+    );
+    flag.sleep(wait)
 }
 
 /// A startup error: said on stderr, exit status 1.

@@ -11,8 +11,9 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::time::Duration;
 
-use super::client::{Client, Outcome};
-use super::{Shared, Spooled, backoff, sys};
+use super::{Shared, Spooled, backoff};
+use crate::client::{Client, Outcome};
+use crate::sys;
 
 /// How often a message written to the FIFO is checked for being read out:
 /// first after 50 µs (a reader in a loop takes it at once), then twice as

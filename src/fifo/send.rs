@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 
-use super::client::{Client, Outcome};
 use super::{Shared, Spooled, backoff};
+use crate::client::{Client, Outcome};
 
 /// How long unterminated bytes wait before a warning says so.
 const PARTIAL_WARNING: Duration = Duration::from_secs(1);

@@ -1,6 +1,6 @@
-//! The system calls the bridge needs that std does not offer: FIFOs,
-//! `poll(2)`, `flock(2)`, FIONREAD, and a level-triggered flag a pump can
-//! poll beside its descriptors.
+//! The system calls the client-side subcommands (`fifo`, `listen`, `work`)
+//! need that std does not offer: FIFOs, `poll(2)`, `flock(2)`, FIONREAD,
+//! and a level-triggered flag a loop can poll beside its descriptors.
 
 use std::ffi::CString;
 use std::fs::File;
