@@ -288,6 +288,9 @@ impl Client {
         let host = self.relay.host.clone();
         let token = self.token.clone();
         let stream = self.connect().map_err(Failure::Io)?;
+        stream
+            .set_read_timeout(Some(IO_TIMEOUT))
+            .map_err(Failure::Io)?;
         let mut head = format!("{method} {target} HTTP/1.1\r\nHost: {host}\r\n").into_bytes();
         if let Some(token) = token {
             head.extend_from_slice(format!("Patch-Token: {token}\r\n").as_bytes());
@@ -541,6 +544,13 @@ impl Incoming<'_> {
     /// (a stop flag) before the relay sends more.
     pub fn watch(&mut self, fd: RawFd) {
         self.body.watch = Some(fd);
+    }
+
+    /// Each read of the body may wait up to `limit` (a stream's quiet time).
+    pub fn patience(&mut self, limit: Duration) {
+        if let Some(stream) = &self.client.stream {
+            let _ = stream.set_read_timeout(Some(limit));
+        }
     }
 
     /// The whole body, or, past `max` bytes, nothing and `true`.

@@ -46,6 +46,8 @@ pub enum Error {
     Access(crate::access::FileError),
     /// `patchcord fifo` could not start.
     Fifo(crate::fifo::Failed),
+    /// `patchcord listen` or `work` could not go on.
+    Client(&'static str, String),
     /// The kernel gave no random bytes.
     Random(io::Error),
 }
@@ -72,6 +74,7 @@ impl fmt::Display for Error {
             Error::Access(error) => write!(f, "{error}"),
             Error::Random(_) => write!(f, "cannot read random bytes"),
             Error::Fifo(error) => write!(f, "fifo: {error}"),
+            Error::Client(command, reason) => write!(f, "{command}: {reason}"),
         }
     }
 }
@@ -87,7 +90,7 @@ impl std::error::Error for Error {
             Error::Spawn(source) => Some(source),
             Error::Access(_) => None,
             Error::Random(source) => Some(source),
-            Error::Fifo(_) => None,
+            Error::Fifo(_) | Error::Client(..) => None,
         }
     }
 }

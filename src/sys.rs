@@ -186,6 +186,22 @@ impl Flag {
         self.read.as_raw_fd()
     }
 
+    /// A flag raised by SIGINT or SIGTERM (from a thread of its own).
+    pub fn on_signals() -> io::Result<std::sync::Arc<Flag>> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let flag = std::sync::Arc::new(Flag::new()?);
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+        let raised = std::sync::Arc::clone(&flag);
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if signals.forever().next().is_some() {
+                    raised.raise();
+                }
+            })?;
+        Ok(flag)
+    }
+
     /// Sleeps up to `duration`, or until the flag is raised; true if raised.
     pub fn sleep(&self, duration: Duration) -> bool {
         let _ = poll(&[(self.fd(), libc::POLLIN)], Some(duration));
