@@ -1,5 +1,6 @@
 //! The command line, as clap derive types. Every flag of `serve` has a
-//! `PATCHCORD_*` environment twin (`fifo` reads `PATCHCORD_URL` only); the
+//! `PATCHCORD_*` environment twin (the client-side subcommands read
+//! `PATCHCORD_URL` and `PATCHCORD_TOKEN` only); the
 //! doc comments are the `--help` text. Validation and defaults that depend
 //! on other variables live in `config.rs`.
 
@@ -33,6 +34,106 @@ pub enum Command {
     /// Bridge channels to a pair of named pipes: lines written to DIR/send
     /// are sent to a channel, messages of another come out of DIR/recv.
     Fifo(Box<FifoArgs>),
+    /// Subscribe to a pubsub channel and run CMD once per message, in order,
+    /// never losing a retained one (without CMD, print each message).
+    Listen(Box<ListenArgs>),
+    /// Answer the requests of a request/responder channel (`/res/ID`) with
+    /// CMD: the request's body on its stdin, its stdout the answer.
+    Work(Box<WorkArgs>),
+}
+
+/// Options of `patchcord listen`.
+#[derive(Debug, Clone, Args)]
+pub struct ListenArgs {
+    /// The channel, e.g. http://pi:3000/pubsub/alerts.
+    #[arg(env = "PATCHCORD_URL", value_name = "URL")]
+    pub url: String,
+
+    /// Keep the cursor (the last handled message's id) in FILE, so that a
+    /// restart resumes after it; it wins over --since once it exists.
+    #[arg(long, value_name = "FILE")]
+    pub state: Option<std::path::PathBuf>,
+
+    /// Where to start without a state file: `new` (messages published from
+    /// now on), `all` (every retained message) or an ID (the ones after it).
+    #[arg(long, default_value = "new", value_name = "ID|all|new")]
+    pub since: String,
+
+    /// Move on past a CMD that failed (else stop, exit 1, and leave the
+    /// cursor before its message).
+    #[arg(short, long)]
+    pub keep_going: bool,
+
+    /// Run this shell command when messages were missed (PATCHCORD_MISSED
+    /// holds how many, or `unknown`).
+    #[arg(long, value_name = "CMD2")]
+    pub on_missed: Option<String>,
+
+    /// Without CMD: end each message with NUL instead of a newline.
+    #[arg(short = 'z', long = "null")]
+    pub null: bool,
+
+    /// Without CMD: print bodies (`line`) or the relay's JSON lines (`ndjson`).
+    #[arg(long, default_value = "line", value_parser = ["line", "ndjson"], value_name = "FORMAT")]
+    pub format: String,
+
+    /// The access token to present (sent as Patch-Token).
+    #[arg(
+        long,
+        env = "PATCHCORD_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+
+    /// Log less (warnings and errors only).
+    #[arg(short, long)]
+    pub quiet: bool,
+
+    /// Run per message, with its body on stdin and PATCHCORD_ID,
+    /// PATCHCORD_TITLE, PATCHCORD_H_<NAME>... in its environment.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<OsString>,
+}
+
+/// Options of `patchcord work`.
+#[derive(Debug, Clone, Args)]
+pub struct WorkArgs {
+    /// The responder's URL, e.g. http://pi:3000/res/jobs (requesters use
+    /// /req/jobs).
+    #[arg(env = "PATCHCORD_URL", value_name = "URL")]
+    pub url: String,
+
+    /// How many requests to work on at once.
+    #[arg(short, long, default_value_t = 1, value_name = "N")]
+    pub jobs: usize,
+
+    /// Kill a CMD still running after SECS and answer 504.
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
+
+    /// Answer these exit statuses of CMD with these HTTP statuses, e.g.
+    /// `1=404,2=400` (others than 0 answer 500).
+    #[arg(long, value_name = "CODE=STATUS,...")]
+    pub status_from_exit: Option<String>,
+
+    /// The access token to present (sent as Patch-Token).
+    #[arg(
+        long,
+        env = "PATCHCORD_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+
+    /// Log less (warnings and errors only).
+    #[arg(short, long)]
+    pub quiet: bool,
+
+    /// Run per request, with its body on stdin and PATCHCORD_METHOD,
+    /// PATCHCORD_PATH, PATCHCORD_H_<NAME>... in its environment.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<OsString>,
 }
 
 /// Options of `patchcord fifo`.

@@ -9,6 +9,9 @@
 //!   file's tokens, hook secrets, limits per client address
 //! - `ops.rs`: what an operator sees: the channel list and the live page
 //! - `fifo/`: `patchcord fifo`, channels as a pair of named pipes
+//! - `listen.rs`, `work.rs`: `patchcord listen` (the notification loop) and
+//!   `patchcord work` (the job worker), on `client.rs` (the client-side
+//!   subcommands' HTTP client), `child.rs` (a user's CMD) and `sys.rs`
 //! - `hex.rs`, `random.rs`: hexadecimal, and random bytes for secrets
 //! - `route.rs`: the URL grammar, a request head → its route
 //! - `registry.rs`: channel key → channel state, for every family
@@ -19,6 +22,7 @@
 
 mod access;
 mod app;
+mod child;
 mod cli;
 mod client;
 mod config;
@@ -28,6 +32,7 @@ mod hex;
 mod hooks;
 mod http;
 mod limits;
+mod listen;
 mod mailbox;
 mod metrics;
 mod mode;
@@ -37,6 +42,7 @@ mod registry;
 mod route;
 mod server;
 mod sys;
+mod work;
 
 use std::process::ExitCode;
 
@@ -48,6 +54,10 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(*args),
         Command::Token(args) => token(&args.label),
         Command::Fifo(args) => fifo(*args),
+        Command::Listen(args) => client_logger(args.quiet)
+            .and_then(|()| listen::run(*args).map_err(|reason| Error::Client("listen", reason))),
+        Command::Work(args) => client_logger(args.quiet)
+            .and_then(|()| work::run(*args).map_err(|reason| Error::Client("work", reason))),
     };
     match result {
         Ok(exit) => exit.into(),
@@ -86,7 +96,13 @@ fn serve(args: cli::ServeArgs) -> Result<Exit, Error> {
 
 /// `patchcord fifo`: logs to stderr, then bridges until a signal.
 fn fifo(args: cli::FifoArgs) -> Result<Exit, Error> {
-    let level = if args.quiet {
+    client_logger(args.quiet)?;
+    fifo::run(args).map_err(Error::Fifo)
+}
+
+/// The client-side subcommands log to stderr, at info (warn with --quiet).
+fn client_logger(quiet: bool) -> Result<(), Error> {
+    let level = if quiet {
         log::LevelFilter::Warn
     } else {
         log::LevelFilter::Info
@@ -96,8 +112,7 @@ fn fifo(args: cli::FifoArgs) -> Result<Exit, Error> {
         .env()
         .with_utc_timestamps()
         .init()
-        .map_err(Error::Logger)?;
-    fifo::run(args).map_err(Error::Fifo)
+        .map_err(Error::Logger)
 }
 
 /// `patchcord token`: a new random token (192 bits, URL-safe) and the
