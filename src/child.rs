@@ -2,7 +2,8 @@
 //! environment that carries a message's or a request's headers, starting
 //! it in its own process group (so that a timeout kills whatever it
 //! started, and a terminal's Ctrl-C reaches only patchcord, which lets it
-//! finish), and saying how it ended. What goes into its stdin and what is
+//! finish) and so that it gets SIGTERM if patchcord dies (a worker killed
+//! with -9 leaves no job running for nobody), and saying how it ended. What goes into its stdin and what is
 //! done with its output is the caller's.
 
 use std::ffi::{OsStr, OsString};
@@ -49,6 +50,22 @@ pub fn spawn(
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no command"))?;
     let mut command = Command::new(program);
     command.args(args).stdin(Stdio::piped()).process_group(0);
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: between fork and exec only async-signal-safe calls are made
+    // (prctl, getppid, _exit), and no memory is allocated or shared.
+    unsafe {
+        command.pre_exec(move || {
+            // The signal comes when the thread that started CMD ends: the
+            // caller waits for CMD on that thread.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
     for (name, _) in std::env::vars_os() {
         if name.as_bytes().starts_with(HEADER_PREFIX.as_bytes()) {
             command.env_remove(name);
