@@ -84,7 +84,16 @@ const FIFO_ECHO: &str = r#"patchcord fifo ./echo --recv echo/in --send echo/out 
 const FIFO_ECHO_CLIENT: &str =
     "curl -d hello localhost:3000/echo/in & curl localhost:3000/echo/out";
 
-const ALL: [&str; 32] = [
+const WORK_FEED: &str =
+    r#"for f in *.mp3; do until curl -sf -d "$f" localhost:3000/req/jobs; do sleep 1; done; done"#;
+const WORK_JOBS: &str = r#"patchcord work http://localhost:3000/res/jobs -j 2 -- sh -c 'f=$(cat); ffmpeg -i "$f" "${f%.mp3}.ogg"'"#;
+const LISTEN: &str = r#"patchcord listen http://localhost:3000/pubsub/alerts --state alerts.cursor -- sh -c 'notify-send "${PATCHCORD_TITLE:-alert}" "$(cat)"'"#;
+const PUBLISH_TITLE: &str =
+    r#"curl -d "backup done" -H "Patch-H-Title: Backup" localhost:3000/pubsub/alerts"#;
+const WORK_SITE: &str = r#"patchcord work http://localhost:3000/res/site -j 4 -- sh -c 'f=.$PATCHCORD_PATH; [ -d "$f" ] && f=$f/index.html; [ -f "$f" ] || exec printf "Status: 404\n\nnot found\n"; case $f in *.html) t=text/html;; *.css) t=text/css;; *.js) t=text/javascript;; *) t=$(file -b --mime-type "$f");; esac; printf "Content-Type: %s\n\n" "$t"; exec cat "$f"'"#;
+const WORK_HOOK: &str = "patchcord work http://localhost:3000/res/hooks -- ./on-event.sh";
+
+const ALL: [&str; 38] = [
     HTTPIPE_SEND,
     HTTPIPE_RECEIVE,
     DELETE_NAMESPACE,
@@ -117,6 +126,12 @@ const ALL: [&str; 32] = [
     FIFO_WORKER,
     FIFO_ECHO,
     FIFO_ECHO_CLIENT,
+    WORK_FEED,
+    WORK_JOBS,
+    LISTEN,
+    PUBLISH_TITLE,
+    WORK_SITE,
+    WORK_HOOK,
 ];
 
 fn local(command: &str) -> String {
@@ -581,4 +596,155 @@ fn the_echo_server_through_the_fifo_bridge() {
     unsafe { libc::kill(echo.id() as libc::pid_t, libc::SIGINT) };
     let status = echo.wait().expect("wait");
     assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+/// Writes an executable script `name` in `dir`.
+fn script_file(dir: &Path, name: &str, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).unwrap();
+    }
+    std::fs::write(&path, body).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Stops a documented `patchcord` command started with `exec` (SIGTERM:
+/// it finishes what it runs and exits 0).
+fn stop_patchcord(child: std::process::Child) {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let output = finish_within(child, *STEP);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+}
+
+/// Waits until `file` in `dir` has `lines` lines; its text.
+fn wait_lines(dir: &Path, file: &str, lines: usize) -> String {
+    let deadline = std::time::Instant::now() + *STEP;
+    loop {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+        if text.lines().count() >= lines {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{file} has {text:?}, not {lines} lines"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_listen_example_notifies_once_per_message_with_its_title() {
+    if is_emulated() {
+        eprintln!("SKIP under emulation: runs the host's bash with the ARM binary on PATH");
+        return;
+    }
+    let server = Server::start();
+    let dir = temp_dir("ex-listen");
+    script_file(
+        &dir,
+        "fake/notify-send",
+        "#!/bin/sh\necho \"$1|$2\" >> shown.txt\n",
+    );
+    let listener = spawn_with_patchcord(
+        &server,
+        &dir,
+        &format!("export PATH=\"$PWD/fake:$PATH\"\nexec {LISTEN}"),
+    );
+    server.wait_streams(1);
+    run(&server, &dir, PUBLISH_TITLE);
+    run(&server, &dir, PUBLISH);
+    let shown = wait_lines(&dir, "shown.txt", 2);
+    assert_eq!(shown, "Backup|backup done\nalert|backup done\n");
+    stop_patchcord(listener);
+    let cursor = std::fs::read_to_string(dir.join("alerts.cursor")).unwrap();
+    assert!(cursor.trim().parse::<u64>().is_ok(), "{cursor:?}");
+}
+
+#[test]
+fn the_work_job_queue_example_finishes_every_job() {
+    if is_emulated() {
+        eprintln!("SKIP under emulation: runs the host's bash with the ARM binary on PATH");
+        return;
+    }
+    let server = Server::start();
+    let dir = temp_dir("ex-work-jobs");
+    script_file(&dir, "fake/ffmpeg", "#!/bin/sh\necho converted > \"$3\"\n");
+    for job in ["a.mp3", "b.mp3", "c.mp3"] {
+        std::fs::write(dir.join(job), "audio").unwrap();
+    }
+    let worker = spawn_with_patchcord(
+        &server,
+        &dir,
+        &format!("export PATH=\"$PWD/fake:$PATH\"\nexec {WORK_JOBS}"),
+    );
+    run(&server, &dir, WORK_FEED);
+    // Each feeder's 2xx came once its job was done.
+    for job in ["a.ogg", "b.ogg", "c.ogg"] {
+        assert_eq!(
+            std::fs::read_to_string(dir.join(job)).unwrap(),
+            "converted\n"
+        );
+    }
+    stop_patchcord(worker);
+}
+
+#[test]
+fn the_work_directory_server_example_serves_files_with_their_types() {
+    if is_emulated() {
+        eprintln!("SKIP under emulation: runs the host's bash with the ARM binary on PATH");
+        return;
+    }
+    let server = Server::start();
+    let dir = temp_dir("ex-work-site");
+    std::fs::write(dir.join("index.html"), "<h1>hi</h1>\n").unwrap();
+    std::fs::create_dir_all(dir.join("css")).unwrap();
+    std::fs::write(dir.join("css/a.css"), "h1 { color: red }\n").unwrap();
+    let site = spawn_with_patchcord(&server, &dir, &format!("exec {WORK_SITE}"));
+    let page = curl(&["-si", &server.url("/req/site/")]);
+    let page = String::from_utf8_lossy(&page.stdout).into_owned();
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(page.contains("Content-Type: text/html\r\n"), "{page}");
+    assert!(page.ends_with("<h1>hi</h1>\n"), "{page}");
+    let css = curl(&["-si", &server.url("/req/site/css/a.css")]);
+    let css = String::from_utf8_lossy(&css.stdout).into_owned();
+    assert!(css.contains("Content-Type: text/css\r\n"), "{css}");
+    assert!(css.ends_with("h1 { color: red }\n"), "{css}");
+    let missing = curl(&["-si", &server.url("/req/site/nope.html")]);
+    let missing = String::from_utf8_lossy(&missing.stdout).into_owned();
+    assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+    assert!(missing.ends_with("not found\n"), "{missing}");
+    stop_patchcord(site);
+}
+
+#[test]
+fn the_work_webhook_example_answers_with_the_script() {
+    if is_emulated() {
+        eprintln!("SKIP under emulation: runs the host's bash with the ARM binary on PATH");
+        return;
+    }
+    let server = Server::start();
+    let dir = temp_dir("ex-work-hook");
+    script_file(
+        &dir,
+        "on-event.sh",
+        "#!/bin/sh\ncat > event.json\n[ \"$PATCHCORD_CONTENT_TYPE\" = application/json ] || { echo 'not JSON' >&2; exit 1; }\necho handled\n",
+    );
+    let hooks = spawn_with_patchcord(&server, &dir, &format!("exec {WORK_HOOK}"));
+    assert_eq!(run(&server, &dir, HOOK_SEND), "handled\n");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("event.json")).unwrap(),
+        r#"{"action":"opened"}"#
+    );
+    let refused = curl(&[
+        "-s",
+        "-w",
+        " %{http_code}",
+        "-d",
+        "x",
+        &server.url("/req/hooks/github"),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&refused.stdout), "not JSON\n 500");
+    stop_patchcord(hooks);
 }
