@@ -366,13 +366,22 @@ impl Worker<'_> {
             stdout,
             ended,
         };
-        self.send(
+        let sent = self.send(
             reply,
             reply_path,
             cgi.status.unwrap_or(200),
             &cgi.headers,
             Upload::Stream(&mut rest),
-        )
+        );
+        // An answer that broke off (the requester left, the relay went)
+        // leaves CMD unwaited: end it, and reap it.
+        let Rest { stdout, ended, .. } = rest;
+        drop(stdout);
+        if let Ok(None) = ended.process.try_wait() {
+            child::kill_group(ended.process.id());
+            let _ = ended.process.wait();
+        }
+        sent
     }
 
     /// POSTs an answer to the reply path; the status sent, or None when
