@@ -25,6 +25,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// answer it had already begun to send.
 const WITHDRAW_GRACE: Duration = Duration::from_secs(5);
 
+/// TCP keepalive probes: the first after 30 s of quiet, then every 10 s,
+/// three unanswered end the connection.
+const KEEPALIVE: (u32, u32, u32) = (30, 10, 3);
+
 /// The longest response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
 
@@ -183,6 +187,9 @@ impl Client {
                 match TcpStream::connect_timeout(addr, CONNECT_TIMEOUT) {
                     Ok(stream) => {
                         stream.set_nodelay(true)?;
+                        // A relay that vanished is noticed within a minute,
+                        // even by a request waiting for its answer.
+                        sys::keepalive(stream.as_raw_fd(), Some(KEEPALIVE))?;
                         stream.set_write_timeout(Some(IO_TIMEOUT))?;
                         stream.set_read_timeout(Some(IO_TIMEOUT))?;
                         self.stream = Some(stream);

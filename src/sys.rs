@@ -208,3 +208,31 @@ impl Flag {
         self.is_raised()
     }
 }
+
+/// Turns on TCP keepalive on socket `fd`, so that a peer that vanished
+/// without a FIN is noticed even by a side that only waits; with `probes`
+/// (idle seconds before the first, seconds between them, how many unanswered
+/// end the connection) instead of the kernel's two hours.
+pub fn keepalive(fd: RawFd, probes: Option<(u32, u32, u32)>) -> io::Result<()> {
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
+        // SAFETY: the pointer and length describe `value`, a live c_int, and
+        // `fd` is a socket the caller owns for the duration of the call.
+        check(unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        })
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    if let Some((idle, interval, count)) = probes {
+        let int = |n: u32| n.min(i32::MAX as u32) as libc::c_int;
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, int(idle))?;
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, int(interval))?;
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, int(count))?;
+    }
+    Ok(())
+}

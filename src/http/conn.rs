@@ -265,19 +265,7 @@ fn recv(stream: &TcpStream, out: &mut [u8], flags: libc::c_int) -> io::Result<us
 /// Turns on TCP keepalive so a peer that vanished without a FIN is noticed
 /// eventually, even by a waiter that never writes.
 fn set_keepalive(stream: &TcpStream) {
-    let on: libc::c_int = 1;
-    // SAFETY: the pointer and length describe `on`, a live c_int, and the
-    // descriptor is owned by `stream` for the duration of the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_KEEPALIVE,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        log::debug!("SO_KEEPALIVE: {}", io::Error::last_os_error());
+    if let Err(e) = crate::sys::keepalive(stream.as_raw_fd(), None) {
+        log::debug!("SO_KEEPALIVE: {e}");
     }
 }
