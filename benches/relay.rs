@@ -41,7 +41,7 @@ fn usage() -> ! {
         "usage: relay [--url http://HOST:PORT --pid PID] [--json FILE] [--smoke] [--only NAME] [--pairs N] [--prefix PATH] [--consumer-delay MICROS] [--pi]\n\
          --prefix: where the rendezvous channels are, PATH/LABEL/PAIR (default /bench; /channels for httpipe)\n\
          --consumer-delay: rendezvous consumers wait so long before each receive (producers park first)\n\
-         Scenarios: rendezvous, reconnect, stream, backpressure, waiters, fanout, reqres, fifo, idle"
+         Scenarios: rendezvous, reconnect, stream, backpressure, waiters, fanout, reqres, fifo, listen, work, idle"
     );
     std::process::exit(2)
 }
@@ -104,7 +104,8 @@ impl Drop for Target {
     }
 }
 
-fn start_patchcord() -> Target {
+/// Starts the patchcord built with this harness, with `extra` options.
+fn start_patchcord(extra: &[&str]) -> Target {
     let binary = env!("CARGO_BIN_EXE_patchcord").to_owned();
     // Under an emulator the server starts through it, as this harness did.
     let mut child = runner::through(&runner::cargo_runner(), &binary)
@@ -115,6 +116,7 @@ fn start_patchcord() -> Target {
             "--max-connections",
             "30000",
         ])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -247,6 +249,23 @@ impl Client {
     /// Reads a response as [`Client::response`] does, and the value of
     /// header `want` (lowercase), if asked for and present.
     fn response_with(&mut self, want: Option<&str>) -> io::Result<(u16, u64, Option<String>)> {
+        self.read_response(want, None)
+    }
+
+    /// Reads a response; returns its status and its body.
+    fn response_body(&mut self) -> io::Result<(u16, Vec<u8>)> {
+        let mut body = Vec::new();
+        let (status, _, _) = self.read_response(None, Some(&mut body))?;
+        Ok((status, body))
+    }
+
+    /// Reads a response: its status, body length and header `want`; the
+    /// body goes to `body` when given, else is dropped.
+    fn read_response(
+        &mut self,
+        want: Option<&str>,
+        mut body: Option<&mut Vec<u8>>,
+    ) -> io::Result<(u16, u64, Option<String>)> {
         loop {
             let status_line = self.line()?;
             let status: u16 = status_line
@@ -277,7 +296,7 @@ impl Client {
             if (100..200).contains(&status) {
                 continue;
             }
-            let body = if chunked {
+            let read = if chunked {
                 let mut total = 0;
                 loop {
                     let size = u64::from_str_radix(
@@ -285,7 +304,7 @@ impl Client {
                         16,
                     )
                     .map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
-                    self.skip(size)?;
+                    self.take(size, body.as_deref_mut())?;
                     self.line()?;
                     if size == 0 {
                         break total;
@@ -294,19 +313,23 @@ impl Client {
                 }
             } else {
                 let length = length.unwrap_or(0);
-                self.skip(length)?;
+                self.take(length, body.as_deref_mut())?;
                 length
             };
-            return Ok((status, body, wanted));
+            return Ok((status, read, wanted));
         }
     }
 
-    fn skip(&mut self, mut n: u64) -> io::Result<()> {
+    /// Reads `n` body bytes, into `out` when given.
+    fn take(&mut self, mut n: u64, mut out: Option<&mut Vec<u8>>) -> io::Result<()> {
         while n > 0 {
             if self.start == self.end {
                 self.fill()?;
             }
             let take = (self.end - self.start).min(usize::try_from(n).unwrap_or(usize::MAX));
+            if let Some(out) = out.as_deref_mut() {
+                out.extend_from_slice(&self.buf[self.start..self.start + take]);
+            }
             self.start += take;
             n -= take as u64;
         }
@@ -1251,6 +1274,508 @@ fn reqres_big(report: &mut Report, target: &Target, prefix: &str, total: u64) {
     );
 }
 
+/// A process the harness started for a scenario (a `patchcord listen` or
+/// `work`, a bash loop), in a process group of its own: whatever happens,
+/// that group is killed (SIGKILL, by its id) when this is dropped, so no
+/// child outlives the scenario.
+struct Helper {
+    child: Child,
+    reaped: bool,
+}
+
+impl Helper {
+    fn spawn(mut command: Command) -> io::Result<Helper> {
+        use std::os::unix::process::CommandExt;
+        command.process_group(0);
+        Ok(Helper {
+            child: command.spawn()?,
+            reaped: false,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process has exited; it is not reaped, so its pid (its
+    /// group's id) cannot be reused while the group is killed.
+    fn exited(&self) -> bool {
+        if self.reaped {
+            return true;
+        }
+        // SAFETY: waitid on our own child with WNOWAIT only reads its state.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let found = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                self.child.id(),
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        found == 0 && unsafe { info.si_pid() } != 0
+    }
+
+    /// Kills the group with `signal`, unless the leader is reaped.
+    fn signal_group(&self, signal: libc::c_int) {
+        if !self.reaped {
+            // SAFETY: kill(2) on the group this harness created.
+            unsafe { libc::kill(-(self.child.id() as libc::pid_t), signal) };
+        }
+    }
+
+    /// SIGTERM to the process, `grace` for it to exit, then SIGKILL to its
+    /// group; returns its exit status, and whether it exited by itself.
+    fn stop(&mut self, grace: Duration) -> (Option<std::process::ExitStatus>, bool) {
+        if self.reaped {
+            return (None, true);
+        }
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let give_up = Instant::now() + grace;
+        while !self.exited() && Instant::now() < give_up {
+            thread::sleep(Duration::from_millis(10));
+        }
+        let by_itself = self.exited();
+        self.signal_group(libc::SIGKILL);
+        let status = self.child.wait().ok();
+        self.reaped = true;
+        (status, by_itself)
+    }
+
+    /// SIGKILL to the whole group at once.
+    fn kill(&mut self) {
+        self.signal_group(libc::SIGKILL);
+        if !self.reaped {
+            let _ = self.child.wait();
+            self.reaped = true;
+        }
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Whether `program` is an executable file on PATH.
+fn on_path(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            std::fs::metadata(dir.join(program))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+/// The first of `programs` missing from PATH, said loudly: the scenario is
+/// skipped.
+fn missing(scenario: &str, programs: &[&str]) -> bool {
+    match programs.iter().find(|p| !on_path(p)) {
+        Some(program) => {
+            println!("{scenario}: SKIPPED: `{program}` is not on PATH");
+            eprintln!("relay bench: {scenario}: SKIPPED, `{program}` is not on PATH");
+            true
+        }
+        None => false,
+    }
+}
+
+/// `patchcord SUBCOMMAND`, through the emulator when the server runs under one.
+fn patchcord_command(args: &[&str]) -> Command {
+    let mut command = runner::through(&runner::cargo_runner(), env!("CARGO_BIN_EXE_patchcord"));
+    command.args(args);
+    command
+}
+
+/// A relay's options for the listen scenario: every one of `messages`
+/// messages stays retained.
+fn retain_all(messages: usize) -> Vec<String> {
+    [
+        "--pubsub-retain-count",
+        &(messages + 100).to_string(),
+        "--pubsub-retain-bytes",
+        "1G",
+        "--pubsub-memory",
+        "1G",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+
+/// Scenario 12: `patchcord listen URL --since all` working through
+/// `messages` retained messages (`message NNNNNNNN`, no line break), published
+/// first on one keep-alive connection. With `run_true`, CMD is `true` and
+/// the cursor goes to `--state FILE` (on tmpfs when /dev/shm is there, so
+/// its fsync is not the disk's), polled every 5 ms until it holds the last
+/// id; without, it prints each message and a line break to a pipe this
+/// harness reads (and checks, line by line) until it has them all.
+fn listen(report: &mut Report, target: &Target, messages: usize, run_true: bool, limit: Duration) {
+    let path = if run_true {
+        "/bench/pubsub/listen-true"
+    } else {
+        "/bench/pubsub/listen-lines"
+    };
+    let body = |i: usize| format!("message {i:08}");
+    let mut publisher = Client::new(target.addr).expect("connect");
+    let (mut first, mut last) = (0u64, 0u64);
+    for i in 0..messages {
+        publisher
+            .send(&post(path, body(i).as_bytes(), false))
+            .expect("publish");
+        let (status, _, id) = publisher.response_with(Some("patch-id")).expect("publish");
+        assert_eq!(status, 200, "listen: publishing message {i}");
+        last = id.and_then(|id| id.parse().ok()).expect("Patch-Id");
+        if i == 0 {
+            first = last;
+        }
+    }
+    assert_eq!(
+        last - first + 1,
+        messages as u64,
+        "listen: ids of the published messages"
+    );
+    let url = format!("http://{}{path}", target.addr);
+    let shm = std::path::Path::new("/dev/shm");
+    let dir = if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    let state = dir.join(format!(
+        "patchcord-bench-listen-{}.state",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&state);
+    let state_arg = state.to_string_lossy().into_owned();
+    let mut args = vec!["listen", &url, "--since", "all", "--quiet"];
+    if run_true {
+        args.extend(["--state", &state_arg, "--", "true"]);
+    }
+    let mut command = patchcord_command(&args);
+    command
+        .stdin(Stdio::null())
+        .stdout(if run_true {
+            Stdio::null()
+        } else {
+            Stdio::piped()
+        })
+        .stderr(Stdio::inherit());
+    let started = Instant::now();
+    let mut listener = Helper::spawn(command).expect("start patchcord listen");
+    let give_up = started + limit;
+    // What it did: how many it handled, how long that took, what went wrong.
+    let (handled, elapsed, trouble) = if run_true {
+        let want = last.to_string();
+        let mut handled = 0;
+        let mut trouble = None;
+        loop {
+            let cursor = std::fs::read_to_string(&state).unwrap_or_default();
+            if let Ok(id) = cursor.trim().parse::<u64>() {
+                handled = id.saturating_sub(first) + 1;
+            }
+            if cursor.trim() == want {
+                break;
+            }
+            if listener.exited() {
+                trouble = Some("patchcord listen exited".to_owned());
+                break;
+            }
+            if Instant::now() >= give_up {
+                trouble = Some(format!("timed out after {} s", limit.as_secs()));
+                break;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        (handled, started.elapsed(), trouble)
+    } else {
+        let stdout = listener.child.stdout.take().expect("stdout");
+        let (done, finished) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            let mut lines = BufReader::with_capacity(64 * 1024, stdout);
+            let mut line = Vec::new();
+            let mut handled = 0u64;
+            let mut wrong = None;
+            while (handled as usize) < messages {
+                line.clear();
+                match lines.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let expected = format!("message {handled:08}\n");
+                if line != expected.as_bytes() && wrong.is_none() {
+                    wrong = Some(format!(
+                        "line {handled} is {:?}, not {expected:?}",
+                        String::from_utf8_lossy(&line)
+                    ));
+                }
+                handled += 1;
+            }
+            let _ = done.send((handled, started.elapsed(), wrong));
+        });
+        match finished.recv_timeout(limit) {
+            Ok((handled, elapsed, wrong)) if handled == messages as u64 => {
+                (handled, elapsed, wrong)
+            }
+            Ok((handled, elapsed, _)) => (
+                handled,
+                elapsed,
+                Some("its output ended early (patchcord listen exited)".to_owned()),
+            ),
+            Err(_) => (
+                0,
+                started.elapsed(),
+                Some(format!("timed out after {} s", limit.as_secs())),
+            ),
+        }
+    };
+    let cpu = cpu_us(listener.pid());
+    let peak = peak_rss_kib(listener.pid());
+    let (status, by_itself) = listener.stop(Duration::from_secs(5));
+    let _ = std::fs::remove_file(&state);
+    let scenario = if run_true {
+        format!("listen -- true ({messages} msgs)")
+    } else {
+        format!("listen, no CMD ({messages} msgs)")
+    };
+    if let Some(trouble) = trouble {
+        panic!("{scenario}: {trouble}; {handled} of {messages} handled");
+    }
+    if !by_itself || !status.is_some_and(|s| s.success()) {
+        eprintln!(
+            "relay bench: {scenario}: after SIGTERM patchcord listen {}",
+            if by_itself {
+                format!("exited with {status:?}, not 0")
+            } else {
+                "did not exit within 5 s (killed)".to_owned()
+            }
+        );
+    }
+    report.add(
+        &scenario,
+        "messages per second",
+        handled as f64 / elapsed.as_secs_f64(),
+        "msg/s",
+    );
+    report.add(
+        &scenario,
+        "listener CPU per message",
+        cpu as f64 / handled.max(1) as f64,
+        "us",
+    );
+    report.add(&scenario, "listener peak RSS", peak as f64 / 1024.0, "MiB");
+}
+
+/// The job of the work scenario: one line in, the number plus one out.
+const JOB: &str = "read n; echo $((n+1))";
+
+/// The work scenario's baseline: `slots` responders in bash, each a loop of
+/// curl on the reply path (GET /res/jobs with its head to a file, the job on
+/// the request, its output POSTed to Patch-Reply), as a user would write it
+/// without `patchcord work`. Arguments: URL DIR SLOTS JOB.
+const CURL_LOOP: &str = r#"
+url=$1 dir=$2 slots=$3 job=$4
+respond() {
+    local head=$dir/head.$1 in=$dir/in.$1 line reply
+    while true; do
+        # 408 (nobody asked in time): ask again; no relay: do not spin.
+        curl -sf -D "$head" -o "$in" "$url/res/jobs" || { [ $? -eq 22 ] || sleep 0.1; continue; }
+        reply=
+        while IFS= read -r line; do
+            case $line in [Pp]atch-[Rr]eply:*) reply=${line#*: }; reply=${reply%$'\r'} ;; esac
+        done < "$head"
+        sh -c "$job" < "$in" | curl -sf -o /dev/null --data-binary @- "$url$reply"
+    done
+}
+for slot in $(seq "$slots"); do respond "$slot" & done
+wait
+"#;
+
+/// Who answers in the work scenario.
+#[derive(Clone, Copy, PartialEq)]
+enum Worker {
+    /// `patchcord work URL/res/jobs -j SLOTS -- sh -c JOB`.
+    Patchcord,
+    /// [`CURL_LOOP`].
+    CurlLoop,
+}
+
+/// Scenario 13: `jobs` requests (`N\n`, N counting from 0) from
+/// `requesters` keep-alive threads to /req/jobs, answered by `slots`
+/// responders running `sh -c JOB` (every answer must be `N+1\n`); the
+/// time from the first request to the last answer. Returns jobs per second.
+fn work(
+    report: &mut Report,
+    target: &Target,
+    worker: Worker,
+    jobs: usize,
+    requesters: usize,
+    slots: usize,
+    limit: Duration,
+) -> f64 {
+    let base = format!("http://{}", target.addr);
+    let slots_arg = slots.to_string();
+    let dir = std::env::temp_dir().join(format!("patchcord-bench-work-{}", std::process::id()));
+    let mut command = match worker {
+        Worker::Patchcord => patchcord_command(&[
+            "work",
+            &format!("{base}/res/jobs"),
+            "-j",
+            &slots_arg,
+            "--quiet",
+            "--",
+            "sh",
+            "-c",
+            JOB,
+        ]),
+        Worker::CurlLoop => {
+            std::fs::create_dir_all(&dir).expect("work: temporary directory");
+            let mut command = Command::new("bash");
+            command.args([
+                "-c",
+                CURL_LOOP,
+                "curl-loop",
+                &base,
+                &dir.to_string_lossy(),
+                &slots_arg,
+                JOB,
+            ]);
+            command
+        }
+    };
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let mut responders = Helper::spawn(command).expect("start the responders");
+    // Let them start and park, so that the figure is the jobs'.
+    thread::sleep(Duration::from_millis(300));
+    let label = match worker {
+        Worker::Patchcord => format!("work -j {slots} ({jobs} jobs, sh)"),
+        Worker::CurlLoop => format!("bash curl loop x{slots} ({jobs} jobs, sh)"),
+    };
+    assert!(
+        !responders.exited(),
+        "{label}: the responders exited at once"
+    );
+    let next = Arc::new(AtomicU64::new(0));
+    let answered = Arc::new(AtomicU64::new(0));
+    let last_answer = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let wrong = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for _ in 0..requesters {
+        let (next, answered, last_answer, stop, wrong) = (
+            next.clone(),
+            answered.clone(),
+            last_answer.clone(),
+            stop.clone(),
+            wrong.clone(),
+        );
+        let addr = target.addr;
+        handles.push(thread::spawn(move || -> Vec<Duration> {
+            let mut latencies = Vec::new();
+            let Ok(mut c) = Client::new(addr) else {
+                return latencies;
+            };
+            while !stop.load(Ordering::Relaxed) {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= jobs as u64 {
+                    break;
+                }
+                let asked = Instant::now();
+                let answer = c
+                    .send(&post("/req/jobs", format!("{n}\n").as_bytes(), false))
+                    .and_then(|()| c.response_body());
+                match answer {
+                    Ok((200, body)) if body == format!("{}\n", n + 1).as_bytes() => {
+                        latencies.push(asked.elapsed());
+                        answered.fetch_add(1, Ordering::Relaxed);
+                        last_answer
+                            .fetch_max(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    }
+                    Ok((status, body)) => {
+                        let mut wrong = wrong.lock().unwrap_or_else(|e| e.into_inner());
+                        wrong.push(format!(
+                            "job {n}: {status} {:?}",
+                            String::from_utf8_lossy(&body)
+                        ));
+                    }
+                    Err(e) => {
+                        let mut wrong = wrong.lock().unwrap_or_else(|e| e.into_inner());
+                        wrong.push(format!("job {n}: {e}"));
+                        break;
+                    }
+                }
+            }
+            latencies
+        }));
+    }
+    let give_up = started + limit;
+    while handles.iter().any(|h| !h.is_finished())
+        && Instant::now() < give_up
+        && !responders.exited()
+    {
+        thread::sleep(Duration::from_millis(5));
+    }
+    let timed_out = handles.iter().any(|h| !h.is_finished());
+    stop.store(true, Ordering::Relaxed);
+    // Requesters left waiting (time out, responders gone) are answered 410.
+    let latencies = finish_clients(
+        target,
+        "DELETE /res/jobs HTTP/1.1\r\nHost: bench\r\n\r\n",
+        handles,
+    );
+    let responders_gone = responders.exited();
+    match worker {
+        Worker::Patchcord => {
+            let (status, by_itself) = responders.stop(Duration::from_secs(5));
+            if !by_itself || !status.is_some_and(|s| s.success()) {
+                eprintln!(
+                    "relay bench: {label}: after SIGTERM patchcord work {}",
+                    if by_itself {
+                        format!("exited with {status:?}, not 0")
+                    } else {
+                        "did not exit within 5 s (killed)".to_owned()
+                    }
+                );
+            }
+        }
+        Worker::CurlLoop => responders.kill(),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let done = answered.load(Ordering::Relaxed);
+    let elapsed = Duration::from_nanos(last_answer.load(Ordering::Relaxed));
+    let wrong = wrong.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if done < jobs as u64 || !wrong.is_empty() {
+        let why = if responders_gone {
+            "the responders exited; ".to_owned()
+        } else if timed_out {
+            format!("timed out after {} s; ", limit.as_secs())
+        } else {
+            String::new()
+        };
+        panic!(
+            "{label}: {why}{done} of {jobs} jobs answered right; {} wrong, first: {:?}",
+            wrong.len(),
+            wrong.iter().take(3).collect::<Vec<_>>()
+        );
+    }
+    let rate = done as f64 / elapsed.as_secs_f64();
+    report.add(&label, "jobs per second", rate, "jobs/s");
+    report.add(
+        &label,
+        "requester latency p50",
+        percentile(&latencies, 0.5).as_secs_f64() * 1e3,
+        "ms",
+    );
+    rate
+}
+
 fn under_emulation() -> bool {
     let arm = matches!(std::env::consts::ARCH, "arm" | "aarch64");
     let x86_cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -1272,7 +1797,7 @@ fn main() {
     // scenario's pooled threads do not count in the next one's memory.
     let url = options.url.clone();
     let pid = options.pid;
-    let fresh = move || match (&url, pid) {
+    let fresh_with = move |extra: &[String]| match (&url, pid) {
         (Some(url), Some(pid)) => {
             let hostport = url.trim_start_matches("http://").trim_end_matches('/');
             let addr = hostport
@@ -1287,9 +1812,10 @@ fn main() {
                 binary: None,
             }
         }
-        (None, None) => start_patchcord(),
+        (None, None) => start_patchcord(&extra.iter().map(String::as_str).collect::<Vec<_>>()),
         _ => usage(),
     };
+    let fresh = || fresh_with(&[]);
     let wanted = |name: &str| options.only.as_deref().is_none_or(|only| only == name);
     let smoke = options.smoke;
     let mut report = Report {
@@ -1378,6 +1904,49 @@ fn main() {
     }
     if wanted("fifo") {
         fifo(&mut report, if smoke { 100 } else { 2000 });
+    }
+    let limit = Duration::from_secs(if smoke { 20 } else { 300 });
+    if wanted("listen") {
+        if options.url.is_some() {
+            eprintln!(
+                "relay bench: listen: the server given must retain every message published (--pubsub-retain-count, --pubsub-retain-bytes, --pubsub-memory)"
+            );
+        }
+        if !missing("listen -- true", &["true"]) {
+            let messages = if smoke { 20 } else { 2000 };
+            let target = fresh_with(&retain_all(messages));
+            listen(&mut report, &target, messages, true, limit);
+        }
+        let messages = if smoke { 200 } else { 50_000 };
+        let target = fresh_with(&retain_all(messages));
+        listen(&mut report, &target, messages, false, limit);
+    }
+    if wanted("work") && !missing("work", &["sh", "bash", "curl"]) {
+        let (jobs, requesters, slots) = (if smoke { 20 } else { 1000 }, 8, 4);
+        let ours = work(
+            &mut report,
+            &fresh(),
+            Worker::Patchcord,
+            jobs,
+            requesters,
+            slots,
+            limit,
+        );
+        let theirs = work(
+            &mut report,
+            &fresh(),
+            Worker::CurlLoop,
+            jobs,
+            requesters,
+            slots,
+            limit,
+        );
+        report.add(
+            &format!("work vs curl loop ({jobs} jobs)"),
+            "jobs/s ratio",
+            ours / theirs,
+            "x",
+        );
     }
     if let Some(path) = &options.json {
         std::fs::write(path, report.json()).expect("write --json file");
