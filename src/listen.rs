@@ -225,9 +225,9 @@ impl Listener<'_> {
                     } else {
                         log::info!("subscribed to {}", self.channel);
                     }
-                    if let Some(n) = incoming.head.header("Patch-Missed") {
-                        self.missed(cursor, n.to_owned());
-                    }
+                    // A loss before the stream's first message comes as the
+                    // header Patch-Missed and as the stream's first line:
+                    // the line is the one acted on.
                     loop {
                         match incoming.line(MAX_LINE) {
                             Ok(Some(line)) => match self.line(&line, cursor) {

@@ -10,6 +10,7 @@
 
 use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -429,7 +430,7 @@ impl Worker<'_> {
 #[derive(Debug, Clone, Copy)]
 enum Ending {
     Code(i32),
-    Signal,
+    Signal(i32),
     TimedOut,
     Lost,
 }
@@ -438,7 +439,7 @@ impl std::fmt::Display for Ending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Ending::Code(code) => write!(f, "exit status {code}"),
-            Ending::Signal => f.write_str("killed by a signal"),
+            Ending::Signal(signal) => write!(f, "killed by signal {signal}"),
             Ending::TimedOut => f.write_str("timed out"),
             Ending::Lost => f.write_str("could not be waited for"),
         }
@@ -469,12 +470,10 @@ impl Ended<'_> {
         if self.timed_out.load(Ordering::SeqCst) {
             return Ending::TimedOut;
         }
-        match status.code() {
-            Some(code) => Ending::Code(code),
-            None => {
-                log::debug!("CMD {}", child::describe(status));
-                Ending::Signal
-            }
+        match (status.code(), status.signal()) {
+            (Some(code), _) => Ending::Code(code),
+            (None, Some(signal)) => Ending::Signal(signal),
+            (None, None) => Ending::Lost,
         }
     }
 
@@ -488,7 +487,7 @@ impl Ended<'_> {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let line = if line.is_empty() {
-            format!("CMD failed: {exit}")
+            format!("{exit}")
         } else {
             line
         };
