@@ -13,6 +13,9 @@
 #![allow(dead_code)] // each test module uses a different part of the support
 
 mod runner;
+mod running;
+
+pub use running::{Running, wait_for};
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
