@@ -28,6 +28,9 @@ use crate::sys;
 /// The longest line of the stream accepted: a message of 48 MiB in base64.
 const MAX_LINE: usize = 64 << 20;
 
+/// What an empty pipe always takes without blocking (POSIX's minimum).
+const PIPE_BUF: usize = 4096;
+
 /// The first and the longest wait before reconnecting.
 const FIRST_WAIT: Duration = Duration::from_millis(250);
 const LONGEST_WAIT: Duration = Duration::from_secs(30);
@@ -406,17 +409,23 @@ impl Listener<'_> {
                 return Handled::Failed(format!("cannot run {:?}: {e}", argv[0]));
             }
         };
-        // The body goes in from a thread of its own: a CMD that does not
+        // A body that fits PIPE_BUF goes into the empty pipe at once; a
+        // larger one from a thread of its own, so that a CMD that does not
         // read it, or starts something that keeps stdin open, cannot hold
         // the loop.
         if let Some(mut stdin) = process.stdin.take() {
-            let spawned = std::thread::Builder::new()
-                .name("stdin".into())
-                .spawn(move || {
-                    let _ = stdin.write_all(&body);
-                });
-            if let Err(e) = spawned {
-                log::warn!("cannot start a thread for CMD's stdin: {e}");
+            if body.len() <= PIPE_BUF {
+                let _ = stdin.write_all(&body);
+                drop(stdin);
+            } else {
+                let spawned = std::thread::Builder::new()
+                    .name("stdin".into())
+                    .spawn(move || {
+                        let _ = stdin.write_all(&body);
+                    });
+                if let Err(e) = spawned {
+                    log::warn!("cannot start a thread for CMD's stdin: {e}");
+                }
             }
         }
         let status = loop {
