@@ -696,7 +696,11 @@ fn the_work_directory_server_example_serves_files_with_their_types() {
         eprintln!("SKIP under emulation: runs the host's bash with the ARM binary on PATH");
         return;
     }
-    if std::process::Command::new("file").arg("--version").output().is_err() {
+    if std::process::Command::new("file")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         eprintln!("SKIP: the example names types with file(1), which is not installed");
         return;
     }
