@@ -162,6 +162,7 @@ pub struct Client {
 }
 
 impl Client {
+    /// A client of `relay`; it connects at its first request.
     pub fn new(relay: Relay) -> Client {
         Client {
             relay,
@@ -176,6 +177,7 @@ impl Client {
         self
     }
 
+    /// Where the relay is.
     pub fn relay(&self) -> &Relay {
         &self.relay
     }
@@ -256,18 +258,17 @@ impl Client {
     ) -> Result<Incoming<'_>, Failure> {
         // A kept connection the relay closed meanwhile fails on first use:
         // one retry on a fresh connection, when nothing can have been taken
-        // (never for a streamed body, which cannot be sent twice).
+        // (it closed before answering anything). A streamed body, which
+        // cannot be sent twice, always goes on a fresh connection.
+        if matches!(body, Upload::Stream(_)) {
+            self.disconnect();
+        }
         let mut attempt = 0;
         let (parsed, buffered, reusable) = loop {
             let fresh = self.stream.is_none();
             match self.exchange(method, target, headers, &mut body, watch) {
                 Ok(answer) => break answer,
-                Err(Failure::Io(e))
-                    if !fresh
-                        && attempt == 0
-                        && e.kind() != io::ErrorKind::TimedOut
-                        && !matches!(body, Upload::Stream(_)) =>
-                {
+                Err(Failure::Io(e)) if !fresh && attempt == 0 && is_stale(&e) => {
                     attempt += 1;
                     self.stream = None;
                 }
@@ -425,11 +426,14 @@ impl std::fmt::Display for Failure {
     }
 }
 
+/// Why a streamed body was not sent whole: the relay's side broke, or
+/// the reader it came from failed.
 enum Sent {
     Write(io::Error),
     Source(io::Error),
 }
 
+/// Sends what `reader` gives as chunks, then the last chunk.
 fn send_chunked(stream: &mut TcpStream, reader: &mut dyn Read) -> Result<(), Sent> {
     let mut buf = vec![0u8; CHUNK + 16];
     loop {
@@ -460,81 +464,135 @@ enum Framing {
     UntilClose,
 }
 
+/// A response head and how its body is framed.
 struct Parsed {
     head: Head,
     framing: Framing,
     close: bool,
 }
 
-/// Reads a response head (skipping 1xx ones); and what came after it.
+/// Reads a response head (skipping 1xx ones); and what came after it. The
+/// error is of a kind [`is_stale`] accepts only when nothing was read.
 fn read_head(stream: &mut TcpStream) -> io::Result<(Parsed, Vec<u8>)> {
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 8192];
     loop {
-        let n = stream.read(&mut chunk)?;
+        let n = match stream.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if !buf.is_empty() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("the response's head was cut: {e}"),
+                ));
+            }
+            Err(e) => return Err(e),
+        };
         if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the relay closed the connection",
-            ));
+            return Err(if buf.is_empty() {
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the relay closed the connection",
+                )
+            } else {
+                io::Error::new(io::ErrorKind::InvalidData, "the response's head was cut")
+            });
         }
         buf.extend_from_slice(&chunk[..n]);
         loop {
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut response = httparse::Response::new(&mut headers);
-            match response.parse(&buf) {
-                Ok(httparse::Status::Complete(len)) => {
-                    let status = response.code.unwrap_or(0);
-                    if (100..200).contains(&status) {
-                        buf.drain(..len);
-                        continue;
-                    }
-                    let mut length = None;
-                    let mut chunked = false;
-                    let mut close = response.version == Some(0);
-                    let mut kept = Vec::with_capacity(response.headers.len());
-                    for h in response.headers.iter() {
-                        let value = std::str::from_utf8(h.value).unwrap_or("").trim();
-                        if h.name.eq_ignore_ascii_case("content-length") {
-                            length = Some(value.parse::<u64>().map_err(|_| {
-                                io::Error::new(io::ErrorKind::InvalidData, "a bad Content-Length")
-                            })?);
-                        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                            chunked = value.to_ascii_lowercase().ends_with("chunked");
-                        } else if h.name.eq_ignore_ascii_case("connection") {
-                            close = value.eq_ignore_ascii_case("close");
-                        }
-                        kept.push((h.name.to_owned(), h.value.to_vec()));
-                    }
-                    let framing = if status == 204 || status == 304 {
-                        Framing::Length(0)
-                    } else if chunked {
-                        Framing::Chunked
-                    } else if let Some(length) = length {
-                        Framing::Length(length)
-                    } else {
-                        Framing::UntilClose
-                    };
-                    let parsed = Parsed {
-                        head: Head {
-                            status,
-                            headers: kept,
-                        },
-                        framing,
-                        close,
-                    };
-                    return Ok((parsed, buf.split_off(len)));
+            // The relay copies each request header twice (Patch-H- and
+            // Pb-H-) to a responder: room for many, grown when needed.
+            let parsed = match parse_head(&buf, &mut [httparse::EMPTY_HEADER; 64]) {
+                Err(httparse::Error::TooManyHeaders) => {
+                    parse_head(&buf, &mut vec![httparse::EMPTY_HEADER; 1024])
                 }
-                Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => break,
-                _ => {
+                other => other,
+            };
+            match parsed {
+                Ok(Some((parsed, len))) if (100..200).contains(&parsed.head.status) => {
+                    buf.drain(..len);
+                }
+                Ok(Some((parsed, len))) => return Ok((parsed, buf.split_off(len))),
+                Ok(None) if buf.len() < MAX_HEAD => break,
+                Ok(None) => {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
-                        "a malformed response",
+                        "a response head over 64 KiB",
+                    ));
+                }
+                Err(e) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("a malformed response: {e}"),
                     ));
                 }
             }
         }
     }
+}
+
+/// Parses the head at the start of `buf` into `headers`: None while it is
+/// incomplete; else the head and its length.
+fn parse_head<'b>(
+    buf: &'b [u8],
+    headers: &mut [httparse::Header<'b>],
+) -> Result<Option<(Parsed, usize)>, httparse::Error> {
+    let mut response = httparse::Response::new(headers);
+    let len = match response.parse(buf)? {
+        httparse::Status::Complete(len) => len,
+        httparse::Status::Partial => return Ok(None),
+    };
+    let status = response.code.unwrap_or(0);
+    let mut length = None;
+    let mut chunked = false;
+    let mut close = response.version == Some(0);
+    let mut kept = Vec::with_capacity(response.headers.len());
+    for h in response.headers.iter() {
+        let value = std::str::from_utf8(h.value).unwrap_or("").trim();
+        if h.name.eq_ignore_ascii_case("content-length") {
+            length = Some(
+                value
+                    .parse::<u64>()
+                    .map_err(|_| httparse::Error::HeaderValue)?,
+            );
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = value.to_ascii_lowercase().ends_with("chunked");
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            close = value.eq_ignore_ascii_case("close");
+        }
+        kept.push((h.name.to_owned(), h.value.to_vec()));
+    }
+    let framing = if status == 204 || status == 304 {
+        Framing::Length(0)
+    } else if chunked {
+        Framing::Chunked
+    } else if let Some(length) = length {
+        Framing::Length(length)
+    } else {
+        Framing::UntilClose
+    };
+    let head = Head {
+        status,
+        headers: kept,
+    };
+    Ok(Some((
+        Parsed {
+            head,
+            framing,
+            close,
+        },
+        len,
+    )))
+}
+
+/// Whether a request on a kept connection failed because the relay had
+/// closed it meanwhile, before taking the request: the write failed, or
+/// the connection ended before any byte of an answer.
+fn is_stale(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+    )
 }
 
 /// A response being read: its head, and its body through [`Read`].
@@ -790,6 +848,7 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// Waits from `first` to `most`.
     pub fn new(first: Duration, most: Duration) -> Backoff {
         Backoff {
             first,
