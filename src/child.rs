@@ -3,8 +3,9 @@
 //! it in its own process group (so that a timeout kills whatever it
 //! started, and a terminal's Ctrl-C reaches only patchcord, which lets it
 //! finish) and so that it gets SIGTERM if patchcord dies (a worker killed
-//! with -9 leaves no job running for nobody), and saying how it ended. What goes into its stdin and what is
-//! done with its output is the caller's.
+//! with -9 leaves no job running for nobody), and saying how it ended.
+//! What goes into its stdin and what is done with its output is the
+//! caller's.
 
 use std::ffi::{OsStr, OsString};
 use std::io;
@@ -37,7 +38,8 @@ pub fn value(bytes: &[u8]) -> OsString {
     OsStr::from_bytes(&kept).to_owned()
 }
 
-/// Starts `argv` with `env` added (and no inherited `PATCHCORD_H_*`), in a
+/// Starts `argv` with `env` added (and no inherited `PATCHCORD_H_*`, nor
+/// the token patchcord presents, `PATCHCORD_TOKEN`), in a
 /// process group of its own, with piped stdin, and stdout and stderr
 /// piped when asked (else inherited).
 pub fn spawn(
@@ -67,7 +69,7 @@ pub fn spawn(
         });
     }
     for (name, _) in std::env::vars_os() {
-        if name.as_bytes().starts_with(HEADER_PREFIX.as_bytes()) {
+        if name.as_bytes().starts_with(HEADER_PREFIX.as_bytes()) || name == "PATCHCORD_TOKEN" {
             command.env_remove(name);
         }
     }

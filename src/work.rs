@@ -10,6 +10,7 @@
 
 use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +23,7 @@ use crossbeam_channel::{RecvTimeoutError, bounded};
 use crate::child;
 use crate::cli::WorkArgs;
 use crate::client::{Backoff, Client, Failure, Incoming, Relay, Upload};
-use crate::error::Exit;
+use crate::error::{ConfigError, Error, Exit};
 use crate::sys;
 
 /// Output up to this size is held until CMD ends, so that its status can
@@ -33,6 +34,10 @@ pub const COMMIT: usize = 64 * 1024;
 const MAX_CGI_HEAD: usize = 16 * 1024;
 const MAX_REASON: usize = 1024;
 
+/// How long a read of a request's body may wait (the relay cuts a stalled
+/// requester before).
+const BODY_PATIENCE: Duration = Duration::from_secs(120);
+
 /// The most slots.
 const MAX_JOBS: usize = 1024;
 
@@ -41,28 +46,29 @@ const FIRST_WAIT: Duration = Duration::from_millis(250);
 const LONGEST_WAIT: Duration = Duration::from_secs(30);
 
 /// `patchcord work`.
-pub fn run(args: WorkArgs) -> Result<Exit, String> {
-    let relay = Relay::parse(&args.url)?;
+pub fn run(args: WorkArgs) -> Result<Exit, Error> {
+    let usage = |reason: String| Error::Config(ConfigError::new(reason));
+    let relay = Relay::parse(&args.url).map_err(usage)?;
     let path = relay.path().to_owned();
     if !is_responder(&path) {
-        return Err(format!(
+        return Err(usage(format!(
             "{:?} is not a responder's URL (…/res/ID; requesters use …/req/ID)",
             args.url
-        ));
+        )));
     }
     if args.jobs == 0 || args.jobs > MAX_JOBS {
-        return Err(format!("-j {}: from 1 to {MAX_JOBS}", args.jobs));
+        return Err(usage(format!("-j {}: from 1 to {MAX_JOBS}", args.jobs)));
     }
     let timeout = args
         .timeout
-        .map(|secs| crate::config::seconds("--timeout", secs).map_err(|e| e.to_string()))
+        .map(|secs| crate::config::seconds("--timeout", secs))
         .transpose()?
         .filter(|t| !t.is_zero());
     let statuses = match &args.status_from_exit {
-        Some(map) => parse_status_map(map)?,
+        Some(map) => parse_status_map(map).map_err(usage)?,
         None => Vec::new(),
     };
-    let stop = sys::Flag::on_signals().map_err(|e| format!("cannot watch for signals: {e}"))?;
+    let stop = sys::Flag::on_signals().map_err(Error::Signal)?;
     let worker = Worker {
         relay,
         path,
@@ -75,7 +81,7 @@ pub fn run(args: WorkArgs) -> Result<Exit, String> {
     };
     log::info!(
         "working on {} with {} slot{}",
-        worker.path,
+        crate::mode::short(&worker.path),
         args.jobs,
         if args.jobs == 1 { "" } else { "s" }
     );
@@ -95,7 +101,10 @@ pub fn run(args: WorkArgs) -> Result<Exit, String> {
         .into_inner()
         .unwrap_or_else(|p| p.into_inner())
     {
-        Some(reason) => Err(reason),
+        Some(reason) => Err(Error::Client {
+            command: "work",
+            reason,
+        }),
         None => {
             log::info!("stopped");
             Ok(Exit::Clean)
@@ -132,6 +141,7 @@ fn parse_status_map(map: &str) -> Result<Vec<(i32, u16)>, String> {
         .collect()
 }
 
+/// What every slot shares.
 struct Worker<'a> {
     relay: Relay,
     /// The responder's path.
@@ -146,12 +156,14 @@ struct Worker<'a> {
 }
 
 impl Worker<'_> {
+    /// Gives up for `reason` (the first one is kept), stopping every slot.
     fn refuse(&self, reason: String) {
         let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
         refused.get_or_insert(reason);
         self.stop.raise();
     }
 
+    /// A client of the relay with the token.
     fn client(&self) -> Client {
         Client::new(self.relay.clone()).with_token(self.token.clone())
     }
@@ -204,6 +216,8 @@ impl Worker<'_> {
     /// Runs CMD for one request and answers it.
     fn job(&self, mut request: Incoming<'_>, reply: &mut Client) {
         let started = Instant::now();
+        // A requester's body may come slowly; the relay bounds its stalls.
+        request.patience(BODY_PATIENCE);
         let head = &request.head;
         let Some(reply_path) = head.header("Patch-Reply").map(str::to_owned) else {
             log::error!("the relay gave a request without Patch-Reply; is it a patchcord relay?");
@@ -212,16 +226,14 @@ impl Worker<'_> {
         };
         let method = head.header("Patch-Method").unwrap_or("GET").to_owned();
         let uri = head.header("Patch-Uri").unwrap_or("/").to_owned();
+        let path = head.header("Patch-Path").unwrap_or("/").to_owned();
         let mut env = vec![
             (
                 "PATCHCORD_METHOD".to_owned(),
                 child::value(method.as_bytes()),
             ),
             ("PATCHCORD_URI".to_owned(), child::value(uri.as_bytes())),
-            (
-                "PATCHCORD_PATH".to_owned(),
-                child::value(head.header("Patch-Path").unwrap_or("/").as_bytes()),
-            ),
+            ("PATCHCORD_PATH".to_owned(), child::value(path.as_bytes())),
             (
                 "PATCHCORD_QUERY".to_owned(),
                 child::value(uri.split_once('?').map_or("", |(_, q)| q).as_bytes()),
@@ -264,17 +276,29 @@ impl Worker<'_> {
         };
         let pid = process.id();
         let timed_out = AtomicBool::new(false);
+        let cut = AtomicBool::new(false);
+        let Ok(reaped) = sys::Flag::new() else {
+            log::error!("cannot make a flag; the request goes unanswered");
+            child::kill_group(pid);
+            let _ = process.wait();
+            return;
+        };
         let reason = Arc::new(Mutex::new(String::new()));
         let (stderr_done, stderr_ended) = bounded::<()>(1);
+        // CMD's stderr is read by a thread that is not waited for: a
+        // process CMD started may hold it open long after CMD ended.
+        let kept = Arc::clone(&reason);
+        let spawned = thread::Builder::new().name("stderr".into()).spawn(move || {
+            relay_stderr(stderr, &kept);
+            let _ = stderr_done.send(());
+        });
+        if let Err(e) = spawned {
+            log::warn!("cannot start a thread for CMD's stderr: {e}");
+        }
         let (finished, watchdog) = bounded::<()>(0);
         let status = thread::scope(|scope| {
-            let request = &mut request;
-            scope.spawn(move || feed(request, stdin));
-            let kept = Arc::clone(&reason);
-            scope.spawn(move || {
-                relay_stderr(stderr, &kept);
-                let _ = stderr_done.send(());
-            });
+            let (request, reaped, cut) = (&mut request, &reaped, &cut);
+            scope.spawn(move || feed(request, stdin, reaped, cut, pid));
             if let Some(limit) = self.timeout {
                 let timed_out = &timed_out;
                 scope.spawn(move || {
@@ -286,16 +310,17 @@ impl Worker<'_> {
             }
             let ended = Ended {
                 process: &mut process,
+                finished: Some(finished),
+                reaped,
                 timed_out: &timed_out,
+                cut,
                 stderr_ended,
                 reason: &reason,
             };
-            let status = self.answer(stdout, ended, reply, &reply_path);
-            drop(finished);
-            status
+            self.answer(stdout, ended, reply, &reply_path)
         });
         log::info!(
-            "{method} {uri:?} → {} in {} ms",
+            "{method} {path:?} → {} in {} ms",
             status.map_or("cut".to_owned(), |s| s.to_string()),
             started.elapsed().as_millis()
         );
@@ -311,7 +336,9 @@ impl Worker<'_> {
         reply_path: &str,
     ) -> Option<u16> {
         let mut held = Vec::with_capacity(16 * 1024);
-        let whole = match read_up_to(&mut stdout, &mut held, COMMIT) {
+        // One byte past COMMIT tells an output of exactly COMMIT bytes,
+        // which still waits for CMD's end, from a longer one.
+        let whole = match read_up_to(&mut stdout, &mut held, COMMIT + 1) {
             Ok(whole) => whole,
             Err(e) => {
                 log::warn!("cannot read CMD's output: {e}");
@@ -343,6 +370,7 @@ impl Worker<'_> {
                     let secs = self.timeout.unwrap_or_default().as_secs_f64();
                     (504, format!("timed out after {secs} s\n").into_bytes())
                 }
+                Ending::Cut => (502, b"the request's body was cut\n".to_vec()),
                 Ending::Code(0) => (cgi.status.unwrap_or(200), body.to_vec()),
                 Ending::Code(code) => match self.statuses.iter().find(|(c, _)| *c == code) {
                     Some(&(_, status)) => (status, body.to_vec()),
@@ -354,7 +382,7 @@ impl Worker<'_> {
                 "Content-Type".to_owned(),
                 b"text/plain; charset=utf-8".to_vec(),
             )];
-            let headers = if status == 500 || status == 504 {
+            let headers = if matches!(status, 500 | 502 | 504) {
                 &plain[..]
             } else {
                 &cgi.headers[..]
@@ -409,11 +437,11 @@ impl Worker<'_> {
                 match code {
                     200..=299 => Some(status),
                     410 => {
-                        log::warn!("the requester had left: {text}");
+                        log::warn!("the requester had left: {text:?}");
                         None
                     }
                     _ => {
-                        log::warn!("the relay refused the answer: {code} {text}");
+                        log::warn!("the relay refused the answer: {code} {text:?}");
                         None
                     }
                 }
@@ -432,6 +460,8 @@ enum Ending {
     Code(i32),
     Signal(i32),
     TimedOut,
+    /// The request's body was cut: CMD was killed, its work is void.
+    Cut,
     Lost,
 }
 
@@ -441,16 +471,22 @@ impl std::fmt::Display for Ending {
             Ending::Code(code) => write!(f, "exit status {code}"),
             Ending::Signal(signal) => write!(f, "killed by signal {signal}"),
             Ending::TimedOut => f.write_str("timed out"),
+            Ending::Cut => f.write_str("the request's body was cut"),
             Ending::Lost => f.write_str("could not be waited for"),
         }
     }
 }
 
-/// What tells how CMD ended: the process, the watchdog's word, and its
-/// stderr's last line.
+/// What tells how CMD ended: the process, the watchdog's word, whether
+/// the request's body was cut, and its stderr's last line.
 struct Ended<'a> {
     process: &'a mut Child,
+    /// Dropped once CMD is reaped: the watchdog stands down.
+    finished: Option<crossbeam_channel::Sender<()>>,
+    /// Raised once CMD is reaped: the feeder stops waiting on its stdin.
+    reaped: &'a sys::Flag,
     timed_out: &'a AtomicBool,
+    cut: &'a AtomicBool,
     stderr_ended: crossbeam_channel::Receiver<()>,
     reason: &'a Mutex<String>,
 }
@@ -467,11 +503,14 @@ impl Ended<'_> {
                 }
             }
         };
-        if self.timed_out.load(Ordering::SeqCst) {
-            return Ending::TimedOut;
+        self.finished = None;
+        self.reaped.raise();
+        if self.cut.load(Ordering::SeqCst) {
+            return Ending::Cut;
         }
         match (status.code(), status.signal()) {
             (Some(code), _) => Ending::Code(code),
+            (None, Some(_)) if self.timed_out.load(Ordering::SeqCst) => Ending::TimedOut,
             (None, Some(signal)) => Ending::Signal(signal),
             (None, None) => Ending::Lost,
         }
@@ -539,26 +578,60 @@ fn read_up_to(from: &mut impl Read, held: &mut Vec<u8>, limit: usize) -> io::Res
     Ok(false)
 }
 
-/// Streams the request's body into CMD's stdin; if CMD stops reading, the
-/// rest is read and dropped, so the request still counts as delivered.
-fn feed(request: &mut Incoming<'_>, stdin: ChildStdin) {
-    let mut stdin = Some(stdin);
+/// Streams the request's body into CMD's stdin. If CMD stops reading (or
+/// ends, `reaped`, while something it started holds its stdin), the rest
+/// is read and dropped, so the request still counts as delivered. A body
+/// that breaks off kills CMD and marks the job `cut`: its work is void.
+fn feed(
+    request: &mut Incoming<'_>,
+    stdin: ChildStdin,
+    reaped: &sys::Flag,
+    cut: &AtomicBool,
+    pid: u32,
+) {
+    let fd = stdin.as_raw_fd();
+    let mut stdin = sys::set_nonblocking(fd, true).ok().map(|()| stdin);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match request.read(&mut buf) {
             Ok(0) => return,
             Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 log::warn!("the request's body was cut: {e}");
+                cut.store(true, Ordering::SeqCst);
+                child::kill_group(pid);
                 return;
             }
         };
         if let Some(pipe) = &mut stdin {
-            if pipe.write_all(&buf[..n]).is_err() {
+            if !write_until(pipe, &buf[..n], reaped) {
                 stdin = None;
             }
         }
     }
+}
+
+/// Writes `bytes` to the non-blocking `pipe`, waiting while it is full;
+/// false if it broke, or `reaped` was raised while it was full.
+fn write_until(pipe: &mut ChildStdin, mut bytes: &[u8], reaped: &sys::Flag) -> bool {
+    while !bytes.is_empty() {
+        match pipe.write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let fds = [
+                    (pipe.as_raw_fd(), libc::POLLOUT),
+                    (reaped.fd(), libc::POLLIN),
+                ];
+                if sys::poll(&fds, None).is_err() || reaped.is_raised() {
+                    return false;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    true
 }
 
 /// Copies CMD's stderr to ours, keeping its last non-empty line.
@@ -679,6 +752,7 @@ fn is_hop_by_hop(name: &str) -> bool {
     .any(|h| name.eq_ignore_ascii_case(h))
 }
 
+/// `text` without `prefix`, matched in any case (ASCII).
 fn strip_prefix_ignore_case<'s>(text: &'s str, prefix: &str) -> Option<&'s str> {
     (text.len() > prefix.len() && text[..prefix.len()].eq_ignore_ascii_case(prefix))
         .then(|| &text[prefix.len()..])
