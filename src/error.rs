@@ -47,7 +47,10 @@ pub enum Error {
     /// `patchcord fifo` could not start.
     Fifo(crate::fifo::Failed),
     /// `patchcord listen` or `work` could not go on.
-    Client(&'static str, String),
+    Client {
+        command: &'static str,
+        reason: String,
+    },
     /// The kernel gave no random bytes.
     Random(io::Error),
 }
@@ -74,7 +77,7 @@ impl fmt::Display for Error {
             Error::Access(error) => write!(f, "{error}"),
             Error::Random(_) => write!(f, "cannot read random bytes"),
             Error::Fifo(error) => write!(f, "fifo: {error}"),
-            Error::Client(command, reason) => write!(f, "{command}: {reason}"),
+            Error::Client { command, reason } => write!(f, "{command}: {reason}"),
         }
     }
 }
@@ -90,7 +93,7 @@ impl std::error::Error for Error {
             Error::Spawn(source) => Some(source),
             Error::Access(_) => None,
             Error::Random(source) => Some(source),
-            Error::Fifo(_) | Error::Client(..) => None,
+            Error::Fifo(_) | Error::Client { .. } => None,
         }
     }
 }

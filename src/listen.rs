@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -22,7 +23,7 @@ use serde::Deserialize;
 use crate::child;
 use crate::cli::ListenArgs;
 use crate::client::{Backoff, Client, Failure, Relay, Upload};
-use crate::error::Exit;
+use crate::error::{ConfigError, Error, Exit};
 use crate::sys;
 
 /// The longest line of the stream accepted: a message of 48 MiB in base64.
@@ -80,6 +81,7 @@ struct State {
 }
 
 impl State {
+    /// The cursor kept in `path` (written aside as `path.tmp`).
     fn new(path: PathBuf) -> State {
         let mut temporary = path.clone().into_os_string();
         temporary.push(".tmp");
@@ -141,12 +143,23 @@ impl Cursor {
 }
 
 /// `patchcord listen`.
-pub fn run(args: ListenArgs) -> Result<Exit, String> {
-    let relay = Relay::parse(&args.url)?;
+pub fn run(args: ListenArgs) -> Result<Exit, Error> {
+    let usage = |reason: String| Error::Config(ConfigError::new(reason));
+    let failed = |reason: String| Error::Client {
+        command: "listen",
+        reason,
+    };
+    let relay = Relay::parse(&args.url).map_err(usage)?;
     let channel = relay.path().to_owned();
+    if !is_pubsub(&channel) {
+        return Err(usage(format!(
+            "{:?} is not a pubsub channel's URL (…/pubsub/NAME)",
+            args.url
+        )));
+    }
     let state = args.state.clone().map(State::new);
     let saved = match &state {
-        Some(state) => state.load()?,
+        Some(state) => state.load().map_err(failed)?,
         None => None,
     };
     let mut cursor = Cursor {
@@ -159,10 +172,10 @@ pub fn run(args: ListenArgs) -> Result<Exit, String> {
             "new" => {}
             "all" => cursor.from_oldest = true,
             id => {
-                cursor.last = Some(
-                    id.parse()
-                        .map_err(|_| format!("--since {id:?}: a message id, `all` or `new`"))?,
-                );
+                cursor.last =
+                    Some(id.parse().map_err(|_| {
+                        usage(format!("--since {id:?}: a message id, `all` or `new`"))
+                    })?);
             }
         }
     }
@@ -173,7 +186,7 @@ pub fn run(args: ListenArgs) -> Result<Exit, String> {
     } else {
         Sink::Lines(if args.null { 0 } else { b'\n' })
     };
-    let stop = sys::Flag::on_signals().map_err(|e| format!("cannot watch for signals: {e}"))?;
+    let stop = sys::Flag::on_signals().map_err(Error::Signal)?;
     let mut client = Client::new(relay).with_token(args.token.clone());
     let listener = Listener {
         args: &args,
@@ -193,10 +206,11 @@ pub fn run(args: ListenArgs) -> Result<Exit, String> {
             );
             Ok(Exit::Clean)
         }
-        End::Failed(reason) => Err(reason),
+        End::Failed(reason) => Err(failed(reason)),
     }
 }
 
+/// What the loop needs besides the cursor.
 struct Listener<'a> {
     args: &'a ListenArgs,
     /// The channel's path, for PATCHCORD_CHANNEL.
@@ -208,6 +222,7 @@ struct Listener<'a> {
 
 impl Listener<'_> {
     // ── the loop: subscribe after the cursor, handle each line ──
+    /// Follows the channel until a stop, or a failure that ends it.
     fn listen(&self, client: &mut Client, cursor: &mut Cursor) -> End {
         let mut backoff = Backoff::new(FIRST_WAIT, LONGEST_WAIT);
         let watch = [(self.stop.fd(), libc::POLLIN)];
@@ -223,11 +238,8 @@ impl Listener<'_> {
                     let mut incoming = incoming;
                     incoming.watch(self.stop.fd());
                     incoming.patience(SILENCE);
-                    if backoff.failures() > 0 {
-                        log::info!("subscribed again to {}", self.channel);
-                    } else {
-                        log::info!("subscribed to {}", self.channel);
-                    }
+                    let again = if backoff.failures() > 0 { " again" } else { "" };
+                    log::info!("subscribed{again} to {}", crate::mode::short(&self.channel));
                     // A loss before the stream's first message comes as the
                     // header Patch-Missed and as the stream's first line:
                     // the line is the one acted on.
@@ -256,11 +268,11 @@ impl Listener<'_> {
                         .unwrap_or_default();
                     if is_final(status) {
                         return End::Failed(format!(
-                            "the relay refused {}: {status} {reason}",
+                            "the relay refused {}: {status} {reason:?}",
                             self.channel
                         ));
                     }
-                    format!("the relay answered {status} {reason}")
+                    format!("the relay answered {status} {reason:?}")
                 }
             };
             let wait = backoff.next_wait();
@@ -335,6 +347,7 @@ impl Listener<'_> {
         self.run_on_missed(&count);
     }
 
+    /// Runs `--on-missed`, if given, with PATCHCORD_MISSED=`count`.
     fn run_on_missed(&self, count: &str) {
         let Some(script) = &self.args.on_missed else {
             return;
@@ -342,6 +355,7 @@ impl Listener<'_> {
         let status = Command::new("sh")
             .arg("-c")
             .arg(script)
+            .process_group(0)
             .env("PATCHCORD_MISSED", count)
             .env("PATCHCORD_CHANNEL", &self.channel)
             .stdin(std::process::Stdio::null())
@@ -353,6 +367,7 @@ impl Listener<'_> {
         }
     }
 
+    /// Prints message `id`, or runs CMD for it.
     fn handle(&self, id: u64, line: &Line, raw: &[u8]) -> Handled {
         let body = match decode(line) {
             Ok(body) => body,
@@ -371,6 +386,7 @@ impl Listener<'_> {
         }
     }
 
+    /// Writes `bytes` and `delim` to standard output, flushed.
     fn print(&self, bytes: &[u8], delim: u8) -> Result<(), String> {
         let mut out = io::stdout().lock();
         out.write_all(bytes)
@@ -379,6 +395,7 @@ impl Listener<'_> {
             .map_err(|e| format!("cannot write to standard output: {e}"))
     }
 
+    /// Runs CMD for message `id`, its body on stdin, and waits for it.
     fn run_command(&self, argv: &[OsString], id: u64, line: &Line, body: Vec<u8>) -> Handled {
         let mut env = vec![
             ("PATCHCORD_ID".to_owned(), OsString::from(id.to_string())),
@@ -424,7 +441,12 @@ impl Listener<'_> {
                         let _ = stdin.write_all(&body);
                     });
                 if let Err(e) = spawned {
-                    log::warn!("cannot start a thread for CMD's stdin: {e}");
+                    // CMD would see an empty body: end it, count it failed.
+                    child::kill_group(process.id());
+                    let _ = process.wait();
+                    return Handled::Failed(format!(
+                        "message {id}: cannot start a thread for CMD's stdin: {e}"
+                    ));
                 }
             }
         }
@@ -453,6 +475,16 @@ impl Listener<'_> {
     }
 }
 
+/// Whether `path` has a `pubsub` segment followed by a name (the relay's
+/// grammar: the first mode segment decides).
+fn is_pubsub(path: &str) -> bool {
+    let segments: Vec<&str> = path.split('/').collect();
+    segments
+        .iter()
+        .position(|s| matches!(*s, "queue" | "pubsub" | "req" | "res"))
+        .is_some_and(|at| segments[at] == "pubsub" && segments.len() > at + 1)
+}
+
 /// A refusal that asking again will not change.
 fn is_final(status: u16) -> bool {
     (400..500).contains(&status) && status != 408 && status != 429
@@ -473,6 +505,15 @@ fn decode(line: &Line) -> Result<Vec<u8>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_pubsub_channels_are_followed() {
+        assert!(is_pubsub("/pubsub/alerts"));
+        assert!(is_pubsub("/u/alice/pubsub/a/b"));
+        assert!(!is_pubsub("/jobs"));
+        assert!(!is_pubsub("/pubsub"));
+        assert!(!is_pubsub("/queue/pubsub/x"));
+    }
 
     #[test]
     fn the_cursor_resumes_after_the_last_message() {

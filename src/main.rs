@@ -54,10 +54,8 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(*args),
         Command::Token(args) => token(&args.label),
         Command::Fifo(args) => fifo(*args),
-        Command::Listen(args) => client_logger(args.quiet)
-            .and_then(|()| listen::run(*args).map_err(|reason| Error::Client("listen", reason))),
-        Command::Work(args) => client_logger(args.quiet)
-            .and_then(|()| work::run(*args).map_err(|reason| Error::Client("work", reason))),
+        Command::Listen(args) => client_logger(args.quiet).and_then(|()| listen::run(*args)),
+        Command::Work(args) => client_logger(args.quiet).and_then(|()| work::run(*args)),
     };
     match result {
         Ok(exit) => exit.into(),

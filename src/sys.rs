@@ -156,6 +156,7 @@ pub struct Flag {
 }
 
 impl Flag {
+    /// A flag not raised yet (a pipe: two descriptors).
     pub fn new() -> io::Result<Flag> {
         let mut fds = [0 as libc::c_int; 2];
         // SAFETY: pipe2 writes two descriptors into the valid `fds`.
@@ -177,6 +178,7 @@ impl Flag {
         }
     }
 
+    /// Whether it was raised.
     pub fn is_raised(&self) -> bool {
         self.raised.load(Ordering::SeqCst)
     }
@@ -186,7 +188,8 @@ impl Flag {
         self.read.as_raw_fd()
     }
 
-    /// A flag raised by SIGINT or SIGTERM (from a thread of its own).
+    /// A flag raised by SIGINT or SIGTERM (from a thread of its own); a
+    /// second signal exits at once with status 1, as the relay does.
     pub fn on_signals() -> io::Result<std::sync::Arc<Flag>> {
         use signal_hook::consts::{SIGINT, SIGTERM};
         let flag = std::sync::Arc::new(Flag::new()?);
@@ -195,7 +198,11 @@ impl Flag {
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
-                if signals.forever().next().is_some() {
+                for _ in signals.forever() {
+                    if raised.is_raised() {
+                        log::warn!("second signal: stopping now");
+                        std::process::exit(1);
+                    }
                     raised.raise();
                 }
             })?;

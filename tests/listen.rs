@@ -532,3 +532,19 @@ fn listen_exits_0_on_sigterm_with_state_saved() {
     );
     assert_eq!(state(&dir.join("state")), Some(id));
 }
+
+/// A URL that is not a pubsub channel is refused before anything is
+/// asked: a queue's message is never taken by a listener.
+#[test]
+fn listen_refuses_a_queue_url_and_takes_nothing() {
+    let server = Server::start();
+    let dir = temp_dir("listen-queue");
+    let producer = spawn_curl(&["-sf", "-d", "important job", &server.url("/jobs")]);
+    server.wait_parked(1);
+    let mut listener = listen(&server.url("/jobs"), &dir, "listener", &["--since", "all"]);
+    let status = listener.wait_exit(patience(Duration::from_secs(10)));
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{}", listener.err_text());
+    let got = curl(&["-sf", &server.url("/jobs")]);
+    assert_eq!(String::from_utf8_lossy(&got.stdout), "important job");
+    assert!(finish(producer).status.success());
+}

@@ -420,3 +420,143 @@ fn work_exits_0_on_sigterm_after_running_job_answered() {
         worker.err_text()
     );
 }
+
+/// A slot's kept reply connection that the relay closed while it idled is
+/// not where a large (streamed) answer goes: it goes whole.
+#[test]
+fn a_large_answer_after_an_idle_spell_goes_whole() {
+    let server = Server::start_with(&["--idle-timeout", "1"]);
+    let dir = temp_dir("work-idle");
+    let _worker = work(
+        &server.url("/res/big"),
+        &dir,
+        "worker",
+        &["--", "head", "-c", "200000", "/dev/zero"],
+    );
+    let url = server.url("/req/big");
+    for round in 0..2 {
+        let answer = ask(&url, &["-d", "x"]);
+        assert_eq!(
+            (answer.status, answer.body.len()),
+            (200, 200_000),
+            "round {round}: {}",
+            answer.head
+        );
+        // Longer than the relay's --idle-timeout: it closes what idles.
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+}
+
+/// A request whose body breaks off is never worked on: CMD is killed
+/// before it sees the end of its input, so it does nothing.
+#[test]
+fn a_cut_request_body_kills_cmd_before_it_acts() {
+    use std::io::Write;
+    let server = Server::start();
+    let dir = temp_dir("work-cut");
+    let worker = work(
+        &server.url("/res/cut"),
+        &dir,
+        "worker",
+        &["--", "sh", "-c", "wc -c > seen; echo done"],
+    );
+    let mut requester = connect(server.addr);
+    requester
+        .write_all(b"POST /req/cut HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        .unwrap();
+    requester.write_all(&[b'a'; 30000]).unwrap();
+    // The shell made `seen` (empty) as it started `wc`: CMD is running.
+    let started = wait_for(patience(Duration::from_secs(10)), || {
+        dir.join("seen").exists()
+    });
+    assert!(started, "{}", worker.err_text());
+    drop(requester);
+    let logged = wait_for(patience(Duration::from_secs(10)), || {
+        worker.err_text().contains("body was cut")
+    });
+    assert!(logged, "{}", worker.err_text());
+    assert_eq!(fs::read_to_string(dir.join("seen")).unwrap(), "");
+    // Nothing was acted on, and the slot takes the next request.
+    let answer = ask(&server.url("/req/cut"), &["-d", "whole"]);
+    assert_eq!((answer.status, answer.text().as_str()), (200, "done\n"));
+    assert_eq!(fs::read_to_string(dir.join("seen")).unwrap().trim(), "5");
+}
+
+/// Something CMD leaves running with its stderr and stdin open does not
+/// hold the slot: the next request is answered while it still runs.
+#[test]
+fn a_background_process_of_cmd_does_not_hold_the_slot() {
+    let server = Server::start();
+    let dir = temp_dir("work-held");
+    let worker = work(
+        &server.url("/res/held"),
+        &dir,
+        "worker",
+        &["--", "sh", "-c", "sleep 61.5 >/dev/null & echo started"],
+    );
+    let url = server.url("/req/held");
+    for _ in 0..2 {
+        let answer = ask(&url, &["-m", "30", "-d", "x"]);
+        assert_eq!((answer.status, answer.text().as_str()), (200, "started\n"));
+    }
+    drop(worker);
+    let _ = Command::new("pkill").args(["-f", "sleep 61.5"]).status();
+}
+
+/// A request with many headers (the relay gives each twice, as Patch-H-
+/// and Pb-H-) reaches CMD with all of them.
+#[test]
+fn a_request_with_many_headers_reaches_cmd() {
+    let server = Server::start();
+    let dir = temp_dir("work-headers");
+    let _worker = work(
+        &server.url("/res/h"),
+        &dir,
+        "worker",
+        &["--", "sh", "-c", "echo \"$PATCHCORD_H_X_39\""],
+    );
+    let headers: Vec<String> = (0..40).map(|i| format!("X-{i}: v{i}")).collect();
+    let mut args: Vec<&str> = vec!["-d", "x"];
+    for header in &headers {
+        args.extend(["-H", header.as_str()]);
+    }
+    let answer = ask(&server.url("/req/h"), &args);
+    assert_eq!((answer.status, answer.text().as_str()), (200, "v39\n"));
+}
+
+/// An output of exactly the 64 KiB held is still answered by how CMD
+/// ended: a failure after it is a 500, not a cut.
+#[test]
+fn an_output_of_exactly_64_kib_then_a_failure_is_a_500() {
+    let server = Server::start();
+    let dir = temp_dir("work-64k");
+    let _worker = work(
+        &server.url("/res/edge"),
+        &dir,
+        "worker",
+        &["--", "sh", "-c", "head -c 65536 /dev/zero; echo boom >&2; exit 3"],
+    );
+    let answer = ask(&server.url("/req/edge"), &["-d", "x"]);
+    assert_eq!((answer.status, answer.text().as_str()), (500, "boom\n"));
+}
+
+/// Bad values are usage errors (exit 2), before anything is asked.
+#[test]
+fn bad_work_flags_exit_2() {
+    let dir = temp_dir("work-usage");
+    for args in [
+        &["http://127.0.0.1:9/res/x", "-j", "0", "--", "true"][..],
+        &["http://127.0.0.1:9/req/x", "--", "true"],
+        &["http://127.0.0.1:9/res/x", "--status-from-exit", "1=99", "--", "true"],
+        &["https://127.0.0.1:9/res/x", "--", "true"],
+    ] {
+        let mut worker = work(args[0], &dir, "usage", &args[1..]);
+        let status = worker.wait_exit(patience(Duration::from_secs(10)));
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(2),
+            "{args:?}: {}",
+            worker.err_text()
+        );
+    }
+}
