@@ -1018,9 +1018,6 @@ fn fifo(report: &mut Report, messages: usize) {
     );
 }
 
-/// Whether this harness runs under qemu-user: started through a runner, or
-/// built for ARM but seeing an x86 CPU (binfmt_misc with qemu 7, which does
-/// not fake /proc/cpuinfo for ARM), or given qemu's QEMU_LD_PREFIX.
 /// How a looping responder answers in the req/res scenarios.
 #[derive(Clone, Copy)]
 enum Form {
@@ -1776,6 +1773,9 @@ fn work(
     rate
 }
 
+/// Whether this harness runs under qemu-user: started through a runner, or
+/// built for ARM but seeing an x86 CPU (binfmt_misc with qemu 7, which does
+/// not fake /proc/cpuinfo for ARM), or given qemu's QEMU_LD_PREFIX.
 fn under_emulation() -> bool {
     let arm = matches!(std::env::consts::ARCH, "arm" | "aarch64");
     let x86_cpu = std::fs::read_to_string("/proc/cpuinfo")

@@ -918,14 +918,18 @@ echo "new reader got: $m"
 }
 
 /// F08 (`test_start_open_delete_pipes_stop`; pipe-io-server died in about
-/// 9 % of runs): 50 rounds of [`delete_while_held`], ten at a time.
+/// 9 % of runs): 50 rounds of [`delete_while_held`], ten at a time; two at
+/// a time under an emulator, where a process forked by one of many threads
+/// starting children at once can deadlock inside qemu-user before it execs
+/// (seen hanging the suite for good, with the commit before this one too).
 #[test]
 fn f08_fifos_deleted_while_held_fifty_times() {
     let server = Server::start();
     let tmp = temp_dir("fifo-f08");
-    for batch in 0..5 {
+    let width = if is_emulated() { 2 } else { 10 };
+    for batch in 0..50 / width {
         thread::scope(|scope| {
-            for i in batch * 10..batch * 10 + 10 {
+            for i in batch * width..batch * width + width {
                 let (server, tmp) = (&server, &tmp);
                 scope.spawn(move || delete_while_held(server, tmp, i));
             }

@@ -543,7 +543,12 @@ fn listen_refuses_a_queue_url_and_takes_nothing() {
     server.wait_parked(1);
     let mut listener = listen(&server.url("/jobs"), &dir, "listener", &["--since", "all"]);
     let status = listener.wait_exit(patience(Duration::from_secs(10)));
-    assert_eq!(status.and_then(|s| s.code()), Some(2), "{}", listener.err_text());
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(2),
+        "{}",
+        listener.err_text()
+    );
     let got = curl(&["-sf", &server.url("/jobs")]);
     assert_eq!(String::from_utf8_lossy(&got.stdout), "important job");
     assert!(finish(producer).status.success());

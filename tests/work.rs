@@ -534,7 +534,12 @@ fn an_output_of_exactly_64_kib_then_a_failure_is_a_500() {
         &server.url("/res/edge"),
         &dir,
         "worker",
-        &["--", "sh", "-c", "head -c 65536 /dev/zero; echo boom >&2; exit 3"],
+        &[
+            "--",
+            "sh",
+            "-c",
+            "head -c 65536 /dev/zero; echo boom >&2; exit 3",
+        ],
     );
     let answer = ask(&server.url("/req/edge"), &["-d", "x"]);
     assert_eq!((answer.status, answer.text().as_str()), (500, "boom\n"));
@@ -547,7 +552,13 @@ fn bad_work_flags_exit_2() {
     for args in [
         &["http://127.0.0.1:9/res/x", "-j", "0", "--", "true"][..],
         &["http://127.0.0.1:9/req/x", "--", "true"],
-        &["http://127.0.0.1:9/res/x", "--status-from-exit", "1=99", "--", "true"],
+        &[
+            "http://127.0.0.1:9/res/x",
+            "--status-from-exit",
+            "1=99",
+            "--",
+            "true",
+        ],
         &["https://127.0.0.1:9/res/x", "--", "true"],
     ] {
         let mut worker = work(args[0], &dir, "usage", &args[1..]);
