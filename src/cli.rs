@@ -150,6 +150,15 @@ pub struct FifoArgs {
     #[arg(long, value_name = "CHANNEL")]
     pub send: Option<String>,
 
+    /// The access token to present (sent as Patch-Token).
+    #[arg(
+        long,
+        env = "PATCHCORD_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+
     /// Messages of this channel come out of DIR/recv, one per line.
     #[arg(long, value_name = "CHANNEL")]
     pub recv: Option<String>,

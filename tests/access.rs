@@ -683,3 +683,113 @@ fn access_counters_are_in_status() {
         assert_eq!(json_counter(&status, name), 0, "{status}");
     }
 }
+
+/// `patchcord fifo`, `listen` and `work` present their token (`--token` or
+/// PATCHCORD_TOKEN) as Patch-Token; without it a private channel refuses
+/// them, and a listener says so and exits 1.
+#[test]
+fn client_subcommands_present_their_token() {
+    let file = access_file(
+        "access-clients",
+        r#"
+[tokens.tool]
+token = "tool-secret"
+GET = ["/pubsub/**", "/jobs"]
+POST = ["/pubsub/**", "/jobs", "/req/**", "/res/**"]
+"#,
+    );
+    let server = Server::start_with(&["--auth", file.to_str().unwrap()]);
+    let dir = temp_dir("access-clients");
+    let token = ["-H", "Patch-Token: tool-secret"];
+    let run = |args: &[&str], token: Option<&str>| {
+        let mut command = command();
+        command
+            .args(args)
+            .env_remove("PATCHCORD_URL")
+            .env_remove("PATCHCORD_TOKEN")
+            .current_dir(&dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if let Some(token) = token {
+            command.env("PATCHCORD_TOKEN", token);
+        }
+        command.spawn().expect("start patchcord")
+    };
+    // listen: refused without the token (a final answer: exit 1) ...
+    let refused = finish_within(
+        run(&["listen", &server.url("/pubsub/news"), "-q"], None),
+        *STEP,
+    );
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("401"),
+        "{refused:?}"
+    );
+    // ... and served with it, from the environment.
+    let mut listener = run(
+        &["listen", &server.url("/pubsub/news")],
+        Some("tool-secret"),
+    );
+    server.wait_streams(1);
+    let published = curl(
+        &[
+            &token[..],
+            &["-sf", "-d", "extra", &server.url("/pubsub/news")],
+        ]
+        .concat(),
+    );
+    assert!(published.status.success(), "{published:?}");
+    let mut line = [0u8; 6];
+    listener
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut line)
+        .expect("the listener prints the message");
+    assert_eq!(&line, b"extra\n");
+    let _ = listener.kill();
+    let _ = listener.wait();
+    // work, with --token.
+    let mut worker = run(
+        &[
+            "work",
+            &server.url("/res/tool"),
+            "--token",
+            "tool-secret",
+            "--",
+            "echo",
+            "worked",
+        ],
+        None,
+    );
+    let answer = curl(&[&token[..], &["-sf", "-d", "x", &server.url("/req/tool")]].concat());
+    assert_eq!(
+        String::from_utf8_lossy(&answer.stdout),
+        "worked\n",
+        "{answer:?}"
+    );
+    let _ = worker.kill();
+    let _ = worker.wait();
+    // fifo, from the environment: a line sent by its command.
+    let consumer = spawn_curl(&[&token[..], &["-sf", &server.url("/jobs")]].concat());
+    server.wait_parked(1);
+    let bridge = run(
+        &[
+            "fifo",
+            "./bridge",
+            "--server",
+            &server.url(""),
+            "--send",
+            "jobs",
+            "--",
+            "sh",
+            "-c",
+            "echo line > \"$PATCHCORD_SEND\"",
+        ],
+        Some("tool-secret"),
+    );
+    let bridged = finish_within(bridge, *STEP);
+    assert!(bridged.status.success(), "{bridged:?}");
+    assert_eq!(String::from_utf8_lossy(&finish(consumer).stdout), "line");
+}

@@ -230,11 +230,11 @@ pub fn run(args: FifoArgs) -> Result<Exit, Failed> {
         let shared = &shared;
         let mut pumps = Vec::new();
         if let (Some(channel), Some(fifo)) = (&args.send, send_fifo) {
-            let client = client::Client::new(relay.clone());
+            let client = client::Client::new(relay.clone()).with_token(args.token.clone());
             pumps.push(scope.spawn(move || send::run(shared, client, channel, fifo, more_send_rx)));
         }
         if let Some(channel) = &args.recv {
-            let client = client::Client::new(relay.clone());
+            let client = client::Client::new(relay.clone()).with_token(args.token.clone());
             let fifo = recv_path.clone();
             pumps.push(scope.spawn(move || recv::run(shared, client, channel, &fifo)));
         }
