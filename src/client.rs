@@ -456,6 +456,13 @@ fn send_chunked(stream: &mut TcpStream, reader: &mut dyn Read) -> Result<(), Sen
     }
 }
 
+/// A refusal that asking again will not change: a 4xx other than 408
+/// (nobody came in time), 410 (the channel was deleted: it comes back with
+/// its next use) and 429 (rate limited).
+pub fn is_final(status: u16) -> bool {
+    (400..500).contains(&status) && !matches!(status, 408 | 410 | 429)
+}
+
 /// How a response body is framed.
 #[derive(Debug, Clone, Copy)]
 enum Framing {
@@ -636,6 +643,14 @@ impl Incoming<'_> {
             }
         }
         Ok((body, oversized))
+    }
+
+    /// The body as a one-line reason (its first KiB, trimmed; empty if it
+    /// could not be read).
+    pub fn reason(self) -> String {
+        self.read_whole(1024)
+            .map(|(body, _)| String::from_utf8_lossy(&body).trim().to_owned())
+            .unwrap_or_default()
     }
 
     /// Reads the body to its end and drops it.

@@ -262,11 +262,8 @@ impl Listener<'_> {
                 }
                 Ok(incoming) => {
                     let status = incoming.head.status;
-                    let reason = incoming
-                        .read_whole(1024)
-                        .map(|(body, _)| String::from_utf8_lossy(&body).trim().to_owned())
-                        .unwrap_or_default();
-                    if is_final(status) {
+                    let reason = incoming.reason();
+                    if crate::client::is_final(status) {
                         return End::Failed(format!(
                             "the relay refused {}: {status} {reason:?}",
                             self.channel
@@ -475,19 +472,9 @@ impl Listener<'_> {
     }
 }
 
-/// Whether `path` has a `pubsub` segment followed by a name (the relay's
-/// grammar: the first mode segment decides).
+/// Whether `path` names a pubsub channel, by the relay's own grammar.
 fn is_pubsub(path: &str) -> bool {
-    let segments: Vec<&str> = path.split('/').collect();
-    segments
-        .iter()
-        .position(|s| matches!(*s, "queue" | "pubsub" | "req" | "res"))
-        .is_some_and(|at| segments[at] == "pubsub" && segments.len() > at + 1)
-}
-
-/// A refusal that asking again will not change.
-fn is_final(status: u16) -> bool {
-    (400..500).contains(&status) && status != 408 && status != 429
+    crate::route::Channel::parse(path.to_owned()).mode == crate::route::Mode::Pubsub
 }
 
 /// A message's body from its line.

@@ -112,13 +112,9 @@ pub fn run(args: WorkArgs) -> Result<Exit, Error> {
     }
 }
 
-/// Whether `path` has a `res` segment followed by another.
+/// Whether `path` names a responder, by the relay's own grammar.
 fn is_responder(path: &str) -> bool {
-    let segments: Vec<&str> = path.split('/').collect();
-    segments
-        .iter()
-        .position(|s| *s == "res" || *s == "req" || *s == "queue" || *s == "pubsub")
-        .is_some_and(|at| segments[at] == "res" && segments.len() > at + 1)
+    crate::route::Channel::parse(path.to_owned()).mode == crate::route::Mode::Responder
 }
 
 /// `1=404,2=400` → [(1, 404), (2, 400)].
@@ -190,11 +186,8 @@ impl Worker<'_> {
                 }
                 Ok(request) => {
                     let status = request.head.status;
-                    let reason = request
-                        .read_whole(MAX_REASON)
-                        .map(|(body, _)| String::from_utf8_lossy(&body).trim().to_owned())
-                        .unwrap_or_default();
-                    if (400..500).contains(&status) && status != 410 && status != 429 {
+                    let reason = request.reason();
+                    if crate::client::is_final(status) {
                         self.refuse(format!(
                             "the relay refused {}: {status} {reason}",
                             self.path
@@ -430,10 +423,7 @@ impl Worker<'_> {
         match outcome {
             Ok(answer) => {
                 let code = answer.head.status;
-                let text = answer
-                    .read_whole(MAX_REASON)
-                    .map(|(body, _)| String::from_utf8_lossy(&body).trim().to_owned())
-                    .unwrap_or_default();
+                let text = answer.reason();
                 match code {
                     200..=299 => Some(status),
                     410 => {

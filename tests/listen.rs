@@ -16,16 +16,7 @@ use crate::support::*;
 /// `patchcord listen URL ARGS…` started in `dir` (where its command's
 /// relative files go), its output in `dir/NAME.out` and `dir/NAME.err`.
 fn listen(url: &str, dir: &Path, name: &str, args: &[&str]) -> Running {
-    let mut command = command();
-    command
-        .arg("listen")
-        .arg(url)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env_remove("PATCHCORD_URL")
-        .env_remove("PATCHCORD_TOKEN")
-        .current_dir(dir);
-    Running::start(command, dir, name)
+    Running::patchcord("listen", url, dir, name, args)
 }
 
 /// Publishes with curl (`ARGS` say the body and headers): the message's id.

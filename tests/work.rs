@@ -17,16 +17,7 @@ use crate::support::*;
 /// `patchcord work URL ARGS…` (options, `--`, the command) started in
 /// `dir`, its output in `dir/NAME.out` and `dir/NAME.err`.
 fn work(url: &str, dir: &Path, name: &str, args: &[&str]) -> Running {
-    let mut command = command();
-    command
-        .arg("work")
-        .arg(url)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env_remove("PATCHCORD_URL")
-        .env_remove("PATCHCORD_TOKEN")
-        .current_dir(dir);
-    Running::start(command, dir, name)
+    Running::patchcord("work", url, dir, name, args)
 }
 
 /// A requester's answer as curl got it.

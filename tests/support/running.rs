@@ -43,6 +43,27 @@ impl Running {
         }
     }
 
+    /// `patchcord SUBCOMMAND URL ARGS…` (listen, work) started in `dir`,
+    /// without the caller's RUST_LOG, PATCHCORD_URL or PATCHCORD_TOKEN.
+    pub fn patchcord(
+        subcommand: &str,
+        url: &str,
+        dir: &Path,
+        name: &str,
+        args: &[&str],
+    ) -> Running {
+        let mut command = super::command();
+        command
+            .arg(subcommand)
+            .arg(url)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env_remove("PATCHCORD_URL")
+            .env_remove("PATCHCORD_TOKEN")
+            .current_dir(dir);
+        Running::start(command, dir, name)
+    }
+
     /// A bash script (`bash -euo pipefail -c`) run in `dir`, with `$PC`
     /// set to `addr` (the relay's `host:port`).
     pub fn bash(addr: std::net::SocketAddr, dir: &Path, name: &str, script: &str) -> Running {
