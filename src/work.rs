@@ -397,11 +397,13 @@ impl Worker<'_> {
         );
         // An answer that broke off (the requester left, the relay went)
         // leaves CMD unwaited: end it, and reap it.
-        let Rest { stdout, ended, .. } = rest;
+        let Rest {
+            stdout, mut ended, ..
+        } = rest;
         drop(stdout);
         if let Ok(None) = ended.process.try_wait() {
             child::kill_group(ended.process.id());
-            let _ = ended.process.wait();
+            ended.wait();
         }
         sent
     }
