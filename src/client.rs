@@ -456,6 +456,17 @@ fn send_chunked(stream: &mut TcpStream, reader: &mut dyn Read) -> Result<(), Sen
     }
 }
 
+/// Checks a token given to a subcommand: printable ASCII, since it goes
+/// into a header (the reason never quotes it: it is a secret).
+pub fn check_token(token: Option<&str>) -> Result<(), String> {
+    match token {
+        Some(token) if !token.bytes().all(|b| (b' '..0x7f).contains(&b)) => Err(
+            "--token (or PATCHCORD_TOKEN) must be printable ASCII, without line breaks".to_owned(),
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// A refusal that asking again will not change: a 4xx other than 408
 /// (nobody came in time), 410 (the channel was deleted: it comes back with
 /// its next use) and 429 (rate limited).
@@ -922,6 +933,14 @@ mod tests {
         }
         backoff.reset();
         assert!(backoff.next_wait() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn tokens_go_into_a_header_only_when_printable() {
+        assert!(check_token(None).is_ok());
+        assert!(check_token(Some("s3cret-Token_~")).is_ok());
+        let refused = check_token(Some("a\r\nX-Evil: 1")).unwrap_err();
+        assert!(!refused.contains("Evil"), "{refused}");
     }
 
     #[test]

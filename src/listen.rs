@@ -150,6 +150,7 @@ pub fn run(args: ListenArgs) -> Result<Exit, Error> {
         reason,
     };
     let relay = Relay::parse(&args.url).map_err(usage)?;
+    crate::client::check_token(args.token.as_deref()).map_err(usage)?;
     let channel = relay.path().to_owned();
     if !is_pubsub(&channel) {
         return Err(usage(format!(

@@ -176,6 +176,7 @@ pub fn run(args: FifoArgs) -> Result<Exit, Failed> {
         .clone()
         .unwrap_or_else(|| "http://127.0.0.1:3000".to_owned());
     let relay = client::Relay::parse(&url).map_err(Failed)?;
+    client::check_token(args.token.as_deref()).map_err(Failed)?;
     for channel in [&args.send, &args.recv].into_iter().flatten() {
         if channel.is_empty() || channel.bytes().any(|b| b <= b' ' || b == b'?' || b == b'#') {
             return Err(Failed(format!(
