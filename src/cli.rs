@@ -42,6 +42,19 @@ pub enum Command {
     Work(Box<WorkArgs>),
 }
 
+/// What the client-side subcommands present to the relay.
+#[derive(Debug, Clone, Args)]
+pub struct Presents {
+    /// The access token to present (sent as Patch-Token).
+    #[arg(
+        long,
+        env = "PATCHCORD_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+}
+
 /// Options of `patchcord listen`.
 #[derive(Debug, Clone, Args)]
 pub struct ListenArgs {
@@ -77,14 +90,8 @@ pub struct ListenArgs {
     #[arg(long, default_value = "line", value_parser = ["line", "ndjson"], value_name = "FORMAT")]
     pub format: String,
 
-    /// The access token to present (sent as Patch-Token).
-    #[arg(
-        long,
-        env = "PATCHCORD_TOKEN",
-        hide_env_values = true,
-        value_name = "TOKEN"
-    )]
-    pub token: Option<String>,
+    #[command(flatten)]
+    pub presents: Presents,
 
     /// Log less (warnings and errors only).
     #[arg(short, long)]
@@ -117,14 +124,8 @@ pub struct WorkArgs {
     #[arg(long, value_name = "CODE=STATUS,...")]
     pub status_from_exit: Option<String>,
 
-    /// The access token to present (sent as Patch-Token).
-    #[arg(
-        long,
-        env = "PATCHCORD_TOKEN",
-        hide_env_values = true,
-        value_name = "TOKEN"
-    )]
-    pub token: Option<String>,
+    #[command(flatten)]
+    pub presents: Presents,
 
     /// Log less (warnings and errors only).
     #[arg(short, long)]
@@ -150,14 +151,8 @@ pub struct FifoArgs {
     #[arg(long, value_name = "CHANNEL")]
     pub send: Option<String>,
 
-    /// The access token to present (sent as Patch-Token).
-    #[arg(
-        long,
-        env = "PATCHCORD_TOKEN",
-        hide_env_values = true,
-        value_name = "TOKEN"
-    )]
-    pub token: Option<String>,
+    #[command(flatten)]
+    pub presents: Presents,
 
     /// Messages of this channel come out of DIR/recv, one per line.
     #[arg(long, value_name = "CHANNEL")]

@@ -150,7 +150,7 @@ pub fn run(args: ListenArgs) -> Result<Exit, Error> {
         reason,
     };
     let relay = Relay::parse(&args.url).map_err(usage)?;
-    crate::client::check_token(args.token.as_deref()).map_err(usage)?;
+    crate::client::check_token(args.presents.token.as_deref()).map_err(usage)?;
     let channel = relay.path().to_owned();
     if !is_pubsub(&channel) {
         return Err(usage(format!(
@@ -188,7 +188,7 @@ pub fn run(args: ListenArgs) -> Result<Exit, Error> {
         Sink::Lines(if args.null { 0 } else { b'\n' })
     };
     let stop = sys::Flag::on_signals().map_err(Error::Signal)?;
-    let mut client = Client::new(relay).with_token(args.token.clone());
+    let mut client = Client::new(relay).with_token(args.presents.token.clone());
     let listener = Listener {
         args: &args,
         channel,

@@ -49,7 +49,7 @@ const LONGEST_WAIT: Duration = Duration::from_secs(30);
 pub fn run(args: WorkArgs) -> Result<Exit, Error> {
     let usage = |reason: String| Error::Config(ConfigError::new(reason));
     let relay = Relay::parse(&args.url).map_err(usage)?;
-    crate::client::check_token(args.token.as_deref()).map_err(usage)?;
+    crate::client::check_token(args.presents.token.as_deref()).map_err(usage)?;
     let path = relay.path().to_owned();
     if !is_responder(&path) {
         return Err(usage(format!(
@@ -73,7 +73,7 @@ pub fn run(args: WorkArgs) -> Result<Exit, Error> {
     let worker = Worker {
         relay,
         path,
-        token: args.token.clone(),
+        token: args.presents.token.clone(),
         argv: args.command.clone(),
         timeout,
         statuses,

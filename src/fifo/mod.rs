@@ -176,7 +176,7 @@ pub fn run(args: FifoArgs) -> Result<Exit, Failed> {
         .clone()
         .unwrap_or_else(|| "http://127.0.0.1:3000".to_owned());
     let relay = client::Relay::parse(&url).map_err(Failed)?;
-    client::check_token(args.token.as_deref()).map_err(Failed)?;
+    client::check_token(args.presents.token.as_deref()).map_err(Failed)?;
     for channel in [&args.send, &args.recv].into_iter().flatten() {
         if channel.is_empty() || channel.bytes().any(|b| b <= b' ' || b == b'?' || b == b'#') {
             return Err(Failed(format!(
@@ -231,11 +231,11 @@ pub fn run(args: FifoArgs) -> Result<Exit, Failed> {
         let shared = &shared;
         let mut pumps = Vec::new();
         if let (Some(channel), Some(fifo)) = (&args.send, send_fifo) {
-            let client = client::Client::new(relay.clone()).with_token(args.token.clone());
+            let client = client::Client::new(relay.clone()).with_token(args.presents.token.clone());
             pumps.push(scope.spawn(move || send::run(shared, client, channel, fifo, more_send_rx)));
         }
         if let Some(channel) = &args.recv {
-            let client = client::Client::new(relay.clone()).with_token(args.token.clone());
+            let client = client::Client::new(relay.clone()).with_token(args.presents.token.clone());
             let fifo = recv_path.clone();
             pumps.push(scope.spawn(move || recv::run(shared, client, channel, &fifo)));
         }
