@@ -909,7 +909,7 @@ impl Backoff {
 
 /// The wait before retry `attempt` (0 first): `first` doubled per attempt
 /// up to `most`, then drawn at random between half and the whole of it.
-pub fn jittered(first: Duration, most: Duration, attempt: u32) -> Duration {
+fn jittered(first: Duration, most: Duration, attempt: u32) -> Duration {
     let full = first.saturating_mul(1u32 << attempt.min(16)).min(most);
     let mut bytes = [0u8; 2];
     let draw = match crate::random::fill(&mut bytes) {

@@ -121,15 +121,9 @@ impl Shared {
     }
 }
 
-/// Waits before try `attempt` (from 1: 100 ms doubling to 5 s, with
-/// jitter); true if `flag` was raised meanwhile.
-pub fn backoff(flag: &sys::Flag, attempt: u32) -> bool {
-    let wait = client::jittered(
-        Duration::from_millis(100),
-        Duration::from_secs(5),
-        attempt.saturating_sub(1),
-    );
-    flag.sleep(wait)
+/// The pumps' waits between tries: 100 ms doubling to 5 s, with jitter.
+pub fn backoff() -> client::Backoff {
+    client::Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
 }
 
 /// A startup error: said on stderr, exit status 1.

@@ -129,7 +129,7 @@ fn serve(
     pending: &mut Option<Vec<u8>>,
 ) -> Served {
     let fd = out.as_raw_fd();
-    let mut attempt = 0;
+    let mut backoff = backoff();
     loop {
         if pending.is_none() {
             // A reader that already left gets no request made for it.
@@ -147,21 +147,20 @@ fn serve(
                     continue;
                 }
                 Outcome::Answered(r) if r.status == 200 => {
-                    attempt = 0;
+                    backoff.reset();
                     *pending = Some(frame(shared, r.body));
                 }
                 // Nobody sent within the relay's wait: ask again.
                 Outcome::Answered(r) if r.status == 408 => continue,
                 Outcome::Answered(r) => {
-                    if attempt == 0 {
+                    if backoff.failures() == 0 {
                         log::warn!(
                             "recv: the relay answered {} ({}); trying again",
                             r.status,
                             String::from_utf8_lossy(&r.body).trim()
                         );
                     }
-                    attempt += 1;
-                    if backoff(&shared.stop, attempt) {
+                    if backoff.sleep(&shared.stop) {
                         return Served::Stopped;
                     }
                     continue;
@@ -169,11 +168,10 @@ fn serve(
                 Outcome::Withdrawn { watch: 0, .. } => return Served::Stopped,
                 Outcome::Withdrawn { .. } => return Served::ReaderLeft,
                 Outcome::Failed(e) => {
-                    if attempt == 0 {
+                    if backoff.failures() == 0 {
                         log::warn!("recv: cannot reach the relay ({e}); trying again");
                     }
-                    attempt += 1;
-                    if backoff(&shared.stop, attempt) {
+                    if backoff.sleep(&shared.stop) {
                         return Served::Stopped;
                     }
                     continue;

@@ -180,7 +180,7 @@ impl Pump<'_> {
     /// dropped and logged), or the abort flag says stop trying.
     fn send(&mut self, line: &[u8]) -> bool {
         let abort = [(self.shared.abort.fd(), libc::POLLIN)];
-        let mut attempt = 0;
+        let mut backoff = backoff();
         // Said once per kind of trouble in a row, not once per try.
         let mut said = "";
         loop {
@@ -196,7 +196,7 @@ impl Pump<'_> {
                     return true;
                 }
                 // Nobody came within the relay's wait: offer it again.
-                Outcome::Answered(r) if r.status == 408 => attempt = 0,
+                Outcome::Answered(r) if r.status == 408 => backoff.reset(),
                 Outcome::Answered(r) if (400..500).contains(&r.status) => {
                     log::warn!(
                         "send: the relay refused a message of {} bytes ({} {}); dropped",
@@ -212,8 +212,7 @@ impl Pump<'_> {
                         log::warn!("send: the relay answered {}; trying again", r.status);
                         said = "status";
                     }
-                    attempt += 1;
-                    if backoff(&self.shared.abort, attempt) {
+                    if backoff.sleep(&self.shared.abort) {
                         return false;
                     }
                 }
@@ -226,8 +225,7 @@ impl Pump<'_> {
                         log::warn!("send: cannot reach the relay ({e}); trying again");
                         said = "unreachable";
                     }
-                    attempt += 1;
-                    if backoff(&self.shared.abort, attempt) {
+                    if backoff.sleep(&self.shared.abort) {
                         return false;
                     }
                 }
