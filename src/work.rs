@@ -24,6 +24,7 @@ use crate::child;
 use crate::cli::WorkArgs;
 use crate::client::{Backoff, Client, Failure, Incoming, Relay, Upload};
 use crate::error::{ConfigError, Error, Exit};
+use crate::mode::envelope;
 use crate::sys;
 
 /// Output up to this size is held until CMD ends, so that its status can
@@ -238,7 +239,8 @@ impl Worker<'_> {
             ),
         ];
         for (name, value) in &head.headers {
-            if let Some(name) = strip_prefix_ignore_case(name, "Patch-H-") {
+            if envelope::has_prefix(name, "Patch-H-") {
+                let name = &name["Patch-H-".len()..];
                 env.push((child::header_variable(name), child::value(value)));
             }
         }
@@ -719,36 +721,21 @@ impl Cgi {
                 .filter(|s| (200..=599).contains(s))
                 .ok_or_else(|| format!("Status: {value:?} is not 200 to 599"))?;
             self.status = Some(status);
-        } else if name.eq_ignore_ascii_case("content-type") {
+        } else if let Some(own) = ["Content-Type", "Content-Encoding", "Content-Disposition"]
+            .into_iter()
+            .find(|own| name.eq_ignore_ascii_case(own))
+        {
+            // The answer's own headers, which the relay takes as they are.
             self.headers
-                .push(("Content-Type".to_owned(), value.as_bytes().to_vec()));
-        } else if !is_hop_by_hop(name) {
+                .push((own.to_owned(), value.as_bytes().to_vec()));
+        } else if envelope::is_relayed(name) {
+            // Others travel by the relay's rule for Patch-H- headers (never
+            // framing, cookies or the relay's own).
             self.headers
                 .push((format!("Patch-H-{name}"), value.as_bytes().to_vec()));
         }
         Ok(())
     }
-}
-
-/// Headers that describe a connection or a framing, never an answer.
-fn is_hop_by_hop(name: &str) -> bool {
-    [
-        "connection",
-        "keep-alive",
-        "transfer-encoding",
-        "te",
-        "trailer",
-        "upgrade",
-        "content-length",
-    ]
-    .iter()
-    .any(|h| name.eq_ignore_ascii_case(h))
-}
-
-/// `text` without `prefix`, matched in any case (ASCII).
-fn strip_prefix_ignore_case<'s>(text: &'s str, prefix: &str) -> Option<&'s str> {
-    (text.len() > prefix.len() && text[..prefix.len()].eq_ignore_ascii_case(prefix))
-        .then(|| &text[prefix.len()..])
 }
 
 #[cfg(test)]
@@ -778,7 +765,7 @@ mod tests {
 
     #[test]
     fn a_cgi_block_sets_the_status_and_headers() {
-        let out = b"Status: 201 Created\r\nContent-Type: text/plain\nX-Id: 7\n\nmade";
+        let out = b"Status: 201 Created\r\nContent-Type: text/plain\nX-Id: 7\nSet-Cookie: a=b\n\nmade";
         let cgi = Cgi::parse(out, true).expect("parses");
         assert_eq!(cgi.status, Some(201));
         assert_eq!(&out[cgi.length..], b"made");

@@ -3,7 +3,8 @@
 //! `<Name>`. Queue and pubsub channels both build it from the request and
 //! both write it into the receiver's response. Hop-by-hop fields never
 //! travel, nor do the headers a sender could use to take over the relay's
-//! origin in a receiver's browser.
+//! origin in a receiver's browser. `patchcord work` sorts a CMD's CGI
+//! headers by the same rule ([`is_relayed`]).
 
 use crate::http::{Exchange, Head, Request};
 use crate::route::{Query, TokenSource};
@@ -62,13 +63,13 @@ pub struct Envelope {
 }
 
 /// Whether `name` starts with `prefix` (lowercase), in any case.
-fn has_prefix(name: &str, prefix: &str) -> bool {
+pub fn has_prefix(name: &str, prefix: &str) -> bool {
     name.get(..prefix.len())
         .is_some_and(|start| start.eq_ignore_ascii_case(prefix))
 }
 
 /// Whether `<name>` may travel as `Patch-H-<name>`.
-fn is_relayed(name: &str) -> bool {
+pub fn is_relayed(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     !lower.is_empty()
         && !HOP_BY_HOP.contains(&lower.as_str())

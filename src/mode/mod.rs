@@ -13,7 +13,7 @@
 //! [`Exchange`]: crate::http::Exchange
 
 pub mod delivery;
-mod envelope;
+pub mod envelope;
 pub mod handoff;
 pub mod pubsub;
 pub mod queue;
