@@ -765,7 +765,8 @@ mod tests {
 
     #[test]
     fn a_cgi_block_sets_the_status_and_headers() {
-        let out = b"Status: 201 Created\r\nContent-Type: text/plain\nX-Id: 7\nSet-Cookie: a=b\n\nmade";
+        let out =
+            b"Status: 201 Created\r\nContent-Type: text/plain\nX-Id: 7\nSet-Cookie: a=b\n\nmade";
         let cgi = Cgi::parse(out, true).expect("parses");
         assert_eq!(cgi.status, Some(201));
         assert_eq!(&out[cgi.length..], b"made");
