@@ -15,7 +15,8 @@ use sha2::{Digest, Sha256};
 
 use crate::error::Reject;
 use crate::http::Method;
-use crate::route::{Action, Credential, Route, Routed};
+use crate::notify::{Notifications, RawNotify};
+use crate::route::{Action, Credential, Endpoint, Route, Routed, Target};
 
 /// The method keys a table may have, in the order of [`Table::grants`];
 /// `"*"` (every method) is kept apart.
@@ -46,6 +47,8 @@ pub struct Rules {
     public: Table,
     /// Every other table, each with its token's digest.
     tokens: Vec<(Table, [u8; 32])>,
+    /// The `[notify]` backends.
+    notifications: Arc<Notifications>,
 }
 
 /// What one table grants: path globs per method.
@@ -57,6 +60,8 @@ struct Table {
     grants: [Vec<Glob>; METHODS.len()],
     /// Globs of `"*"`, for every method.
     any: Vec<Glob>,
+    /// `tunnel = [...]`: the targets of `/_/tunnel` this table may reach.
+    tunnel: Vec<TargetGlob>,
 }
 
 /// Why a request may not go on.
@@ -68,6 +73,8 @@ pub enum Denial {
     UnknownToken,
     /// A known token without the permission (403).
     Forbidden,
+    /// A tunnel asked of a relay without an access file (403).
+    NoTunnels,
 }
 
 impl Denial {
@@ -84,6 +91,10 @@ impl Denial {
                 "Bearer realm=\"patchcord\", error=\"invalid_token\"",
             ),
             Denial::Forbidden => Reject::new(403, "the access token does not allow this here"),
+            Denial::NoTunnels => Reject::new(
+                403,
+                "tunnels are off: only an access file (--auth) can list their targets",
+            ),
         }
     }
 }
@@ -138,8 +149,12 @@ impl Access {
         match Rules::read(file) {
             Ok(rules) => {
                 let count = rules.tokens.len();
+                let backends = rules.notifications.count();
                 *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
-                log::info!("re-read {}: {count} tokens", file.display());
+                log::info!(
+                    "re-read {}: {count} tokens, {backends} notification backends",
+                    file.display()
+                );
             }
             Err(error) => log::error!("{error}; the rules read before stay in force"),
         }
@@ -169,6 +184,35 @@ impl Access {
 }
 
 impl Access {
+    /// Whether the client of `credential` may open a tunnel to `target`:
+    /// Ok with the table's label. Only a table's `tunnel` list allows one;
+    /// without an access file no tunnel is allowed at all.
+    pub fn tunnel(
+        &self,
+        credential: &Credential,
+        target: &Target,
+    ) -> Result<String, (Denial, Option<String>)> {
+        if self.file.is_none() {
+            return Err((Denial::NoTunnels, None));
+        }
+        let rules = Arc::clone(&self.rules.read().unwrap_or_else(|p| p.into_inner()));
+        match &credential.token {
+            None if rules.public.reaches(target) => Ok(PUBLIC.to_owned()),
+            None => Err((Denial::NoCredential, None)),
+            Some((token, _)) => match rules.find(token.expose()) {
+                None => Err((Denial::UnknownToken, None)),
+                Some(table) if table.reaches(target) => Ok(table.label.clone()),
+                Some(table) => Err((Denial::Forbidden, Some(table.label.clone()))),
+            },
+        }
+    }
+
+    /// The notification backends of the reading in force.
+    pub fn notifications(&self) -> Arc<Notifications> {
+        let rules = self.rules.read().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(&rules.notifications)
+    }
+
     /// Which of `paths` the client of `credential` may GET, when a file is
     /// in force (None without one): for listing channels. An unknown token
     /// may GET nothing.
@@ -198,6 +242,8 @@ fn needed(routed: &Routed) -> Option<&Method> {
             Action::Respond => &Method::Post,
             _ => &routed.method,
         }),
+        // A notification is a send, whatever its method (GET takes a query).
+        Route::Endpoint(Endpoint::Notify) => Some(&Method::Post),
         Route::Preflight | Route::Endpoint(_) | Route::Hook { .. } => None,
     }
 }
@@ -259,6 +305,9 @@ impl Rules {
             }
             rules.tokens.push((table, digest));
         }
+        if let Some(notify) = file.notify {
+            rules.notifications = Arc::new(notify.check().map_err(|message| (None, message))?);
+        }
         Ok(rules)
     }
 
@@ -297,6 +346,89 @@ impl Table {
             return false;
         }
         globs().any(|g| !g.deny && g.matches_segments(&segments))
+    }
+}
+
+impl Table {
+    /// Whether this table's `tunnel` list reaches `target`.
+    fn reaches(&self, target: &Target) -> bool {
+        self.tunnel.iter().any(|glob| glob.matches(target))
+    }
+}
+
+/// A glob on a tunnel's `host:port`: `*` matches any run of characters in
+/// the host, a port is a number or `*`; an IPv6 host is written in
+/// brackets (`[::1]:*`). Hosts compare without case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetGlob {
+    host: String,
+    /// None for `*`.
+    port: Option<u16>,
+}
+
+impl TryFrom<String> for TargetGlob {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<TargetGlob, String> {
+        let refuse = || {
+            format!(
+                "tunnel target {text:?} must be host:port (a glob such as \"*.lan:22\", \"[::1]:*\")"
+            )
+        };
+        let (host, port) = match text.strip_prefix('[') {
+            Some(rest) => {
+                let (host, port) = rest.split_once("]:").ok_or_else(refuse)?;
+                if !host
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'*' || b == b'.')
+                {
+                    return Err(refuse());
+                }
+                (host, port)
+            }
+            None => {
+                let (host, port) = text.rsplit_once(':').ok_or_else(refuse)?;
+                let fits = host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._*".contains(&b));
+                if !fits {
+                    return Err(refuse());
+                }
+                (host, port)
+            }
+        };
+        if host.is_empty() {
+            return Err(refuse());
+        }
+        let port = match port {
+            "*" => None,
+            digits => Some(
+                digits
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|&p| p > 0 && digits.bytes().all(|b| b.is_ascii_digit()))
+                    .ok_or_else(refuse)?,
+            ),
+        };
+        Ok(TargetGlob {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for TargetGlob {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<TargetGlob, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        TargetGlob::try_from(text).map_err(serde::de::Error::custom)
+    }
+}
+
+impl TargetGlob {
+    /// Whether `target` matches.
+    fn matches(&self, target: &Target) -> bool {
+        self.port.is_none_or(|port| port == target.port)
+            && match_segment(self.host.as_bytes(), target.host.as_bytes())
     }
 }
 
@@ -415,11 +547,9 @@ fn line_of(text: &str, offset: usize) -> usize {
 struct RawFile {
     #[serde(default)]
     tokens: BTreeMap<String, toml::Spanned<RawTable>>,
-    /// Notification backends: read by the notification forwarding, which
-    /// comes with its own issue; accepted here so that one file serves both.
+    /// Notification backends (`notify.rs`).
     #[serde(default)]
-    #[allow(dead_code)]
-    notify: Option<toml::Value>,
+    notify: Option<RawNotify>,
 }
 
 /// One `[tokens.<label>]` table as written.
@@ -444,10 +574,9 @@ struct RawTable {
     options: Vec<Glob>,
     #[serde(rename = "*", default)]
     any: Vec<Glob>,
-    /// Targets of `/_/tunnel` (the tunnel's issue); accepted here.
+    /// Targets of `/_/tunnel`.
     #[serde(default)]
-    #[allow(dead_code)]
-    tunnel: Vec<String>,
+    tunnel: Vec<TargetGlob>,
 }
 
 impl<'de> Deserialize<'de> for Glob {
@@ -472,6 +601,7 @@ impl RawTable {
                 self.options.clone(),
             ],
             any: self.any.clone(),
+            tunnel: self.tunnel.clone(),
         }
     }
 }

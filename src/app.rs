@@ -20,6 +20,7 @@ use crate::mode::pubsub::Pubsub;
 use crate::mode::queue::Queues;
 use crate::mode::reqres::ReqRes;
 use crate::mode::{ChannelView, Family};
+use crate::notify::Notifier;
 use crate::ops;
 use crate::route::{
     self, Action, CHANNEL_METHODS, Endpoint, Hook, Mode, Route, Routed, TokenSource,
@@ -42,6 +43,8 @@ pub struct Relay {
     access: Access,
     /// Limits per client address.
     pub limits: Limits,
+    /// Sends notifications to their backends (`/_/notify`).
+    notifier: Notifier,
     /// Set once on SIGINT/SIGTERM; from then on every request gets 503.
     stopping: AtomicBool,
 }
@@ -80,6 +83,7 @@ impl Relay {
                 config.trust_proxy.clone(),
             ),
             access,
+            notifier: Notifier::new(config.notify_timeout),
             config,
             stats,
             families,
@@ -240,6 +244,16 @@ impl Relay {
                 head.header("Content-Type", "text/plain; charset=utf-8");
                 ex.respond(head, ops::ROBOTS.as_bytes())
                     .map_err(|_| hung_up(ex))
+            }
+            Endpoint::Notify => crate::notify::serve(
+                ex,
+                routed,
+                &self.access.notifications(),
+                &self.notifier,
+                &self.stats,
+            ),
+            Endpoint::Tunnel => {
+                crate::tunnel::serve(ex, routed, &self.access, &self.stats, self.config.keepalive)
             }
             Endpoint::Reserved => Err(Reject::new(
                 404,

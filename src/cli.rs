@@ -40,6 +40,9 @@ pub enum Command {
     /// Answer the requests of a request/responder channel (`/res/ID`) with
     /// CMD: the request's body on its stdin, its stdout the answer.
     Work(Box<WorkArgs>),
+    /// Carry stdin and stdout through a relay's WebSocket tunnel to a TCP
+    /// target (`/_/tunnel/HOST/PORT`): ssh's ProxyCommand.
+    Tunnel(Box<TunnelArgs>),
 }
 
 /// What the client-side subcommands present to the relay.
@@ -53,6 +56,29 @@ pub struct Presents {
         value_name = "TOKEN"
     )]
     pub token: Option<String>,
+}
+
+/// Options of `patchcord tunnel`.
+#[derive(Debug, Clone, Args)]
+pub struct TunnelArgs {
+    /// The tunnel's URL: http(s)://RELAY/_/tunnel/HOST/PORT (or ws://, wss://,
+    /// or Patchwork's /huproxy/NS/HOST/PORT).
+    #[arg(value_name = "URL")]
+    pub url: String,
+
+    #[command(flatten)]
+    pub presents: Presents,
+
+    /// Seconds of silence after which the tunnel is pinged (keeps NATs and
+    /// proxies from dropping an idle ssh session); no answer within as long
+    /// again ends it.
+    #[arg(
+        long,
+        env = "PATCHCORD_KEEPALIVE_SECS",
+        default_value_t = 30.0,
+        value_name = "SECS"
+    )]
+    pub keepalive_secs: f64,
 }
 
 /// Options of `patchcord listen`.
@@ -267,6 +293,17 @@ pub struct ServeArgs {
         value_name = "SECS"
     )]
     pub reply_timeout: f64,
+
+    /// Seconds a notification backend has to accept a message (connect,
+    /// TLS, answer) before it counts as failed.
+    #[arg(
+        long,
+        env = "PATCHCORD_NOTIFY_TIMEOUT",
+        allow_negative_numbers = true,
+        default_value_t = 10.0,
+        value_name = "SECS"
+    )]
+    pub notify_timeout: f64,
 
     /// Messages each pubsub channel keeps for subscribers that resume with a cursor.
     #[arg(

@@ -30,6 +30,8 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// How long a requester waits for a switched or replied answer.
     pub reply_timeout: Duration,
+    /// How long a notification backend has to accept a message.
+    pub notify_timeout: Duration,
     /// What pubsub channels keep, and how much they accept.
     pub pubsub: PubsubLimits,
     /// Silence after which a streaming subscription gets a keepalive.
@@ -181,6 +183,7 @@ impl Config {
             header_timeout: positive("--header-timeout", args.header_timeout)?,
             idle_timeout: positive("--idle-timeout", args.idle_timeout)?,
             reply_timeout: positive("--reply-timeout", args.reply_timeout)?,
+            notify_timeout: positive("--notify-timeout", args.notify_timeout)?,
             pubsub,
             keepalive: keepalive(args.keepalive_secs)?,
             cors_origin,
@@ -287,7 +290,7 @@ pub fn seconds(name: &str, secs: f64) -> Result<Duration, ConfigError> {
 
 /// The keepalive interval: from 0.1 s (more often would flood streams) to a
 /// day (beyond, it is no keepalive at all).
-fn keepalive(secs: f64) -> Result<Duration, ConfigError> {
+pub fn keepalive(secs: f64) -> Result<Duration, ConfigError> {
     if !(0.1..=86_400.0).contains(&secs) {
         return Err(ConfigError::new(format!(
             "--keepalive-secs {secs} must be between 0.1 and 86400"

@@ -36,12 +36,14 @@ mod listen;
 mod mailbox;
 mod metrics;
 mod mode;
+mod notify;
 mod ops;
 mod random;
 mod registry;
 mod route;
 mod server;
 mod sys;
+mod tunnel;
 mod work;
 
 use std::process::ExitCode;
@@ -56,6 +58,8 @@ fn main() -> ExitCode {
         Command::Fifo(args) => fifo(*args),
         Command::Listen(args) => client_logger(args.quiet).and_then(|()| listen::run(*args)),
         Command::Work(args) => client_logger(args.quiet).and_then(|()| work::run(*args)),
+        // ssh shows a ProxyCommand's stderr: only what went wrong.
+        Command::Tunnel(args) => client_logger(true).and_then(|()| tunnel::client::run(*args)),
     };
     match result {
         Ok(exit) => exit.into(),

@@ -97,6 +97,16 @@ pub struct Stats {
     rate_limited: AtomicU64,
     /// Connections refused by --max-connections-per-ip.
     refused_per_ip: AtomicU64,
+    /// Tunnels open now, ever opened, whose target could not be reached,
+    /// and the bytes they carried each way.
+    tunnels: AtomicUsize,
+    tunnels_total: AtomicU64,
+    tunnel_failures: AtomicU64,
+    tunnel_to_target: AtomicU64,
+    tunnel_from_target: AtomicU64,
+    /// Notifications a backend accepted, and refused or never answered.
+    notify_sent: AtomicU64,
+    notify_failed: AtomicU64,
 }
 
 impl Default for Stats {
@@ -129,6 +139,13 @@ impl Stats {
             bad_credentials: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             refused_per_ip: AtomicU64::new(0),
+            tunnels: AtomicUsize::new(0),
+            tunnels_total: AtomicU64::new(0),
+            tunnel_failures: AtomicU64::new(0),
+            tunnel_to_target: AtomicU64::new(0),
+            tunnel_from_target: AtomicU64::new(0),
+            notify_sent: AtomicU64::new(0),
+            notify_failed: AtomicU64::new(0),
         }
     }
 
@@ -234,6 +251,42 @@ impl Stats {
         self.refused_per_ip.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A tunnel opened.
+    pub fn tunnel_opened(&self) {
+        self.tunnels.fetch_add(1, Ordering::Relaxed);
+        self.tunnels_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A tunnel closed.
+    pub fn tunnel_closed(&self) {
+        self.tunnels.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// A tunnel's target could not be reached.
+    pub fn tunnel_failed(&self) {
+        self.tunnel_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `n` bytes went through a tunnel, to its target or from it.
+    pub fn tunnel_carried(&self, to_target: bool, n: u64) {
+        let counter = if to_target {
+            &self.tunnel_to_target
+        } else {
+            &self.tunnel_from_target
+        };
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A notification backend accepted a message (`sent`) or did not.
+    pub fn notified(&self, sent: bool) {
+        let counter = if sent {
+            &self.notify_sent
+        } else {
+            &self.notify_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Requests waiting now, of every mode, and streaming subscriptions.
     pub fn waiting_now(&self) -> u64 {
         let parked: usize = self.waiting.iter().map(|w| w.load(Ordering::Relaxed)).sum();
@@ -322,6 +375,17 @@ impl Stats {
         );
         let _ = write!(
             out,
+            "\"tunnels\":{{\"open\":{},\"opened_total\":{},\"failed_total\":{},\"bytes_to_target_total\":{},\"bytes_from_target_total\":{}}},\"notify\":{{\"sent_total\":{},\"failed_total\":{}}},",
+            self.tunnels.load(Ordering::Relaxed),
+            load(&self.tunnels_total),
+            load(&self.tunnel_failures),
+            load(&self.tunnel_to_target),
+            load(&self.tunnel_from_target),
+            load(&self.notify_sent),
+            load(&self.notify_failed)
+        );
+        let _ = write!(
+            out,
             "\"pubsub\":{{\"published_total\":{},\"delivered_total\":{},\"evicted_total\":{},\"streams\":{},\"streams_total\":{}}}}}",
             load(&self.published),
             load(&self.delivered),
@@ -375,7 +439,7 @@ impl Stats {
                 load(&self.parked[i]),
             );
         }
-        let simple: [(&str, &str, &str, u64); 14] = [
+        let simple: [(&str, &str, &str, u64); 21] = [
             (
                 "patchcord_open_connections",
                 "gauge",
@@ -453,6 +517,48 @@ impl Stats {
                 "counter",
                 "Connections refused by --max-connections-per-ip.",
                 load(&self.refused_per_ip),
+            ),
+            (
+                "patchcord_tunnels",
+                "gauge",
+                "WebSocket tunnels open now.",
+                self.tunnels.load(Ordering::Relaxed) as u64,
+            ),
+            (
+                "patchcord_tunnels_opened_total",
+                "counter",
+                "WebSocket tunnels opened.",
+                load(&self.tunnels_total),
+            ),
+            (
+                "patchcord_tunnel_failures_total",
+                "counter",
+                "Tunnels refused 502: the target could not be reached.",
+                load(&self.tunnel_failures),
+            ),
+            (
+                "patchcord_tunnel_to_target_bytes_total",
+                "counter",
+                "Bytes carried by tunnels to their targets.",
+                load(&self.tunnel_to_target),
+            ),
+            (
+                "patchcord_tunnel_from_target_bytes_total",
+                "counter",
+                "Bytes carried by tunnels from their targets.",
+                load(&self.tunnel_from_target),
+            ),
+            (
+                "patchcord_notifications_sent_total",
+                "counter",
+                "Notifications a backend accepted (one per backend).",
+                load(&self.notify_sent),
+            ),
+            (
+                "patchcord_notifications_failed_total",
+                "counter",
+                "Notifications a backend refused or did not answer in time.",
+                load(&self.notify_failed),
             ),
             (
                 "patchcord_busy_requests",

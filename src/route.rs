@@ -64,6 +64,12 @@ pub enum Endpoint {
     Metrics,
     /// `GET /_/channels`: the active channels as JSON.
     Channels,
+    /// `/_/notify`, `/<ns>/_/notify` (and `ntfy` for `notify`): a
+    /// notification forwarded to the backends of the access file.
+    Notify,
+    /// `/_/tunnel/<host>/<port>`, `/huproxy/<ns>/<host>/<port>`: a
+    /// WebSocket carried to a TCP target.
+    Tunnel,
     /// A path reserved for an endpoint this version does not serve.
     Reserved,
 }
@@ -292,7 +298,7 @@ pub fn route(request: &Request) -> Result<Routed, Reject> {
         });
     }
     let (raw_path, raw_query) = target.split_once('?').unwrap_or((target, ""));
-    let path = normalize(raw_path)?;
+    let mut path = normalize(raw_path)?;
     let (query, token, secret) = parse_query(raw_query)?;
     let credential = credential(request, token, secret);
     let route = if let Some((_, endpoint)) = RESERVED.iter().find(|(p, _)| *p == path) {
@@ -302,7 +308,18 @@ pub fn route(request: &Request) -> Result<Routed, Reject> {
         .is_some_and(|secret| !secret.is_empty() && !secret.contains('/'))
     {
         Route::Endpoint(Endpoint::Reply)
-    } else if path == "/_" || path.starts_with("/_/") || path == "/h/" || path == "/r/" {
+    } else if let Some(canonical) = notify_path(&path) {
+        path = canonical;
+        Route::Endpoint(Endpoint::Notify)
+    } else if tunnel_target(&path).is_some() {
+        Route::Endpoint(Endpoint::Tunnel)
+    } else if path == "/_"
+        || path.starts_with("/_/")
+        || path == "/h/"
+        || path == "/r/"
+        || path == HUPROXY
+        || path.starts_with("/huproxy/")
+    {
         // `/h/` and `/r/` hold every hook channel: never a channel of their own
         // (a DELETE there would end them all).
         Route::Endpoint(Endpoint::Reserved)
@@ -343,6 +360,92 @@ pub fn route(request: &Request) -> Result<Routed, Reject> {
         query,
         credential,
     })
+}
+
+/// Patchwork's tunnel path (`/huproxy/<ns>/<host>/<port>`).
+const HUPROXY: &str = "/huproxy";
+
+/// The notification path `path` is, written the one way access rules and
+/// logs see it (`/<ns>/_/notify`): `/_/notify`, `/_/ntfy` (Patchwork's
+/// name), or either under a namespace.
+fn notify_path(path: &str) -> Option<String> {
+    let namespace = path
+        .strip_suffix("/_/notify")
+        .or_else(|| path.strip_suffix("/_/ntfy"))?;
+    // A namespace is a path of its own, and never under the server's `/_/`.
+    let is_namespace = namespace.is_empty()
+        || (namespace.starts_with('/')
+            && !namespace.starts_with("/_/")
+            && namespace != "/_"
+            && !namespace.split('/').skip(1).any(str::is_empty));
+    is_namespace.then(|| format!("{namespace}/_/notify"))
+}
+
+/// The namespace of a notification path (`""` or `/u/alice`).
+pub fn notify_namespace(path: &str) -> &str {
+    path.strip_suffix("/_/notify").unwrap_or("")
+}
+
+/// The target a tunnel path names: `/_/tunnel/<host>/<port>`, or
+/// `/huproxy/<ns>/<host>/<port>` (Patchwork's path, whose namespace is a
+/// label only). The host is a name, an IPv4 address or an IPv6 address
+/// (in brackets or not); the port 1 to 65535.
+pub fn tunnel_target(path: &str) -> Option<Target> {
+    let rest = path.strip_prefix("/_/tunnel/").or_else(|| {
+        let rest = path.strip_prefix("/huproxy/")?;
+        let (namespace, rest) = rest.split_once('/')?;
+        (!namespace.is_empty()).then_some(rest)
+    })?;
+    let (host, port) = rest.split_once('/')?;
+    Target::new(host, port)
+}
+
+/// Where a tunnel goes: a host and a port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Lowercase; an IPv6 address without its brackets.
+    pub host: String,
+    pub port: u16,
+}
+
+impl Target {
+    /// The target of `host` and `port` as a path writes them.
+    fn new(host: &str, port: &str) -> Option<Target> {
+        let port: u16 = port
+            .parse()
+            .ok()
+            .filter(|&p| p > 0 && port.bytes().all(|b| b.is_ascii_digit()))?;
+        let bare = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let is_ipv6 = bare.contains(':') && bare.parse::<std::net::Ipv6Addr>().is_ok();
+        let is_name = !bare.is_empty()
+            && bare.len() <= 253
+            && bare
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+        (is_ipv6 || (is_name && bare == host)).then(|| Target {
+            host: bare.to_ascii_lowercase(),
+            port,
+        })
+    }
+
+    /// Whether the host is an IPv6 address.
+    pub fn is_ipv6(&self) -> bool {
+        self.host.contains(':')
+    }
+}
+
+impl fmt::Display for Target {
+    /// `host:port`, an IPv6 address in brackets: what `tunnel` globs match.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_ipv6() {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
 }
 
 /// The kind of hook `path` is a channel of: `/h/<name>` or `/r/<name>`.
@@ -533,6 +636,24 @@ fn parse_query(raw: &str) -> Result<(Query, Option<String>, Option<String>), Rej
         query.params.push((name, value));
     }
     Ok((query, token, secret))
+}
+
+/// The pairs of a form body (`a=1&b=+2`), decoded, in order.
+pub fn form_pairs(raw: &str) -> Result<Vec<(String, String)>, Reject> {
+    raw.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let decode = |text| {
+                percent_decode(text, true)
+                    .and_then(|bytes| String::from_utf8(bytes).ok())
+                    .ok_or_else(|| {
+                        Reject::bad_request("malformed form: bad percent-encoding or not UTF-8")
+                    })
+            };
+            Ok((decode(name)?, decode(value)?))
+        })
+        .collect()
 }
 
 /// `true`/`1`/`yes`/empty are on, `false`/`0`/`no` off, anything else None.
@@ -751,6 +872,59 @@ mod tests {
             routed(Method::Get, "/healthz/x", &[]).map(|r| r.route),
             Ok(Route::Channel { .. })
         ));
+    }
+
+    #[test]
+    fn notify_and_tunnel_paths_are_endpoints() {
+        for (target, canonical) in [
+            ("/_/notify", "/_/notify"),
+            ("/_/ntfy", "/_/notify"),
+            ("/u/alice/_/ntfy", "/u/alice/_/notify"),
+            ("/team/_/notify?title=x", "/team/_/notify"),
+        ] {
+            let routed = routed(Method::Post, target, &[]).unwrap();
+            assert_eq!(routed.route, Route::Endpoint(Endpoint::Notify), "{target}");
+            assert_eq!(routed.path, canonical);
+        }
+        assert_eq!(notify_namespace("/u/alice/_/notify"), "/u/alice");
+        assert_eq!(notify_namespace("/_/notify"), "");
+        // Not a namespace: the server's own paths, empty segments.
+        for target in ["/_/x/_/notify", "/u//_/notify"] {
+            assert_ne!(
+                routed(Method::Post, target, &[]).map(|r| r.route),
+                Ok(Route::Endpoint(Endpoint::Notify)),
+                "{target}"
+            );
+        }
+        for (target, shown) in [
+            ("/_/tunnel/localhost/22", "localhost:22"),
+            ("/_/tunnel/Pi.LAN/2222", "pi.lan:2222"),
+            ("/_/tunnel/[::1]/22", "[::1]:22"),
+            ("/_/tunnel/::1/22", "[::1]:22"),
+            ("/_/tunnel/10.0.0.2/65535", "10.0.0.2:65535"),
+            ("/huproxy/alice/pi.lan/22", "pi.lan:22"),
+        ] {
+            let routed = routed(Method::Get, target, &[]).unwrap();
+            assert_eq!(routed.route, Route::Endpoint(Endpoint::Tunnel), "{target}");
+            assert_eq!(tunnel_target(&routed.path).unwrap().to_string(), shown);
+        }
+        for target in [
+            "/_/tunnel/host/0",
+            "/_/tunnel/host/65536",
+            "/_/tunnel/host/+22",
+            "/_/tunnel/host",
+            "/_/tunnel/ho%20st/22",
+            "/_/tunnel/[::1/22",
+            "/_/tunnel/a/b/22",
+            "/huproxy/pi/22",
+            "/huproxy",
+        ] {
+            assert_eq!(
+                routed(Method::Get, target, &[]).map(|r| r.route),
+                Ok(Route::Endpoint(Endpoint::Reserved)),
+                "{target}"
+            );
+        }
     }
 
     #[test]

@@ -324,6 +324,21 @@ impl<'c> Exchange<'c> {
         Ok(())
     }
 
+    /// Accepts a protocol upgrade (`101 Switching Protocols`, its headers in
+    /// `head`): writes the head, and hands over what the connection read
+    /// past the request, the new protocol's first bytes. The socket is then
+    /// the caller's (`self.conn.stream()`); the connection closes after.
+    pub fn upgrade(&mut self, head: Head) -> io::Result<Vec<u8>> {
+        self.status = Some(head.status());
+        self.close = true;
+        let bytes = head.finish(Payload::None, true, self.common);
+        let mut stream = self.conn.stream();
+        stream.write_all(&bytes)?;
+        let early = self.conn.buffered().to_vec();
+        self.conn.consume(early.len());
+        Ok(early)
+    }
+
     /// Sends a one-line plain-text response.
     pub fn respond_text(&mut self, status: u16, text: &str) -> io::Result<()> {
         let mut head = Head::new(status);
