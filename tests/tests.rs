@@ -12,6 +12,7 @@ mod fifo_more;
 mod http;
 mod lifecycle;
 mod listen;
+mod notify;
 mod operations;
 mod policy;
 mod proxy;
