@@ -19,4 +19,5 @@ mod proxy;
 mod pubsub;
 mod queue;
 mod reqres;
+mod tunnel;
 mod work;
