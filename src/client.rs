@@ -491,7 +491,7 @@ struct Parsed {
 
 /// Reads a response head (skipping 1xx ones); and what came after it. The
 /// error is of a kind [`is_stale`] accepts only when nothing was read.
-fn read_head(stream: &mut TcpStream) -> io::Result<(Parsed, Vec<u8>)> {
+fn read_head<R: Read + ?Sized>(stream: &mut R) -> io::Result<(Parsed, Vec<u8>)> {
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 8192];
     loop {
@@ -547,6 +547,12 @@ fn read_head(stream: &mut TcpStream) -> io::Result<(Parsed, Vec<u8>)> {
             }
         }
     }
+}
+
+/// Reads a response head from any stream (another server's, for
+/// `remote.rs`): its status, 1xx heads skipped.
+pub fn read_status<R: Read + ?Sized>(stream: &mut R) -> io::Result<u16> {
+    read_head(stream).map(|(parsed, _)| parsed.head.status)
 }
 
 /// Parses the head at the start of `buf` into `headers`: None while it is

@@ -40,6 +40,7 @@ mod notify;
 mod ops;
 mod random;
 mod registry;
+mod remote;
 mod route;
 mod server;
 mod sys;

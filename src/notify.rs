@@ -24,9 +24,6 @@ use crate::route::Query;
 /// push notifications are far smaller).
 pub const MAX_MESSAGE: usize = 64 * 1024;
 
-/// The largest answer read from a backend (only its status matters).
-const MAX_ANSWER: u64 = 64 * 1024;
-
 /// The backends of one reading of the access file.
 #[derive(Debug, Default)]
 pub struct Notifications {
@@ -219,6 +216,20 @@ impl RawBackends {
                         "[[notify.webhook]]: header {name:?} is not a valid header"
                     ));
                 }
+                // The framing is the client's to write, not the file's.
+                let framing = [
+                    "content-length",
+                    "transfer-encoding",
+                    "host",
+                    "connection",
+                    "te",
+                    "upgrade",
+                ];
+                if framing.iter().any(|f| name.eq_ignore_ascii_case(f)) {
+                    return Err(format!(
+                        "[[notify.webhook]]: header {name:?} is set by patchcord itself"
+                    ));
+                }
             }
             backends.push(Backend {
                 name: webhook.name.clone().unwrap_or(format!("webhook {host}")),
@@ -232,30 +243,9 @@ impl RawBackends {
 /// The host of `url`, checked: http or https (https needs TLS), a host,
 /// no credentials in it.
 fn checked_url(kind: &str, key: &str, url: &str) -> Result<String, String> {
-    let refuse = |why: &str| format!("[[notify.{kind}]]: {key} {why}");
-    let uri: ureq::http::Uri = url
-        .parse()
-        .map_err(|_| refuse("is not a URL such as https://example.org"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") if cfg!(feature = "tls") => {}
-        Some("https") => {
-            return Err(refuse(
-                "is https, and this patchcord was built without TLS (cargo feature tls)",
-            ));
-        }
-        _ => return Err(refuse("must start with http:// or https://")),
-    }
-    let authority = uri
-        .authority()
-        .ok_or_else(|| refuse("has no host"))?
-        .as_str();
-    if authority.contains('@') {
-        return Err(refuse(
-            "must not hold credentials (use the backend's own keys)",
-        ));
-    }
-    Ok(authority.to_owned())
+    crate::remote::Url::parse(url, &["http", "https"])
+        .map(|url| url.authority)
+        .map_err(|why| format!("[[notify.{kind}]]: {key} {why}"))
 }
 
 /// A secret must fit in a header.
@@ -627,8 +617,14 @@ fn webhook_request(webhook: &Webhook, message: &Message, namespace: &str) -> Out
         "namespace": namespace,
         "time": time,
     });
-    let mut headers = vec![("Content-Type".to_owned(), "application/json".to_owned())];
-    headers.extend(webhook.headers.clone());
+    let mut headers: Vec<(String, String)> = webhook.headers.clone().into_iter().collect();
+    // A Content-Type of the file's own replaces the default.
+    if !headers
+        .iter()
+        .any(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+    {
+        headers.push(("Content-Type".to_owned(), "application/json".to_owned()));
+    }
     Outgoing {
         method: "POST",
         url: webhook.url.clone(),
@@ -841,25 +837,16 @@ pub enum Outcome {
     Failed(String),
 }
 
-/// Sends messages: an HTTP client (with TLS when built with it) whose every
-/// request ends within the notify timeout.
+/// Sends messages, each request on a new connection (TLS for https) that
+/// ends within the notify timeout.
 pub struct Notifier {
-    agent: ureq::Agent,
     timeout: Duration,
 }
 
 impl Notifier {
     /// A notifier whose requests each end within `timeout`.
     pub fn new(timeout: Duration) -> Notifier {
-        let agent = ureq::Agent::config_builder()
-            .timeout_global(Some(timeout))
-            .http_status_as_error(false)
-            // A backend that redirects has moved: say so rather than follow.
-            .max_redirects(0)
-            .user_agent(concat!("patchcord/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .into();
-        Notifier { agent, timeout }
+        Notifier { timeout }
     }
 
     /// Sends `message` to every backend at once, each on its own thread,
@@ -900,52 +887,22 @@ impl Notifier {
         })
     }
 
-    /// Sends one request and reads its answer (at most [`MAX_ANSWER`]).
+    /// Sends one request and reads its answer's status.
     fn send(&self, outgoing: &Outgoing) -> Outcome {
-        let mut request = ureq::http::Request::builder()
-            .method(outgoing.method)
-            .uri(&outgoing.url);
-        for (name, value) in &outgoing.headers {
-            request = request.header(name.as_str(), value.as_str());
-        }
-        let request = match request.body(outgoing.body.clone()) {
-            Ok(request) => request,
-            Err(_) => return Outcome::Failed("the request could not be built".to_owned()),
+        let url = match crate::remote::Url::parse(&outgoing.url, &["http", "https"]) {
+            Ok(url) => url,
+            Err(why) => return Outcome::Failed(format!("the URL {why}")),
         };
-        match self.agent.run(request) {
-            Ok(mut response) => {
-                // Read (a little of) the answer, so the connection is reusable.
-                let mut sink = Vec::new();
-                let _ = response
-                    .body_mut()
-                    .as_reader()
-                    .take(MAX_ANSWER)
-                    .read_to_end(&mut sink);
-                let status = response.status().as_u16();
-                if (200..300).contains(&status) {
-                    Outcome::Sent
-                } else {
-                    Outcome::Refused(status)
-                }
-            }
-            Err(error) => Outcome::Failed(self.reason(&error)),
-        }
-    }
-
-    /// A short reason for a failed request, naming no URL and no secret.
-    fn reason(&self, error: &ureq::Error) -> String {
-        match error {
-            ureq::Error::Timeout(_) => format!("no answer within {:?}", self.timeout),
-            ureq::Error::HostNotFound => "host not found".to_owned(),
-            ureq::Error::ConnectionFailed => "connection refused".to_owned(),
-            ureq::Error::Io(e) => format!("{}", e.kind()),
-            #[cfg(feature = "tls")]
-            ureq::Error::Rustls(e) => format!("TLS: {e}"),
-            ureq::Error::Protocol(_) => "not an HTTP answer".to_owned(),
-            ureq::Error::TooManyRedirects | ureq::Error::RedirectFailed => {
-                "redirected elsewhere".to_owned()
-            }
-            _ => "the request failed".to_owned(),
+        match crate::remote::request(
+            outgoing.method,
+            &url,
+            &outgoing.headers,
+            &outgoing.body,
+            self.timeout,
+        ) {
+            Ok(status) if (200..300).contains(&status) => Outcome::Sent,
+            Ok(status) => Outcome::Refused(status),
+            Err(reason) => Outcome::Failed(reason),
         }
     }
 }
@@ -1149,6 +1106,7 @@ mod tests {
             "[[ntfy]]\ntopic = \"a\"\npriority = \"loud\"",
             "[[webhook]]\nurl = \"http://x\"\nheaders = { \"Bad Name\" = \"v\" }",
             "[[webhook]]\nurl = \"http://x\"\nsecret = \"v\"",
+            "[[webhook]]\nurl = \"http://x\"\nheaders = { Content-Length = \"1\" }",
             "[namespace.\"/\"]\n[[namespace.\"/\".webhook]]\nurl = \"http://x\"",
             "[[pager]]\nurl = \"http://x\"",
         ] {

@@ -548,9 +548,13 @@ fn reserved_paths_are_not_channels() {
     ] {
         assert_eq!(request(server.addr, &get(path)).status, 200, "{path}");
     }
-    for path in ["/_", "/_/events", "/_/notify"] {
+    for path in ["/_", "/_/events", "/_/x", "/huproxy", "/huproxy/x/22"] {
         assert_eq!(request(server.addr, &get(path)).status, 404, "{path}");
     }
+    // Endpoints now: a notification without text, a tunnel without an access file.
+    assert_eq!(request(server.addr, &get("/_/notify")).status, 400);
+    assert_eq!(request(server.addr, &get("/u/a/_/ntfy")).status, 400);
+    assert_eq!(request(server.addr, &get("/_/tunnel/h/22")).status, 403);
     // None of them parked anyone.
     assert_eq!(server.counter("parked_total"), 0);
     assert_eq!(request(server.addr, &get("/a/../b")).status, 400);

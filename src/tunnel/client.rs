@@ -7,8 +7,7 @@
 //! one-line reason otherwise (the relay's refusal, a broken connection).
 
 use std::io::{self, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::time::Duration;
 
 use tungstenite::client::IntoClientRequest;
@@ -17,6 +16,7 @@ use tungstenite::handshake::HandshakeError;
 use super::pump;
 use crate::cli::TunnelArgs;
 use crate::error::{ConfigError, Error, Exit};
+use crate::remote::{self, Url};
 
 /// How long connecting and the upgrade may take: the relay dials the
 /// target (within ten seconds) before it answers.
@@ -25,20 +25,23 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Runs `patchcord tunnel` until the tunnel ends.
 pub fn run(args: TunnelArgs) -> Result<Exit, Error> {
     let keepalive = crate::config::keepalive(args.keepalive_secs)?;
-    let url = Url::parse(&args.url)?;
+    let url = Url::parse(&args.url, &["http", "https", "ws", "wss"])
+        .map_err(|why| ConfigError::new(format!("tunnel URL {:?} {why}", args.url)))?;
     let failed = |reason: String| Error::Client {
         command: "tunnel",
         reason,
     };
     let stop = crate::sys::Flag::on_signals().map_err(Error::Signal)?;
-    let tcp = connect(&url.host, url.port).map_err(failed)?;
-    let stream = if url.tls {
-        Stream::tls(tcp, &url.host).map_err(failed)?
-    } else {
-        Stream::Plain(tcp)
-    };
-    let mut request = url
-        .websocket
+    let stream = remote::connect(&url, HANDSHAKE_TIMEOUT)
+        .map_err(|why| failed(format!("cannot connect to {}: {why}", url.authority)))?;
+    let _ = crate::sys::keepalive(stream.fd(), Some((30, 10, 3)));
+    let websocket = format!(
+        "{}://{}{}",
+        if url.tls { "wss" } else { "ws" },
+        url.authority,
+        url.path
+    );
+    let mut request = websocket
         .as_str()
         .into_client_request()
         .map_err(|e| failed(format!("bad URL: {e}")))?;
@@ -81,8 +84,11 @@ pub fn run(args: TunnelArgs) -> Result<Exit, Error> {
             }
         };
     let ws_fd = ws.get_ref().fd();
-    ws.get_ref()
-        .set_nonblocking()
+    // From the upgrade on, the loop never blocks on the relay.
+    let tcp = ws.get_ref().tcp();
+    tcp.set_read_timeout(None)
+        .and_then(|()| tcp.set_write_timeout(None))
+        .and_then(|()| tcp.set_nonblocking(true))
         .map_err(|e| failed(format!("cannot set up the socket: {e}")))?;
     let end = pump::run(
         pump::Ends {
@@ -132,196 +138,5 @@ impl Write for Fd {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
-    }
-}
-
-/// A tunnel URL, taken apart.
-#[derive(Debug, PartialEq, Eq)]
-struct Url {
-    /// The URL with a ws:// or wss:// scheme.
-    websocket: String,
-    host: String,
-    port: u16,
-    tls: bool,
-}
-
-impl Url {
-    /// http(s):// or ws(s)://HOST[:PORT]/PATH; a usage error otherwise.
-    fn parse(text: &str) -> Result<Url, ConfigError> {
-        let bad = |why: &str| ConfigError::new(format!("tunnel URL {text:?}: {why}"));
-        let (scheme, rest) = text
-            .split_once("://")
-            .ok_or_else(|| bad("must start with http://, https://, ws:// or wss://"))?;
-        let (tls, websocket_scheme, default_port) = match scheme.to_ascii_lowercase().as_str() {
-            "http" | "ws" => (false, "ws", 80),
-            "https" | "wss" => (true, "wss", 443),
-            _ => return Err(bad("must start with http://, https://, ws:// or wss://")),
-        };
-        if tls && !cfg!(feature = "tls") {
-            return Err(bad(
-                "https needs TLS, and this patchcord was built without it (cargo feature tls)",
-            ));
-        }
-        let (authority, path) = match rest.find('/') {
-            Some(at) => (&rest[..at], &rest[at..]),
-            None => (rest, "/"),
-        };
-        if authority.contains('@') {
-            return Err(bad("give the token with --token, not in the URL"));
-        }
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((host, port)) if !port.contains(']') => (
-                host,
-                port.parse::<u16>()
-                    .map_err(|_| bad("the port is not a number"))?,
-            ),
-            _ => (authority, default_port),
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() {
-            return Err(bad("has no host"));
-        }
-        Ok(Url {
-            websocket: format!("{websocket_scheme}://{authority}{path}"),
-            host: host.to_owned(),
-            port,
-            tls,
-        })
-    }
-}
-
-/// Connects to the relay, trying each of its addresses.
-fn connect(host: &str, port: u16) -> Result<TcpStream, String> {
-    let addresses = (host, port)
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot find {host}: {e}"))?;
-    let mut last = format!("{host} has no address");
-    for address in addresses {
-        match TcpStream::connect_timeout(&address, HANDSHAKE_TIMEOUT) {
-            Ok(stream) => {
-                let _ = stream.set_nodelay(true);
-                let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-                let _ = stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
-                let _ = crate::sys::keepalive(stream.as_raw_fd(), Some((30, 10, 3)));
-                return Ok(stream);
-            }
-            Err(e) => last = format!("cannot connect to {host}:{port}: {e}"),
-        }
-    }
-    Err(last)
-}
-
-/// The connection to the relay, with TLS or without.
-enum Stream {
-    Plain(TcpStream),
-    #[cfg(feature = "tls")]
-    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
-}
-
-impl Stream {
-    /// A TLS connection over `tcp` to `host`, checked against the webpki roots.
-    #[cfg(feature = "tls")]
-    fn tls(tcp: TcpStream, host: &str) -> Result<Stream, String> {
-        use std::sync::Arc;
-        let roots = rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        };
-        // The crypto provider is ring, the one built in.
-        let config = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let name = rustls::pki_types::ServerName::try_from(host.to_owned())
-            .map_err(|_| format!("{host:?} is not a name TLS can check"))?;
-        let connection = rustls::ClientConnection::new(Arc::new(config), name)
-            .map_err(|e| format!("TLS: {e}"))?;
-        Ok(Stream::Tls(Box::new(rustls::StreamOwned::new(
-            connection, tcp,
-        ))))
-    }
-
-    #[cfg(not(feature = "tls"))]
-    fn tls(_: TcpStream, _: &str) -> Result<Stream, String> {
-        Err("this patchcord was built without TLS".to_owned())
-    }
-
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Stream::Plain(tcp) => tcp,
-            #[cfg(feature = "tls")]
-            Stream::Tls(tls) => tls.get_ref(),
-        }
-    }
-
-    fn fd(&self) -> RawFd {
-        self.tcp().as_raw_fd()
-    }
-
-    /// From the upgrade on, the loop never blocks on the relay.
-    fn set_nonblocking(&self) -> io::Result<()> {
-        let tcp = self.tcp();
-        tcp.set_read_timeout(None)?;
-        tcp.set_write_timeout(None)?;
-        tcp.set_nonblocking(true)
-    }
-}
-
-impl Read for Stream {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Plain(tcp) => tcp.read(out),
-            #[cfg(feature = "tls")]
-            Stream::Tls(tls) => tls.read(out),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Plain(tcp) => tcp.write(data),
-            #[cfg(feature = "tls")]
-            Stream::Tls(tls) => tls.write(data),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Stream::Plain(tcp) => tcp.flush(),
-            #[cfg(feature = "tls")]
-            Stream::Tls(tls) => tls.flush(),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls() {
-        let url = Url::parse("https://relay.example/_/tunnel/pi.lan/22").unwrap();
-        assert_eq!(
-            url,
-            Url {
-                websocket: "wss://relay.example/_/tunnel/pi.lan/22".to_owned(),
-                host: "relay.example".to_owned(),
-                port: 443,
-                tls: true,
-            }
-        );
-        let url = Url::parse("http://127.0.0.1:3000/huproxy/a/h/22").unwrap();
-        assert_eq!((url.port, url.tls), (3000, false));
-        assert_eq!(url.websocket, "ws://127.0.0.1:3000/huproxy/a/h/22");
-        let url = Url::parse("ws://[::1]:8/_/tunnel/x/1").unwrap();
-        assert_eq!((url.host.as_str(), url.port), ("::1", 8));
-        for bad in [
-            "relay/_/tunnel/x/1",
-            "ftp://x/",
-            "http://u:p@x/",
-            "http://x:port/",
-            "http:///x",
-        ] {
-            assert!(Url::parse(bad).is_err(), "{bad}");
-        }
     }
 }

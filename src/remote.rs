@@ -1,0 +1,315 @@
+//! Connections the relay and `patchcord tunnel` open to other servers:
+//! [`Url`] (http, https, ws, wss), [`connect`] (each address in turn,
+//! within a deadline; TLS with rustls and the webpki roots for https and
+//! wss), and [`post`], the one request a notification backend gets
+//! (`Connection: close`, so its answer's status is all there is to read).
+//! The relay's own client-side subcommands use `client.rs`, which keeps
+//! connections to one relay alive; nothing here is kept.
+
+use std::io::{self, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+/// A URL of a server patchcord connects to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Url {
+    /// https or wss.
+    pub tls: bool,
+    /// As written (`host:port`, `[::1]:8`), for `Host`.
+    pub authority: String,
+    /// Without brackets, for resolving and for TLS.
+    pub host: String,
+    pub port: u16,
+    /// The path and query, `/` at least.
+    pub path: String,
+}
+
+impl Url {
+    /// Parses `text`, whose scheme must be one of `schemes` (lowercase
+    /// http, https, ws, wss); the error says what is wrong, naming no part
+    /// of the URL.
+    pub fn parse(text: &str, schemes: &[&str]) -> Result<Url, String> {
+        let (scheme, rest) = text
+            .split_once("://")
+            .ok_or_else(|| format!("must start with {}://", schemes.join("://, ")))?;
+        let scheme = scheme.to_ascii_lowercase();
+        if !schemes.contains(&scheme.as_str()) {
+            return Err(format!("must start with {}://", schemes.join("://, ")));
+        }
+        let tls = matches!(scheme.as_str(), "https" | "wss");
+        if tls && !cfg!(feature = "tls") {
+            return Err(format!(
+                "is {scheme}, and this patchcord was built without TLS (cargo feature tls)"
+            ));
+        }
+        let (authority, path) = match rest.find(['/', '?']) {
+            Some(at) if rest[at..].starts_with('?') => (&rest[..at], format!("/{}", &rest[at..])),
+            Some(at) => (&rest[..at], rest[at..].to_owned()),
+            None => (rest, "/".to_owned()),
+        };
+        if authority.contains('@') {
+            return Err("must not hold credentials".to_owned());
+        }
+        if path
+            .bytes()
+            .any(|b| b.is_ascii_control() || b == b' ' || b == b'#')
+        {
+            return Err("has a space, a control character or a fragment in its path".to_owned());
+        }
+        let default_port = if tls { 443 } else { 80 };
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((host, port)) if !port.contains(']') => (
+                host,
+                port.parse::<u16>()
+                    .map_err(|_| "has a port that is not a number".to_owned())?,
+            ),
+            _ => (authority, default_port),
+        };
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let fits = !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b));
+        if !fits {
+            return Err("has no host, or a host with characters no host has".to_owned());
+        }
+        Ok(Url {
+            tls,
+            authority: authority.to_owned(),
+            host: host.to_owned(),
+            port,
+            path,
+        })
+    }
+}
+
+/// A connection to another server, with TLS or without.
+pub enum Stream {
+    Plain(TcpStream),
+    #[cfg(feature = "tls")]
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+/// Connects to `url`'s host, trying each of its addresses, all within
+/// `within`; with TLS for https and wss (the handshake happens on the first
+/// write or read). Read and write timeouts are set to `within`.
+pub fn connect(url: &Url, within: Duration) -> Result<Stream, String> {
+    let deadline = Instant::now() + within;
+    let addresses = (url.host.as_str(), url.port)
+        .to_socket_addrs()
+        .map_err(|_| "host not found".to_owned())?;
+    let mut last = "host not found".to_owned();
+    for address in addresses {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            last = format!("no answer within {within:?}");
+            break;
+        }
+        match TcpStream::connect_timeout(&address, left) {
+            Ok(tcp) => {
+                let _ = tcp.set_nodelay(true);
+                let _ = tcp.set_read_timeout(Some(within));
+                let _ = tcp.set_write_timeout(Some(within));
+                return if url.tls {
+                    Stream::tls(tcp, &url.host)
+                } else {
+                    Ok(Stream::Plain(tcp))
+                };
+            }
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                last = format!("no answer within {within:?}");
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                last = "connection refused".to_owned();
+            }
+            Err(e) => last = e.kind().to_string(),
+        }
+    }
+    Err(last)
+}
+
+impl Stream {
+    /// A TLS connection over `tcp` to `host`, checked against the webpki
+    /// roots (Mozilla's), with ring, rustls's one crypto provider here.
+    #[cfg(feature = "tls")]
+    fn tls(tcp: TcpStream, host: &str) -> Result<Stream, String> {
+        use std::sync::{Arc, OnceLock};
+        static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+        let config = CONFIG.get_or_init(|| {
+            let roots = rustls::RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+            };
+            Arc::new(
+                rustls::ClientConfig::builder()
+                    .with_root_certificates(roots)
+                    .with_no_client_auth(),
+            )
+        });
+        let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+            .map_err(|_| "a host TLS cannot check".to_owned())?;
+        let connection = rustls::ClientConnection::new(Arc::clone(config), name)
+            .map_err(|e| format!("TLS: {e}"))?;
+        Ok(Stream::Tls(Box::new(rustls::StreamOwned::new(
+            connection, tcp,
+        ))))
+    }
+
+    #[cfg(not(feature = "tls"))]
+    fn tls(_: TcpStream, _: &str) -> Result<Stream, String> {
+        Err("this patchcord was built without TLS".to_owned())
+    }
+
+    /// The TCP connection under it.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(tcp) => tcp,
+            #[cfg(feature = "tls")]
+            Stream::Tls(tls) => tls.get_ref(),
+        }
+    }
+
+    /// The socket's descriptor, for poll(2).
+    pub fn fd(&self) -> RawFd {
+        self.tcp().as_raw_fd()
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(tcp) => tcp.read(out),
+            #[cfg(feature = "tls")]
+            Stream::Tls(tls) => tls.read(out),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(tcp) => tcp.write(data),
+            #[cfg(feature = "tls")]
+            Stream::Tls(tls) => tls.write(data),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(tcp) => tcp.flush(),
+            #[cfg(feature = "tls")]
+            Stream::Tls(tls) => tls.flush(),
+        }
+    }
+}
+
+/// Sends one request (`method`, `url`, `headers`, `body`) on a new
+/// connection and returns its answer's status; everything within `within`.
+/// The error is a short reason that names no part of the URL.
+pub fn request(
+    method: &str,
+    url: &Url,
+    headers: &[(String, String)],
+    body: &[u8],
+    within: Duration,
+) -> Result<u16, String> {
+    let deadline = Instant::now() + within;
+    let mut stream = connect(url, within)?;
+    let mut head = format!(
+        "{method} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: patchcord/{}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        url.path,
+        url.authority,
+        env!("CARGO_PKG_VERSION"),
+        body.len()
+    );
+    for (name, value) in headers {
+        head.push_str(name);
+        head.push_str(": ");
+        head.push_str(value);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    let timed_out = |e: io::Error| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            format!("no answer within {within:?}")
+        }
+        io::ErrorKind::InvalidData => format!("TLS or HTTP: {e}"),
+        kind => kind.to_string(),
+    };
+    stream
+        .write_all(head.as_bytes())
+        .and_then(|()| stream.write_all(body))
+        .and_then(|()| stream.flush())
+        .map_err(timed_out)?;
+    let mut within_deadline = Deadline {
+        stream: &mut stream,
+        deadline,
+    };
+    crate::client::read_status(&mut within_deadline).map_err(timed_out)
+}
+
+/// A stream whose every read ends by `deadline`: a server that drips its
+/// answer a byte at a time cannot hold a request longer than its timeout.
+struct Deadline<'a> {
+    stream: &'a mut Stream,
+    deadline: Instant,
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.stream.tcp().set_read_timeout(Some(left))?;
+        self.stream.read(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: [&str; 4] = ["http", "https", "ws", "wss"];
+
+    #[test]
+    fn urls() {
+        let url = Url::parse("https://relay.example/_/tunnel/pi.lan/22", &ALL).unwrap();
+        assert_eq!(
+            url,
+            Url {
+                tls: true,
+                authority: "relay.example".to_owned(),
+                host: "relay.example".to_owned(),
+                port: 443,
+                path: "/_/tunnel/pi.lan/22".to_owned(),
+            }
+        );
+        let url = Url::parse("HTTP://127.0.0.1:3000?x=1", &ALL).unwrap();
+        assert_eq!(
+            (url.port, url.tls, url.path.as_str()),
+            (3000, false, "/?x=1")
+        );
+        let url = Url::parse("ws://[::1]:8/_/tunnel/x/1", &ALL).unwrap();
+        assert_eq!(
+            (url.host.as_str(), url.port, url.authority.as_str()),
+            ("::1", 8, "[::1]:8")
+        );
+        for bad in [
+            "relay/_/tunnel/x/1",
+            "ftp://x/",
+            "http://u:p@x/",
+            "http://x:port/",
+            "http:///x",
+            "http://x/a b",
+            "http://x/a#frag",
+            "http://x\r\n/",
+        ] {
+            assert!(Url::parse(bad, &ALL).is_err(), "{bad}");
+        }
+        assert!(Url::parse("ws://x/", &["http", "https"]).is_err());
+    }
+}
