@@ -405,12 +405,14 @@ impl Message {
                 ))
             })?;
             fields.or(from_query)
-        } else if media == "application/x-www-form-urlencoded" {
-            let text = std::str::from_utf8(body)
-                .map_err(|_| Reject::bad_request("the form is not UTF-8"))?;
-            let pairs = form_pairs(text)?;
+        } else if let Some(pairs) = (media == "application/x-www-form-urlencoded")
+            .then(|| form_fields(body))
+            .flatten()
+        {
             Fields::from_pairs(pairs.iter().map(|(n, v)| (n.as_str(), v.as_str()))).or(from_query)
         } else {
+            // Any other body is the text; so is a "form" that names no
+            // field, which is what `curl -d "backup done"` sends.
             let text = String::from_utf8(body.to_vec())
                 .map_err(|_| Reject::bad_request("the message is not UTF-8 text"))?;
             Fields {
@@ -471,9 +473,15 @@ impl Message {
     }
 }
 
-/// The pairs of a form (`a=1&b=2`), decoded.
-fn form_pairs(text: &str) -> Result<Vec<(String, String)>, Reject> {
-    crate::route::form_pairs(text.trim())
+/// The pairs of a form body (`title=x&message=y`), decoded, when it is
+/// one: UTF-8, well formed, and naming a field of a message.
+fn form_fields(body: &[u8]) -> Option<Vec<(String, String)>> {
+    let text = std::str::from_utf8(body).ok()?;
+    let pairs = crate::route::form_pairs(text.trim()).ok()?;
+    pairs
+        .iter()
+        .any(|(name, _)| matches!(name.as_str(), "title" | "message" | "body"))
+        .then_some(pairs)
 }
 
 /// A request to a backend, built from a message: what its API expects.
@@ -947,6 +955,15 @@ mod tests {
             parse(Some("text/plain"), "done *ok*", target).unwrap(),
             expected
         );
+        // What `curl -d` sends: a "form" that is the text.
+        let form = "application/x-www-form-urlencoded";
+        let plain = parse(Some(form), "backup done", "/_/notify?title=B").unwrap();
+        assert_eq!(
+            (plain.text.as_str(), plain.title.as_deref()),
+            ("backup done", Some("B"))
+        );
+        let plain = parse(Some(form), "50% done & a=b", "/_/notify").unwrap();
+        assert_eq!(plain.text, "50% done & a=b");
         let plain = parse(None, "backup done", "/_/notify").unwrap();
         assert_eq!(
             (plain.text.as_str(), plain.format, plain.title),

@@ -92,8 +92,13 @@ const PUBLISH_TITLE: &str =
     r#"curl -d "backup done" -H "Patch-H-Title: Backup" localhost:3000/pubsub/alerts"#;
 const WORK_SITE: &str = r#"patchcord work http://localhost:3000/res/site -j 4 -- sh -c 'f=.$PATCHCORD_PATH; [ -d "$f" ] && f=$f/index.html; [ -f "$f" ] || exec printf "Status: 404\n\nnot found\n"; case $f in *.html) t=text/html;; *.css) t=text/css;; *.js) t=text/javascript;; *) t=$(file -b --mime-type "$f");; esac; printf "Content-Type: %s\n\n" "$t"; exec cat "$f"'"#;
 const WORK_HOOK: &str = "patchcord work http://localhost:3000/res/hooks -- ./on-event.sh";
+const NOTIFY_SEND: &str =
+    r#"curl -H "Patch-Token: $TOKEN" -d "backup done" localhost:3000/_/notify"#;
+const NOTIFY_JSON: &str = r#"curl -H "Patch-Token: $TOKEN" -H "Content-Type: application/json" -d '{"title":"Backup","message":"**12 GB** in 4 min","type":"markdown"}' localhost:3000/_/notify"#;
+const TUNNEL_SSH: &str =
+    "ssh -o ProxyCommand='patchcord tunnel https://relay.example/_/tunnel/%h/%p --token T' pi.lan";
 
-const ALL: [&str; 38] = [
+const ALL: [&str; 41] = [
     HTTPIPE_SEND,
     HTTPIPE_RECEIVE,
     DELETE_NAMESPACE,
@@ -132,6 +137,9 @@ const ALL: [&str; 38] = [
     PUBLISH_TITLE,
     WORK_SITE,
     WORK_HOOK,
+    NOTIFY_SEND,
+    NOTIFY_JSON,
+    TUNNEL_SSH,
 ];
 
 fn local(command: &str) -> String {
@@ -755,4 +763,146 @@ fn the_work_webhook_example_answers_with_the_script() {
     ]);
     assert_eq!(String::from_utf8_lossy(&refused.stdout), "not JSON\n 500");
     stop_patchcord(hooks);
+}
+
+/// A backend that takes `n` requests on loopback and hands each back whole
+/// (head and body), answering 200.
+fn spawn_backend(n: usize) -> (SocketAddr, std::thread::JoinHandle<Vec<String>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handle = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for _ in 0..n {
+            let (mut stream, _) = listener.accept().unwrap();
+            stream.set_read_timeout(Some(*STEP)).unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Connection: close requests: the head, then Content-Length bytes.
+            loop {
+                let n = stream.read(&mut buf).unwrap();
+                got.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&got).into_owned();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let length: usize = text[..end]
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Content-Length: "))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    if got.len() >= end + 4 + length || n == 0 {
+                        break;
+                    }
+                }
+                assert!(n > 0, "the request ended early");
+            }
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            seen.push(String::from_utf8_lossy(&got).into_owned());
+        }
+        seen
+    });
+    (addr, handle)
+}
+
+#[test]
+fn the_notification_examples_reach_a_webhook_and_ntfy() {
+    let (hook, hook_seen) = spawn_backend(2);
+    let (ntfy, ntfy_seen) = spawn_backend(2);
+    let dir = temp_dir("ex-notify");
+    let file = dir.join("access.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[tokens.backup]\ntoken = \"backup-token-1\"\nPOST = [\"/_/notify\"]\n\n\
+             [[notify.webhook]]\nurl = \"http://{hook}/hook\"\n\n\
+             [[notify.ntfy]]\nserver = \"http://{ntfy}\"\ntopic = \"alice-alerts\"\n"
+        ),
+    )
+    .unwrap();
+    let server = Server::start_with(&["--auth", file.to_str().unwrap()]);
+    let script = format!("TOKEN=backup-token-1\n{NOTIFY_SEND}\n{NOTIFY_JSON}\n");
+    let out = run(&server, &dir, &script);
+    assert_eq!(out.lines().count(), 2, "{out}");
+    for line in out.lines() {
+        assert!(line.contains(r#""status":"sent""#), "{line}");
+    }
+    let hooks = hook_seen.join().unwrap();
+    assert!(
+        hooks[0].contains(r#""message":"backup done""#),
+        "{}",
+        hooks[0]
+    );
+    assert!(hooks[1].contains(r#""type":"markdown""#), "{}", hooks[1]);
+    let pushes = ntfy_seen.join().unwrap();
+    assert!(
+        pushes[0].starts_with("POST /alice-alerts HTTP/1.1"),
+        "{}",
+        pushes[0]
+    );
+    assert!(pushes[0].ends_with("backup done"), "{}", pushes[0]);
+    assert!(pushes[1].contains("Title: Backup\r\n"), "{}", pushes[1]);
+    assert!(pushes[1].contains("Markdown: yes\r\n"), "{}", pushes[1]);
+    assert!(pushes[1].ends_with("**12 GB** in 4 min"), "{}", pushes[1]);
+}
+
+#[test]
+fn the_ssh_example_speaks_ssh_through_the_tunnel() {
+    use std::io::{Read, Write};
+    if std::process::Command::new("ssh")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIP: no ssh client (openssh-client); .ci/run installs it");
+        return;
+    }
+    if is_emulated() {
+        eprintln!(
+            "SKIP under emulation: runs the host's ssh with the ARM binary as its ProxyCommand"
+        );
+        return;
+    }
+    // A target that speaks first, as sshd does, and records what ssh says.
+    let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = target.local_addr().unwrap().port();
+    let heard = std::thread::spawn(move || {
+        let (mut stream, _) = target.accept().unwrap();
+        stream.set_read_timeout(Some(*STEP)).unwrap();
+        stream
+            .write_all(b"SSH-2.0-OpenSSH_9.2 patchcord-test\r\n")
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("\r\n") {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    });
+    let dir = temp_dir("ex-ssh");
+    let file = dir.join("access.toml");
+    std::fs::write(
+        &file,
+        "[tokens.laptop]\ntoken = \"T\"\ntunnel = [\"127.0.0.1:*\"]\n",
+    )
+    .unwrap();
+    let server = Server::start_with(&["--auth", file.to_str().unwrap()]);
+    // The documented command, aimed at the test relay and target.
+    let command = TUNNEL_SSH
+        .replace("https://relay.example", &server.url(""))
+        .replace(
+            " pi.lan",
+            &format!(
+                " -F /dev/null -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=10 -p {port} 127.0.0.1 true"
+            ),
+        );
+    let child = spawn_with_patchcord(&server, &dir, &command);
+    let said = heard.join().unwrap();
+    assert!(said.starts_with("SSH-2.0-"), "ssh said {said:?}");
+    let output = finish_within(child, patience(*STEP));
+    // The fake server closes after the banners: ssh fails, through the tunnel.
+    assert!(!output.status.success());
+    server.wait_counter("opened_total", 1);
 }
