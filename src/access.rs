@@ -1,6 +1,9 @@
 //! Access control (DESIGN.md §7): the `--auth` file's tokens, each a table
 //! of path globs per method, and [`Access::check`], which every channel
-//! request passes once, in `app.rs`, on its routed (normalized) path.
+//! request (and every notification) passes once, in `app.rs`, on its
+//! routed (normalized) path; each table's `tunnel` targets, which
+//! [`Access::tunnel`] checks; and the file's `[notify]` backends, read with
+//! it (their meaning is `notify.rs`'s).
 //! Tokens are known by their SHA-256 digests and compared in constant time;
 //! the file is re-read on SIGHUP, and a bad new file keeps the old rules.
 
@@ -804,6 +807,81 @@ GET = ["/**"]
             let (at, message) = Rules::parse(text).unwrap_err();
             assert_eq!(line_of(text, at.unwrap_or(0)), *line, "{text:?}: {message}");
             assert!(message.contains(words), "{text:?}: {message}");
+        }
+    }
+
+    #[test]
+    fn tunnel_targets_are_globs_on_host_and_port() {
+        let a = access(
+            r#"
+            [tokens.public]
+            tunnel = ["public.lan:80"]
+            [tokens.ops]
+            token = "t"
+            tunnel = ["*.LAN:22", "[::1]:*", "10.0.0.*:8080"]
+            "#,
+        );
+        let reach = |token: Option<&str>, path: &str| {
+            let target = crate::route::tunnel_target(path).unwrap();
+            let credential = Credential {
+                token: token.map(|t| {
+                    (
+                        crate::route::Secret::fake(t),
+                        crate::route::TokenSource::PatchToken,
+                    )
+                }),
+                secret: None,
+            };
+            a.tunnel(&credential, &target).map_err(|(denial, _)| denial)
+        };
+        assert_eq!(
+            reach(Some("t"), "/_/tunnel/pi.lan/22"),
+            Ok("ops".to_owned())
+        );
+        assert_eq!(
+            reach(Some("t"), "/_/tunnel/a.b.lan/22"),
+            Ok("ops".to_owned())
+        );
+        assert_eq!(
+            reach(Some("t"), "/_/tunnel/[::1]/5432"),
+            Ok("ops".to_owned())
+        );
+        assert_eq!(
+            reach(Some("t"), "/_/tunnel/10.0.0.7/8080"),
+            Ok("ops".to_owned())
+        );
+        assert_eq!(
+            reach(Some("t"), "/_/tunnel/pi.lan/2222"),
+            Err(Denial::Forbidden)
+        );
+        assert_eq!(reach(Some("t"), "/_/tunnel/lan/22"), Err(Denial::Forbidden));
+        assert_eq!(
+            reach(Some("t"), "/_/tunnel/public.lan/80"),
+            Err(Denial::Forbidden)
+        );
+        assert_eq!(
+            reach(None, "/_/tunnel/public.lan/80"),
+            Ok("public".to_owned())
+        );
+        assert_eq!(
+            reach(None, "/_/tunnel/pi.lan/22"),
+            Err(Denial::NoCredential)
+        );
+        assert_eq!(
+            reach(Some("x"), "/_/tunnel/pi.lan/22"),
+            Err(Denial::UnknownToken)
+        );
+        let off = Access::open(None).unwrap();
+        let target = crate::route::tunnel_target("/_/tunnel/pi.lan/22").unwrap();
+        assert!(matches!(
+            off.tunnel(&Credential::default(), &target),
+            Err((Denial::NoTunnels, _))
+        ));
+        for bad in [
+            "pi.lan", "pi.lan:0", "pi.lan:x", ":22", "::1:22", "[::1]22", "a/b:22", "[x]:22",
+        ] {
+            let text = format!("[tokens.t]\ntoken = \"t\"\ntunnel = [\"{bad}\"]\n");
+            assert!(Rules::parse(&text).is_err(), "{bad}");
         }
     }
 
