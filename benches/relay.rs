@@ -11,7 +11,7 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
@@ -41,7 +41,7 @@ fn usage() -> ! {
         "usage: relay [--url http://HOST:PORT --pid PID] [--json FILE] [--smoke] [--only NAME] [--pairs N] [--prefix PATH] [--consumer-delay MICROS] [--pi]\n\
          --prefix: where the rendezvous channels are, PATH/LABEL/PAIR (default /bench; /channels for httpipe)\n\
          --consumer-delay: rendezvous consumers wait so long before each receive (producers park first)\n\
-         Scenarios: rendezvous, reconnect, stream, backpressure, waiters, fanout, reqres, fifo, listen, work, idle"
+         Scenarios: rendezvous, reconnect, stream, backpressure, waiters, fanout, reqres, fifo, listen, work, tunnel, idle"
     );
     std::process::exit(2)
 }
@@ -1773,6 +1773,477 @@ fn work(
     rate
 }
 
+/// The tunnel scenario's access file: token `bench-token` reaches every
+/// port of 127.0.0.1.
+const TUNNEL_ACCESS: &str = "[tokens.bench]\ntoken = \"bench-token\"\ntunnel = [\"127.0.0.1:*\"]\n";
+
+const TUNNEL_TOKEN: &str = "bench-token";
+
+/// What a tunnel target does with a connection.
+#[derive(Clone, Copy, PartialEq)]
+enum Behaviour {
+    /// Sends back what it reads, on a thread of its own.
+    Echo,
+    /// Keeps it open, silent.
+    Hold,
+}
+
+/// A TCP target on 127.0.0.1 for the tunnel scenario: an acceptor thread,
+/// and per connection an echo thread or nothing. Dropping it shuts every
+/// connection down and joins every thread.
+struct TcpTarget {
+    port: u16,
+    /// When it started; `last_received` counts from here.
+    epoch: Instant,
+    /// Connections accepted.
+    accepted: Arc<AtomicU64>,
+    /// Bytes the echo threads read, and when the last of them came (ns
+    /// after `epoch`).
+    received: Arc<AtomicU64>,
+    last_received: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    /// A clone of every accepted socket, to shut it down; held by the
+    /// acceptor only to push one.
+    connections: Arc<std::sync::Mutex<Vec<TcpStream>>>,
+    acceptor: Option<thread::JoinHandle<Vec<thread::JoinHandle<()>>>>,
+}
+
+impl TcpTarget {
+    fn start(behaviour: Behaviour) -> TcpTarget {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("tunnel target: bind");
+        listener
+            .set_nonblocking(true)
+            .expect("tunnel target: non-blocking");
+        let port = listener
+            .local_addr()
+            .expect("tunnel target: address")
+            .port();
+        let epoch = Instant::now();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let received = Arc::new(AtomicU64::new(0));
+        let last_received = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let acceptor = {
+            let (accepted, received, last_received, stop, connections) = (
+                accepted.clone(),
+                received.clone(),
+                last_received.clone(),
+                stop.clone(),
+                connections.clone(),
+            );
+            thread::spawn(move || {
+                let mut echoes = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let stream = match listener.accept() {
+                        Ok((stream, _)) => stream,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            thread::sleep(Duration::from_millis(2));
+                            continue;
+                        }
+                        Err(_) => continue,
+                    };
+                    let set_up = stream
+                        .set_nonblocking(false)
+                        .and_then(|()| stream.set_read_timeout(Some(Duration::from_secs(60))))
+                        .and_then(|()| stream.set_write_timeout(Some(Duration::from_secs(60))))
+                        .and_then(|()| stream.try_clone());
+                    let Ok(clone) = set_up else { continue };
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                    connections
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(clone);
+                    if behaviour == Behaviour::Echo {
+                        let (received, last_received) = (received.clone(), last_received.clone());
+                        echoes.push(thread::spawn(move || {
+                            echo(stream, &received, &last_received, epoch);
+                        }));
+                    }
+                }
+                echoes
+            })
+        };
+        TcpTarget {
+            port,
+            epoch,
+            accepted,
+            received,
+            last_received,
+            stop,
+            connections,
+            acceptor: Some(acceptor),
+        }
+    }
+}
+
+impl Drop for TcpTarget {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let echoes = self
+            .acceptor
+            .take()
+            .and_then(|a| a.join().ok())
+            .unwrap_or_default();
+        for stream in self
+            .connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+        for echo in echoes {
+            let _ = echo.join();
+        }
+    }
+}
+
+/// Sends back what `stream` reads until it ends, fails or is silent for
+/// its read timeout; counts what it read in `received`, and when in
+/// `last_received` (ns after `epoch`).
+fn echo(mut stream: TcpStream, received: &AtomicU64, last_received: &AtomicU64, epoch: Instant) {
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        received.fetch_add(n as u64, Ordering::Relaxed);
+        last_received.store(epoch.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if stream.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+}
+
+/// `len` pseudo-random bytes (xorshift64).
+fn pattern(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Whether `data`, found at `offset` of a stream that repeats `pattern`,
+/// is what that stream holds there.
+fn is_pattern_at(pattern: &[u8], offset: u64, data: &[u8]) -> bool {
+    let mut at = (offset % pattern.len() as u64) as usize;
+    let mut rest = data;
+    while !rest.is_empty() {
+        let n = rest.len().min(pattern.len() - at);
+        if rest[..n] != pattern[at..at + n] {
+            return false;
+        }
+        rest = &rest[n..];
+        at = 0;
+    }
+    true
+}
+
+/// Polls `done` every 20 ms for at most `limit`; whether it came true.
+fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let give_up = Instant::now() + limit;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= give_up {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// CPU time (user + system) of this harness's reaped children, in
+/// microseconds.
+fn children_cpu_us() -> u64 {
+    // SAFETY: getrusage fills the rusage it is given, zeroed here.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) } != 0 {
+        return 0;
+    }
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    us(usage.ru_utime) + us(usage.ru_stime)
+}
+
+/// `tunnels.open` of the relay's /status; None when it cannot be read.
+fn tunnels_open(target: &Target) -> Option<u64> {
+    let mut c = Client::new(target.addr).ok()?;
+    c.send(&get("/status", true)).ok()?;
+    let (status, body) = c.response_body().ok()?;
+    if status != 200 {
+        return None;
+    }
+    let body = String::from_utf8_lossy(&body);
+    let tunnels = &body[body.find("\"tunnels\":")?..];
+    let open = &tunnels[tunnels.find("\"open\":")? + "\"open\":".len()..];
+    let digits = open.trim_start();
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
+/// Scenario 14: `total` bytes through one `patchcord tunnel` to an echo
+/// target and back, stdin written and stdout read by two threads at once;
+/// what comes back is compared with what was sent (a pattern of an odd
+/// length, so that a lost, doubled or misplaced message shows). Throughput
+/// each way is `total` over the time from the first byte written to the
+/// last byte at the target, and to the last byte back. CPU per MiB carried,
+/// counting both ways: the relay's from /proc/PID/stat over the transfer
+/// (10 ms ticks), the client's from getrusage(RUSAGE_CHILDREN) around its
+/// reaping (its whole life, start and close included, to the microsecond).
+fn tunnel_throughput(report: &mut Report, target: &Target, total: u64, limit: Duration) {
+    const PATTERN_LEN: usize = (1 << 20) - 1;
+    let scenario = format!("tunnel {} MiB each way (echo)", total / MIB);
+    let echo = TcpTarget::start(Behaviour::Echo);
+    let url = format!("http://{}/_/tunnel/127.0.0.1/{}", target.addr, echo.port);
+    let mut command = patchcord_command(&["tunnel", &url, "--token", TUNNEL_TOKEN]);
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut client = Helper::spawn(command).expect("start patchcord tunnel");
+    // The relay dials the target before it accepts the upgrade: the
+    // figures are the transfer's, not the start's.
+    let open = wait_until(Duration::from_secs(20), || {
+        echo.accepted.load(Ordering::Relaxed) > 0 || client.exited()
+    });
+    assert!(
+        open && !client.exited(),
+        "{scenario}: the tunnel did not open (patchcord tunnel {})",
+        if client.exited() { "exited" } else { "hangs" }
+    );
+    let pattern = Arc::new(pattern(PATTERN_LEN));
+    let mut stdin = client.child.stdin.take().expect("stdin");
+    let mut stdout = client.child.stdout.take().expect("stdout");
+    reset_peak(target.pid);
+    let cpu_before = cpu_us(target.pid);
+    let started = Instant::now();
+    let start_ns = started.duration_since(echo.epoch).as_nanos() as u64;
+    // stdin comes back from the writer, so that it stays open until the
+    // echo is in: its end would end the tunnel.
+    let writer = {
+        let pattern = pattern.clone();
+        thread::spawn(move || -> (io::Result<()>, ChildStdin) {
+            let mut sent = 0;
+            while sent < total {
+                let n = (total - sent).min(pattern.len() as u64) as usize;
+                if let Err(e) = stdin.write_all(&pattern[..n]) {
+                    return (Err(e), stdin);
+                }
+                sent += n as u64;
+            }
+            (Ok(()), stdin)
+        })
+    };
+    let reader = thread::spawn(move || -> (u64, Option<u64>, Duration) {
+        let mut buf = vec![0u8; 256 * 1024];
+        let (mut got, mut wrong) = (0u64, None);
+        while got < total {
+            let n = match stdout.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            if wrong.is_none() && !is_pattern_at(&pattern, got, &buf[..n]) {
+                wrong = Some(got);
+            }
+            got += n as u64;
+        }
+        (got, wrong, started.elapsed())
+    });
+    let give_up = started + limit;
+    while !reader.is_finished() && Instant::now() < give_up && !client.exited() {
+        thread::sleep(Duration::from_millis(5));
+    }
+    let timed_out = !reader.is_finished() && !client.exited();
+    let cpu = cpu_us(target.pid) - cpu_before;
+    let client_peak = peak_rss_kib(client.pid());
+    let relay_peak = peak_rss_kib(target.pid);
+    let to_target = Duration::from_nanos(
+        echo.last_received
+            .load(Ordering::Relaxed)
+            .saturating_sub(start_ns),
+    );
+    let at_target = echo.received.load(Ordering::Relaxed);
+    if timed_out {
+        // Its pipes close: the reader and the writer end.
+        client.kill();
+    }
+    let (got, wrong, back) = reader.join().expect("tunnel reader");
+    let (written, stdin) = writer.join().expect("tunnel writer");
+    drop(stdin);
+    let exited = wait_until(Duration::from_secs(5), || client.exited());
+    // The only child reaped here is the client.
+    let children_before = children_cpu_us();
+    let (status, _) = client.stop(Duration::from_secs(1));
+    let client_cpu = children_cpu_us().saturating_sub(children_before);
+    if timed_out {
+        panic!(
+            "{scenario}: timed out after {} s; {got} bytes back, {at_target} at the target",
+            limit.as_secs()
+        );
+    }
+    assert!(
+        got == total && at_target == total && wrong.is_none() && written.is_ok(),
+        "{scenario}: {at_target} bytes at the target, {got} of {total} back, first wrong byte at {wrong:?}, writing: {written:?}"
+    );
+    if !exited || !status.is_some_and(|s| s.success()) {
+        eprintln!(
+            "relay bench: {scenario}: after its stdin ended patchcord tunnel {}",
+            if exited {
+                format!("exited with {status:?}, not 0")
+            } else {
+                "did not exit within 5 s (killed)".to_owned()
+            }
+        );
+    }
+    let mib = total as f64 / MIB as f64;
+    report.add(
+        &scenario,
+        "throughput to target",
+        mib / to_target.as_secs_f64(),
+        "MiB/s",
+    );
+    report.add(
+        &scenario,
+        "throughput back",
+        mib / back.as_secs_f64(),
+        "MiB/s",
+    );
+    report.add(
+        &scenario,
+        "relay CPU per MiB carried",
+        cpu as f64 / (2.0 * mib),
+        "us",
+    );
+    report.add(
+        &scenario,
+        "client CPU per MiB carried",
+        client_cpu as f64 / (2.0 * mib),
+        "us",
+    );
+    report.add(
+        &scenario,
+        "relay peak RSS",
+        relay_peak as f64 / 1024.0,
+        "MiB",
+    );
+    report.add(
+        &scenario,
+        "client peak RSS",
+        client_peak as f64 / 1024.0,
+        "MiB",
+    );
+}
+
+/// A WebSocket tunnel opened on the relay at `addr` by a raw client,
+/// through a socket with [`connect`]'s timeouts.
+fn open_tunnel(addr: SocketAddr, url: &str) -> Result<tungstenite::WebSocket<TcpStream>, String> {
+    use tungstenite::client::IntoClientRequest;
+    use tungstenite::handshake::HandshakeError;
+    let stream = connect(addr).map_err(|e| e.to_string())?;
+    let mut request = url.into_client_request().map_err(|e| e.to_string())?;
+    request.headers_mut().insert(
+        "Patch-Token",
+        tungstenite::http::HeaderValue::from_static(TUNNEL_TOKEN),
+    );
+    match tungstenite::client::client(request, stream) {
+        Ok((ws, _)) => Ok(ws),
+        Err(HandshakeError::Failure(e)) => Err(e.to_string()),
+        Err(HandshakeError::Interrupted(_)) => Err("upgrade interrupted".to_owned()),
+    }
+}
+
+/// Scenario 15: `count` idle tunnels, opened one after another by raw
+/// WebSocket clients, to a target that holds its connections silent; the
+/// relay's memory and threads with them open. Then each client sends a
+/// close frame and reads until its answer, and /status must show no
+/// tunnel open within 10 s.
+fn tunnel_idle(report: &mut Report, target: &Target, count: usize) {
+    warn_if_open_files_limited();
+    let hold = TcpTarget::start(Behaviour::Hold);
+    let url = format!("ws://{}/_/tunnel/127.0.0.1/{}", target.addr, hold.port);
+    let rss_before = rss_kib(target.pid);
+    let started = Instant::now();
+    let mut open = Vec::with_capacity(count);
+    for i in 0..count {
+        match open_tunnel(target.addr, &url) {
+            Ok(ws) => open.push(ws),
+            Err(e) => panic!("tunnel idle: tunnel {i} of {count} did not open: {e}"),
+        }
+    }
+    let opening = started.elapsed();
+    let scenario = format!("tunnel idle ({count})");
+    let counted = wait_until(Duration::from_secs(10), || {
+        tunnels_open(target) == Some(count as u64)
+    });
+    assert!(
+        counted,
+        "{scenario}: /status never showed {count} tunnels open (it shows {:?})",
+        tunnels_open(target)
+    );
+    // Let the relay's threads reach their poll.
+    thread::sleep(Duration::from_millis(500));
+    let rss = rss_kib(target.pid);
+    report.add(
+        &scenario,
+        "opened per second",
+        count as f64 / opening.as_secs_f64(),
+        "tunnels/s",
+    );
+    report.add(&scenario, "relay RSS", rss as f64 / 1024.0, "MiB");
+    report.add(
+        &scenario,
+        "RSS per idle tunnel",
+        rss.saturating_sub(rss_before) as f64 / count as f64,
+        "KiB",
+    );
+    report.add(
+        &scenario,
+        "relay threads",
+        threads(target.pid) as f64,
+        "threads",
+    );
+    let closing = Instant::now();
+    for ws in &mut open {
+        let _ = ws.close(None);
+        let _ = ws.flush();
+    }
+    for ws in &mut open {
+        let _ = ws.get_ref().set_read_timeout(Some(Duration::from_secs(5)));
+        // The answer to our close, maybe behind a ping.
+        for _ in 0..4 {
+            if ws.read().is_err() {
+                break;
+            }
+        }
+    }
+    drop(open);
+    let closed = wait_until(Duration::from_secs(10), || tunnels_open(target) == Some(0));
+    assert!(
+        closed,
+        "{scenario}: /status still shows {:?} tunnels open 10 s after they were closed",
+        tunnels_open(target)
+    );
+    report.add(
+        &scenario,
+        "all closed after",
+        closing.elapsed().as_secs_f64() * 1e3,
+        "ms",
+    );
+}
+
 /// Whether this harness runs under qemu-user: started through a runner, or
 /// built for ARM but seeing an x86 CPU (binfmt_misc with qemu 7, which does
 /// not fake /proc/cpuinfo for ARM), or given qemu's QEMU_LD_PREFIX.
@@ -1947,6 +2418,27 @@ fn main() {
             ours / theirs,
             "x",
         );
+    }
+    if wanted("tunnel") {
+        if options.url.is_some() {
+            eprintln!(
+                "relay bench: tunnel: the server given must have an access file in which token {TUNNEL_TOKEN:?} reaches 127.0.0.1:*"
+            );
+        }
+        let access = std::env::temp_dir().join(format!(
+            "patchcord-bench-tunnel-{}.toml",
+            std::process::id()
+        ));
+        std::fs::write(&access, TUNNEL_ACCESS).expect("tunnel: access file");
+        let args = ["--auth".to_owned(), access.to_string_lossy().into_owned()];
+        let total = if smoke { 8 * MIB } else { 256 * MIB };
+        tunnel_throughput(&mut report, &fresh_with(&args), total, limit);
+        tunnel_idle(
+            &mut report,
+            &fresh_with(&args),
+            if smoke { 20 } else { 1000 },
+        );
+        let _ = std::fs::remove_file(&access);
     }
     if let Some(path) = &options.json {
         std::fs::write(path, report.json()).expect("write --json file");
