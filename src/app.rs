@@ -47,6 +47,9 @@ pub struct Relay {
     notifier: Notifier,
     /// Set once on SIGINT/SIGTERM; from then on every request gets 503.
     stopping: AtomicBool,
+    /// Raised with `stopping`, for tunnels to poll: each sends its client
+    /// a close frame (None if no pipe could be made: tunnels are then cut).
+    stopped: Option<crate::sys::Flag>,
 }
 
 impl Relay {
@@ -89,6 +92,7 @@ impl Relay {
             families,
             reqres,
             stopping: AtomicBool::new(false),
+            stopped: crate::sys::Flag::new().ok(),
         }
     }
 
@@ -106,6 +110,9 @@ impl Relay {
     /// may park. Returns how many waiters were answered.
     pub fn stop(&self) -> usize {
         self.stopping.store(true, Ordering::SeqCst);
+        if let Some(stopped) = &self.stopped {
+            stopped.raise();
+        }
         self.families.iter().map(|family| family.close()).sum()
     }
 
@@ -252,9 +259,16 @@ impl Relay {
                 &self.notifier,
                 &self.stats,
             ),
-            Endpoint::Tunnel => {
-                crate::tunnel::serve(ex, routed, &self.access, &self.stats, self.config.keepalive)
-            }
+            Endpoint::Tunnel => crate::tunnel::serve(
+                ex,
+                routed,
+                &self.access,
+                &self.stats,
+                crate::tunnel::Settings {
+                    keepalive: self.config.keepalive,
+                    stop: self.stopped.as_ref().map(crate::sys::Flag::fd),
+                },
+            ),
             Endpoint::Reserved => Err(Reject::new(
                 404,
                 format!("{path:?} is reserved for the server, not a channel"),

@@ -51,7 +51,7 @@ impl Notifications {
 }
 
 /// One backend a message goes to.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Backend {
     /// How answers and logs name it: its kind and host (`ntfy ntfy.sh`), or
     /// the `name` the file gives it; never a token, topic or room.
@@ -59,8 +59,35 @@ pub struct Backend {
     kind: Kind,
 }
 
+/// A backend shows its name only: its settings hold secrets.
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Backend {
+    /// Why this backend will not take `message`, if it will not: a Matrix
+    /// room the file does not list.
+    pub fn refuses(&self, message: &Message) -> Option<String> {
+        match (&self.kind, &message.room) {
+            (Kind::Matrix(matrix), Some(room))
+                if *room != matrix.room && !matrix.rooms.contains(room) =>
+            {
+                Some(format!(
+                    "{}: room= must be a room the access file lists for it (rooms = [...])",
+                    self.name
+                ))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// A backend's kind and settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 enum Kind {
     Matrix(Matrix),
     Ntfy(Ntfy),
@@ -68,17 +95,20 @@ enum Kind {
 }
 
 /// `[[notify.matrix]]`: a room, posted to with the client-server API.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Matrix {
     name: Option<String>,
     homeserver: String,
     access_token: String,
     room: String,
+    /// Other rooms a request may name (`room=`); none by default.
+    #[serde(default)]
+    rooms: Vec<String>,
 }
 
 /// `[[notify.ntfy]]`: a topic on an ntfy server.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Ntfy {
     name: Option<String>,
@@ -101,7 +131,7 @@ fn ntfy_sh() -> String {
 }
 
 /// `[[notify.webhook]]`: a URL that gets a JSON object per message.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Webhook {
     name: Option<String>,
@@ -111,8 +141,8 @@ struct Webhook {
     headers: BTreeMap<String, String>,
 }
 
-/// The `[notify]` table as written.
-#[derive(Debug, Default, Deserialize)]
+/// The `[notify]` table as written (no Debug: it holds secrets).
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawNotify {
     #[serde(default)]
@@ -126,7 +156,7 @@ pub struct RawNotify {
 }
 
 /// The backend lists of one table.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBackends {
     #[serde(default)]
@@ -172,8 +202,12 @@ impl RawBackends {
         for matrix in self.matrix {
             let host = checked_url("matrix", "homeserver", &matrix.homeserver)?;
             secret_fits("matrix", "access_token", &matrix.access_token)?;
-            if matrix.room.is_empty() {
-                return Err("[[notify.matrix]]: room must not be empty".to_owned());
+            for room in std::iter::once(&matrix.room).chain(&matrix.rooms) {
+                if !room.starts_with('!') || room.len() < 2 {
+                    return Err(format!(
+                        "[[notify.matrix]]: room {room:?} must be a room id (\"!…:server\")"
+                    ));
+                }
             }
             backends.push(Backend {
                 name: matrix.name.clone().unwrap_or(format!("matrix {host}")),
@@ -323,8 +357,52 @@ struct Fields {
     #[serde(rename = "type")]
     format: Option<String>,
     room: Option<String>,
-    priority: Option<serde_json::Value>,
-    tags: Option<serde_json::Value>,
+    priority: Option<Loose>,
+    tags: Option<Loose>,
+}
+
+/// A field that may be written as a string, a number or a list of
+/// strings, and nothing deeper: read without recursion (a client's deeply
+/// nested JSON must not exhaust a connection thread's small stack).
+#[derive(Debug)]
+enum Loose {
+    Text(String),
+    Number(u64),
+    List(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for Loose {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Loose, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Loose;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string, a number or a list of strings")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Loose, E> {
+                Ok(Loose::Text(v.to_owned()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Loose, E> {
+                Ok(Loose::Number(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Loose, A::Error> {
+                let mut list = Vec::new();
+                // Each element must be a string: a nested list is refused
+                // at its first bracket.
+                while let Some(item) = seq.next_element::<String>()? {
+                    if list.len() == 64 {
+                        return Err(serde::de::Error::custom("at most 64 tags"));
+                    }
+                    list.push(item);
+                }
+                Ok(Loose::List(list))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 impl Fields {
@@ -339,15 +417,11 @@ impl Fields {
                 "type" => &mut fields.format,
                 "room" => &mut fields.room,
                 "priority" => {
-                    fields
-                        .priority
-                        .get_or_insert(serde_json::Value::String(value.to_owned()));
+                    fields.priority.get_or_insert(Loose::Text(value.to_owned()));
                     continue;
                 }
                 "tags" => {
-                    fields
-                        .tags
-                        .get_or_insert(serde_json::Value::String(value.to_owned()));
+                    fields.tags.get_or_insert(Loose::Text(value.to_owned()));
                     continue;
                 }
                 _ => continue,
@@ -439,26 +513,22 @@ impl Message {
         };
         let priority = match fields.priority {
             None => None,
-            Some(serde_json::Value::Number(n)) => Some(priority_of(&n.to_string())),
-            Some(serde_json::Value::String(s)) => Some(priority_of(&s)),
-            Some(_) => Some(Err("priority is a number or a name".to_owned())),
+            Some(Loose::Number(n)) => Some(priority_of(&n.to_string())),
+            Some(Loose::Text(s)) => Some(priority_of(&s)),
+            Some(Loose::List(_)) => Some(Err("priority is a number or a name".to_owned())),
         }
         .transpose()
         .map_err(Reject::bad_request)?;
         let tags = match fields.tags {
             None => Vec::new(),
-            Some(serde_json::Value::String(s)) => s
+            Some(Loose::Text(s)) => s
                 .split(',')
                 .map(str::trim)
                 .filter(|t| !t.is_empty())
                 .map(str::to_owned)
                 .collect(),
-            Some(serde_json::Value::Array(list)) => list
-                .iter()
-                .map(|t| t.as_str().map(str::to_owned))
-                .collect::<Option<Vec<String>>>()
-                .ok_or_else(|| Reject::bad_request("tags is a list of strings"))?,
-            Some(_) => return Err(Reject::bad_request("tags is a list of strings")),
+            Some(Loose::List(list)) => list,
+            Some(Loose::Number(_)) => return Err(Reject::bad_request("tags is a list of strings")),
         };
         let title = fields.title.filter(|t| !t.trim().is_empty());
         let room = fields.room.filter(|r| !r.is_empty());
@@ -749,6 +819,21 @@ pub fn serve(
         return Err(Reject::method_not_allowed("GET, POST, PUT, OPTIONS"));
     }
     let namespace = crate::route::notify_namespace(&routed.path).to_owned();
+    // Before the body is read: a relay without backends parses nothing.
+    let backends = notifications.backends(&namespace);
+    if backends.is_empty() {
+        let whose = if namespace.is_empty() {
+            "this relay".to_owned()
+        } else {
+            format!("namespace {namespace}")
+        };
+        return Err(Reject::new(
+            503,
+            format!(
+                "no notification backend is configured for {whose} (the access file's [notify])"
+            ),
+        ));
+    }
     let too_large = || {
         Reject::new(
             413,
@@ -776,19 +861,8 @@ pub fn serve(
     }
     let content_type = ex.request.header("content-type").map(str::to_owned);
     let message = Message::parse(content_type.as_deref(), &body, &routed.query)?;
-    let backends = notifications.backends(&namespace);
-    if backends.is_empty() {
-        let whose = if namespace.is_empty() {
-            "this relay".to_owned()
-        } else {
-            format!("namespace {namespace}")
-        };
-        return Err(Reject::new(
-            503,
-            format!(
-                "no notification backend is configured for {whose} (the access file's [notify])"
-            ),
-        ));
+    if let Some(reason) = backends.iter().find_map(|b| b.refuses(&message)) {
+        return Err(Reject::bad_request(reason));
     }
     let outcomes = notifier.deliver(backends, &message, &namespace);
     let mut sent = Vec::new();
@@ -857,8 +931,12 @@ impl Notifier {
         Notifier { timeout }
     }
 
-    /// Sends `message` to every backend at once, each on its own thread,
-    /// and returns what became of it at each, in the backends' order.
+    /// Sends `message` to every backend at once, each on its own thread
+    /// (which also renders it: markdown is the client's, and rendering it
+    /// wants more stack than a connection thread has), and returns what
+    /// became of it at each, in the backends' order, within the timeout
+    /// (a backend whose name takes longer to look up is left to finish
+    /// alone, and counts as failed).
     pub fn deliver(
         &self,
         backends: &[Backend],
@@ -871,47 +949,60 @@ impl Notifier {
                 .unwrap_or_default();
             format!("{}", now.as_nanos())
         });
-        std::thread::scope(|scope| {
-            let running: Vec<_> = backends
-                .iter()
-                .map(|backend| {
-                    let outgoing = backend.request(message, namespace, &txn);
-                    // TLS handshakes want more stack than a connection thread has.
-                    std::thread::Builder::new()
-                        .name("notify".into())
-                        .stack_size(1 << 20)
-                        .spawn_scoped(scope, move || self.send(&outgoing))
-                })
-                .collect();
-            running
-                .into_iter()
-                .map(|spawned| match spawned {
-                    Ok(thread) => thread
-                        .join()
-                        .unwrap_or_else(|_| Outcome::Failed("internal error".to_owned())),
-                    Err(e) => Outcome::Failed(format!("cannot start a thread: {e}")),
-                })
-                .collect()
-        })
-    }
-
-    /// Sends one request and reads its answer's status.
-    fn send(&self, outgoing: &Outgoing) -> Outcome {
-        let url = match crate::remote::Url::parse(&outgoing.url, &["http", "https"]) {
-            Ok(url) => url,
-            Err(why) => return Outcome::Failed(format!("the URL {why}")),
-        };
-        match crate::remote::request(
-            outgoing.method,
-            &url,
-            &outgoing.headers,
-            &outgoing.body,
-            self.timeout,
-        ) {
-            Ok(status) if (200..300).contains(&status) => Outcome::Sent,
-            Ok(status) => Outcome::Refused(status),
-            Err(reason) => Outcome::Failed(reason),
+        let deadline = std::time::Instant::now() + self.timeout + Duration::from_millis(500);
+        let message = std::sync::Arc::new(message.clone());
+        let (done, outcomes) = crossbeam_channel::bounded(backends.len());
+        let mut results: Vec<Option<Outcome>> = vec![None; backends.len()];
+        for (i, backend) in backends.iter().enumerate() {
+            let (backend, message, done) = (
+                backend.clone(),
+                std::sync::Arc::clone(&message),
+                done.clone(),
+            );
+            let (namespace, txn, timeout) = (namespace.to_owned(), txn.clone(), self.timeout);
+            let spawned = std::thread::Builder::new()
+                .name("notify".into())
+                .stack_size(1 << 20)
+                .spawn(move || {
+                    let outgoing = backend.request(&message, &namespace, &txn);
+                    let _ = done.send((i, send(&outgoing, timeout)));
+                });
+            if let Err(e) = spawned {
+                results[i] = Some(Outcome::Failed(format!("cannot start a thread: {e}")));
+            }
         }
+        drop(done);
+        while results.iter().any(Option::is_none) {
+            match outcomes.recv_deadline(deadline) {
+                Ok((i, outcome)) => results[i] = Some(outcome),
+                Err(_) => break,
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Outcome::Failed(format!("no answer within {:?}", self.timeout)))
+            })
+            .collect()
+    }
+}
+
+/// Sends one request and reads its answer's status, within `timeout`.
+fn send(outgoing: &Outgoing, timeout: Duration) -> Outcome {
+    let url = match crate::remote::Url::parse(&outgoing.url, &["http", "https"]) {
+        Ok(url) => url,
+        Err(why) => return Outcome::Failed(format!("the URL {why}")),
+    };
+    match crate::remote::request(
+        outgoing.method,
+        &url,
+        &outgoing.headers,
+        &outgoing.body,
+        timeout,
+    ) {
+        Ok(status) if (200..300).contains(&status) => Outcome::Sent,
+        Ok(status) => Outcome::Refused(status),
+        Err(reason) => Outcome::Failed(reason),
     }
 }
 
@@ -1103,6 +1194,7 @@ mod tests {
                 homeserver: "https://m.org".to_owned(),
                 access_token: "t".to_owned(),
                 room: "!mine:x".to_owned(),
+                rooms: vec!["!other:x".to_owned()],
             }),
         }
         .request(&message, "", "t2");

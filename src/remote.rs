@@ -66,10 +66,11 @@ impl Url {
             ),
             _ => (authority, default_port),
         };
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
+        let bracketed = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+        if bracketed.is_none() && host.contains(':') {
+            return Err("has an IPv6 address without its brackets".to_owned());
+        }
+        let host = bracketed.unwrap_or(host);
         let fits = !host.is_empty()
             && host
                 .bytes()
@@ -89,14 +90,60 @@ impl Url {
 
 /// A connection to another server, with TLS or without.
 pub enum Stream {
-    Plain(TcpStream),
+    Plain(Timed),
     #[cfg(feature = "tls")]
-    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, Timed>>),
 }
 
-/// Connects to `url`'s host, trying each of its addresses, all within
-/// `within`; with TLS for https and wss (the handshake happens on the first
-/// write or read). Read and write timeouts are set to `within`.
+/// A TCP connection whose every read and write ends by a deadline (the
+/// socket's timeouts set to what is left before each): a server that
+/// drips its handshake or its answer cannot hold one past it, however
+/// many reads TLS makes of it.
+pub struct Timed {
+    tcp: TcpStream,
+    deadline: Option<Instant>,
+}
+
+impl Timed {
+    /// Sets the socket's timeout for the next operation to what is left.
+    fn arm(&self, read: bool) -> io::Result<()> {
+        let Some(deadline) = self.deadline else {
+            return Ok(());
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        if read {
+            self.tcp.set_read_timeout(Some(left))
+        } else {
+            self.tcp.set_write_timeout(Some(left))
+        }
+    }
+}
+
+impl Read for Timed {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        self.arm(true)?;
+        self.tcp.read(out)
+    }
+}
+
+impl Write for Timed {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.arm(false)?;
+        self.tcp.write(data)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
+/// Connects to `url`'s host, trying each of its addresses; with TLS for
+/// https and wss (the handshake happens on the first write or read). Every
+/// step until [`Stream::untimed`] ends within `within` of now, but for the
+/// name's lookup, which the system resolver bounds.
 pub fn connect(url: &Url, within: Duration) -> Result<Stream, String> {
     let deadline = Instant::now() + within;
     let addresses = (url.host.as_str(), url.port)
@@ -112,12 +159,14 @@ pub fn connect(url: &Url, within: Duration) -> Result<Stream, String> {
         match TcpStream::connect_timeout(&address, left) {
             Ok(tcp) => {
                 let _ = tcp.set_nodelay(true);
-                let _ = tcp.set_read_timeout(Some(within));
-                let _ = tcp.set_write_timeout(Some(within));
+                let timed = Timed {
+                    tcp,
+                    deadline: Some(deadline),
+                };
                 return if url.tls {
-                    Stream::tls(tcp, &url.host)
+                    Stream::tls(timed, &url.host)
                 } else {
-                    Ok(Stream::Plain(tcp))
+                    Ok(Stream::Plain(timed))
                 };
             }
             Err(e) if e.kind() == io::ErrorKind::TimedOut => {
@@ -136,7 +185,7 @@ impl Stream {
     /// A TLS connection over `tcp` to `host`, checked against the webpki
     /// roots (Mozilla's), with ring, rustls's one crypto provider here.
     #[cfg(feature = "tls")]
-    fn tls(tcp: TcpStream, host: &str) -> Result<Stream, String> {
+    fn tls(tcp: Timed, host: &str) -> Result<Stream, String> {
         use std::sync::{Arc, OnceLock};
         static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
         let config = CONFIG.get_or_init(|| {
@@ -159,29 +208,46 @@ impl Stream {
     }
 
     #[cfg(not(feature = "tls"))]
-    fn tls(_: TcpStream, _: &str) -> Result<Stream, String> {
+    fn tls(_: Timed, _: &str) -> Result<Stream, String> {
         Err("this patchcord was built without TLS".to_owned())
+    }
+
+    fn timed(&self) -> &Timed {
+        match self {
+            Stream::Plain(timed) => timed,
+            #[cfg(feature = "tls")]
+            Stream::Tls(tls) => tls.get_ref(),
+        }
     }
 
     /// The TCP connection under it.
     pub fn tcp(&self) -> &TcpStream {
-        match self {
-            Stream::Plain(tcp) => tcp,
-            #[cfg(feature = "tls")]
-            Stream::Tls(tls) => tls.get_ref(),
-        }
+        &self.timed().tcp
     }
 
     /// The socket's descriptor, for poll(2).
     pub fn fd(&self) -> RawFd {
         self.tcp().as_raw_fd()
     }
+
+    /// From now on no deadline: reads and writes wait (or, non-blocking,
+    /// do not) as the socket says.
+    pub fn untimed(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(timed) => timed.deadline = None,
+            #[cfg(feature = "tls")]
+            Stream::Tls(tls) => tls.get_mut().deadline = None,
+        }
+        let tcp = self.tcp();
+        tcp.set_read_timeout(None)?;
+        tcp.set_write_timeout(None)
+    }
 }
 
 impl Read for Stream {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         match self {
-            Stream::Plain(tcp) => tcp.read(out),
+            Stream::Plain(timed) => timed.read(out),
             #[cfg(feature = "tls")]
             Stream::Tls(tls) => tls.read(out),
         }
@@ -191,7 +257,7 @@ impl Read for Stream {
 impl Write for Stream {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         match self {
-            Stream::Plain(tcp) => tcp.write(data),
+            Stream::Plain(timed) => timed.write(data),
             #[cfg(feature = "tls")]
             Stream::Tls(tls) => tls.write(data),
         }
@@ -199,7 +265,7 @@ impl Write for Stream {
 
     fn flush(&mut self) -> io::Result<()> {
         match self {
-            Stream::Plain(tcp) => tcp.flush(),
+            Stream::Plain(timed) => timed.flush(),
             #[cfg(feature = "tls")]
             Stream::Tls(tls) => tls.flush(),
         }
@@ -216,7 +282,6 @@ pub fn request(
     body: &[u8],
     within: Duration,
 ) -> Result<u16, String> {
-    let deadline = Instant::now() + within;
     let mut stream = connect(url, within)?;
     let mut head = format!(
         "{method} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: patchcord/{}\r\nContent-Length: {}\r\nConnection: close\r\n",
@@ -244,29 +309,7 @@ pub fn request(
         .and_then(|()| stream.write_all(body))
         .and_then(|()| stream.flush())
         .map_err(timed_out)?;
-    let mut within_deadline = Deadline {
-        stream: &mut stream,
-        deadline,
-    };
-    crate::client::read_status(&mut within_deadline).map_err(timed_out)
-}
-
-/// A stream whose every read ends by `deadline`: a server that drips its
-/// answer a byte at a time cannot hold a request longer than its timeout.
-struct Deadline<'a> {
-    stream: &'a mut Stream,
-    deadline: Instant,
-}
-
-impl Read for Deadline<'_> {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        self.stream.tcp().set_read_timeout(Some(left))?;
-        self.stream.read(out)
-    }
+    crate::client::read_status(&mut stream).map_err(timed_out)
 }
 
 #[cfg(test)]
@@ -307,6 +350,7 @@ mod tests {
             "http://x/a b",
             "http://x/a#frag",
             "http://x\r\n/",
+            "http://::1/",
         ] {
             assert!(Url::parse(bad, &ALL).is_err(), "{bad}");
         }

@@ -97,6 +97,7 @@ pub fn unread(fd: RawFd) -> io::Result<usize> {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Ready {
     pub readable: bool,
+    pub writable: bool,
     /// POLLERR or POLLHUP: for a FIFO's write end, no reader is left.
     pub error: bool,
 }
@@ -142,6 +143,7 @@ pub fn poll(fds: &[(RawFd, libc::c_short)], timeout: Option<Duration>) -> io::Re
         .iter()
         .map(|p| Ready {
             readable: p.revents & libc::POLLIN != 0,
+            writable: p.revents & libc::POLLOUT != 0,
             error: p.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0,
         })
         .collect())
@@ -242,4 +244,23 @@ pub fn keepalive(fd: RawFd, probes: Option<(u32, u32, u32)>) -> io::Result<()> {
         set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, int(count))?;
     }
     Ok(())
+}
+
+/// Bytes a TCP socket holds that its peer has not acknowledged yet
+/// (SIOCOUTQ); None where the kernel will not say. A count that shrinks
+/// means the peer is reading.
+pub fn unsent(fd: RawFd) -> Option<usize> {
+    #[cfg(target_os = "linux")]
+    {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int into `queued`, which
+        // lives through the call; the descriptor is the caller's.
+        let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) };
+        (rc == 0).then(|| usize::try_from(queued).unwrap_or(0))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = fd;
+        None
+    }
 }

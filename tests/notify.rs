@@ -305,7 +305,7 @@ fn parse(buffer: &[u8]) -> Parsed {
 /// `[[notify.matrix]]` for `fake`, with its token and room.
 fn matrix(fake: &Fake) -> String {
     format!(
-        "[[notify.matrix]]\nhomeserver = \"{}\"\naccess_token = \"syt_secret\"\nroom = \"!room:example.org\"\n",
+        "[[notify.matrix]]\nhomeserver = \"{}\"\naccess_token = \"syt_secret\"\nroom = \"!room:example.org\"\nrooms = [\"!r:x\", \"!other:example.org\"]\n",
         fake.url("")
     )
 }
@@ -561,6 +561,19 @@ fn matrix_gets_a_put_with_its_token_a_fresh_txn_and_html_for_markdown() {
         &url,
     ]);
     assert_eq!(status, 200, "{body}");
+    // A room the file does not list is refused, and reaches no backend.
+    let (status, body) = curl_answer(&[
+        "-H",
+        OPS,
+        "-G",
+        "-d",
+        "message=hi",
+        "--data-urlencode",
+        "room=!elsewhere:example.org",
+        &url,
+    ]);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("room"), "{body}");
     let seen = m.seen();
     assert_eq!(seen.len(), 2, "{seen:#?}");
     let prefix = "/_matrix/client/v3/rooms/%21room%3Aexample.org/send/m.room.message/";

@@ -551,9 +551,9 @@ fn reserved_paths_are_not_channels() {
     for path in ["/_", "/_/events", "/_/x", "/huproxy", "/huproxy/x/22"] {
         assert_eq!(request(server.addr, &get(path)).status, 404, "{path}");
     }
-    // Endpoints now: a notification without text, a tunnel without an access file.
-    assert_eq!(request(server.addr, &get("/_/notify")).status, 400);
-    assert_eq!(request(server.addr, &get("/u/a/_/ntfy")).status, 400);
+    // Endpoints now: a notification with no backend, a tunnel without an access file.
+    assert_eq!(request(server.addr, &get("/_/notify")).status, 503);
+    assert_eq!(request(server.addr, &get("/u/a/_/ntfy")).status, 503);
     assert_eq!(request(server.addr, &get("/_/tunnel/h/22")).status, 403);
     // None of them parked anyone.
     assert_eq!(server.counter("parked_total"), 0);

@@ -98,7 +98,16 @@ fn upgrade_request(path: &str, headers: &[(&str, &str)]) -> Vec<u8> {
 /// A WebSocket client on `path` of the relay presenting `token`, over a
 /// socket with read and write timeouts of [`STEP`].
 fn ws_connect(server: &Server, path: &str, token: &str) -> WebSocket<TcpStream> {
-    let stream = connect(server.addr);
+    ws_connect_on(connect(server.addr), server, path, token)
+}
+
+/// [`ws_connect`] on a connection of the caller's.
+fn ws_connect_on(
+    stream: TcpStream,
+    server: &Server,
+    path: &str,
+    token: &str,
+) -> WebSocket<TcpStream> {
     let mut request = format!("ws://{}{path}", server.addr)
         .into_client_request()
         .expect("a request");
@@ -841,4 +850,75 @@ fn tunnels_give_back_their_threads_and_descriptors() {
         threads_after <= threads_before + 2,
         "{threads_after} threads, {threads_before} before"
     );
+}
+
+// ── slow peers and shutdown ──────────────────────────────────────────────
+
+#[test]
+fn a_slow_reader_keeps_its_tunnel_through_keepalives() {
+    // The relay's socket to the client fills and stays full: its pings
+    // queue behind the data (a write that would block), and a client
+    // that takes bytes, however slowly, is alive.
+    let server = relay("tunnel-slow", &["--keepalive-secs", "0.3"]);
+    let target = Target::new();
+    // A small receive buffer (loopback's grows to 32 MiB): the relay's
+    // socket fills as soon as the client pauses.
+    let stream = connect(server.addr);
+    let small: libc::c_int = 64 * 1024;
+    // SAFETY: SO_RCVBUF reads one int from `small`, alive through the call,
+    // on a socket this test owns.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&stream),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&small as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUF");
+    let mut ws = ws_connect_on(stream, &server, &path(target.port()), OPS);
+    let mut conn = target.accept();
+    let size = if is_emulated() { 4 << 20 } else { 16 << 20 };
+    let data = pattern(size, 7);
+    let sent = data.clone();
+    let writer = thread::spawn(move || conn.write_all(&sent).map(|()| conn));
+    let mut got = Vec::with_capacity(size);
+    let deadline = Instant::now() + patience(Duration::from_secs(60));
+    while got.len() < size {
+        assert!(Instant::now() < deadline, "{} of {size} bytes", got.len());
+        let before = got.len();
+        got.extend_from_slice(&next_data(&mut ws));
+        // About 20 MiB/s: the relay's buffers fill, and it keeps waiting;
+        // once, a pause longer than a keepalive: the relay's ping meets a
+        // full socket, and waits behind the data.
+        let pause = if before < size / 4 && got.len() >= size / 4 {
+            500
+        } else {
+            3
+        };
+        thread::sleep(Duration::from_millis(pause));
+    }
+    // Still open (checked at once: a client that stops reading stops
+    // answering pings, and is dropped soon after).
+    assert_eq!(tunnels(&server, "open"), 1, "{}", server.log());
+    assert!(got == data, "the bytes came back changed");
+    let _conn = writer.join().unwrap().expect("the target wrote it all");
+}
+
+#[test]
+fn a_stopping_relay_closes_its_tunnels_and_the_client_exits_0() {
+    let mut server = relay("tunnel-stop", &[]);
+    let target = Target::new();
+    let mut client = Client::start(&server.url(&path(target.port())), &["--token", OPS]);
+    let _stdin = client.stdin();
+    let _out = client.stdout();
+    let _conn = target.accept();
+    wait_open(&server, 1);
+    server.signal(libc::SIGTERM);
+    let status = client
+        .wait(patience(Duration::from_secs(5)))
+        .expect("patchcord tunnel ended with the relay");
+    assert!(status.success(), "{status:?}: {}", client.stderr());
+    assert!(server.wait_exit(patience(Duration::from_secs(5))).is_some());
 }

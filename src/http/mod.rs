@@ -329,11 +329,12 @@ impl<'c> Exchange<'c> {
     /// past the request, the new protocol's first bytes. The socket is then
     /// the caller's (`self.conn.stream()`); the connection closes after.
     pub fn upgrade(&mut self, head: Head) -> io::Result<Vec<u8>> {
-        self.status = Some(head.status());
         self.close = true;
+        let status = head.status();
         let bytes = head.finish(Payload::None, true, self.common);
         let mut stream = self.conn.stream();
         stream.write_all(&bytes)?;
+        self.status = Some(status);
         let early = self.conn.buffered().to_vec();
         self.conn.consume(early.len());
         Ok(early)

@@ -85,10 +85,9 @@ pub fn run(args: TunnelArgs) -> Result<Exit, Error> {
         };
     let ws_fd = ws.get_ref().fd();
     // From the upgrade on, the loop never blocks on the relay.
-    let tcp = ws.get_ref().tcp();
-    tcp.set_read_timeout(None)
-        .and_then(|()| tcp.set_write_timeout(None))
-        .and_then(|()| tcp.set_nonblocking(true))
+    ws.get_mut()
+        .untimed()
+        .and_then(|()| ws.get_ref().tcp().set_nonblocking(true))
         .map_err(|e| failed(format!("cannot set up the socket: {e}")))?;
     let end = pump::run(
         pump::Ends {
@@ -103,6 +102,11 @@ pub fn run(args: TunnelArgs) -> Result<Exit, Error> {
         keepalive,
         &|_, _| {},
     );
+    if matches!(end, pump::End::Local | pump::End::Stopped) {
+        // Our close was sent: end writing, and take what still comes
+        // before closing, so that no reset destroys what we sent last.
+        let _ = super::drain(&[ws.get_ref().tcp()]);
+    }
     match end {
         pump::End::Remote | pump::End::Local | pump::End::Stopped => Ok(Exit::Clean),
         pump::End::Broken(reason) => Err(failed(reason)),
@@ -126,10 +130,18 @@ impl Read for Fd {
 }
 
 impl Write for Fd {
+    /// Writes what stdout takes now without blocking (WouldBlock if
+    /// nothing), though stdout itself is left blocking (it may be shared
+    /// with the shell): a pipe that polls writable takes PIPE_BUF bytes.
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        // SAFETY: `data` is valid for `data.len()` bytes of reads; the
-        // descriptor is the process's own stdout, open throughout.
-        let n = unsafe { libc::write(self.0, data.as_ptr().cast(), data.len()) };
+        let ready = crate::sys::poll(&[(self.0, libc::POLLOUT)], Some(Duration::ZERO))?;
+        if !ready[0].writable && !ready[0].error {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let len = data.len().min(libc::PIPE_BUF);
+        // SAFETY: `data` is valid for `len` bytes of reads; the descriptor
+        // is the process's own stdout, open throughout.
+        let n = unsafe { libc::write(self.0, data.as_ptr().cast(), len) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }

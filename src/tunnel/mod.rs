@@ -11,7 +11,7 @@ mod pump;
 
 use std::io;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use tungstenite::protocol::{Role, WebSocketConfig};
@@ -38,6 +38,15 @@ pub fn ws_config() -> WebSocketConfig {
         .max_frame_size(Some(MAX_MESSAGE))
 }
 
+/// What every tunnel of a relay shares.
+#[derive(Clone, Copy)]
+pub struct Settings {
+    /// Silence after which the client is pinged.
+    pub keepalive: Duration,
+    /// Readable once the relay stops: each tunnel then closes cleanly.
+    pub stop: Option<RawFd>,
+}
+
 /// Serves a tunnel request: 401/403 unless the client's table lists the
 /// target, 426 unless it asks for a WebSocket, 502 when the target cannot
 /// be reached; then 101, and the tunnel, until either side ends.
@@ -46,7 +55,7 @@ pub fn serve(
     routed: &Routed,
     access: &Access,
     stats: &Stats,
-    keepalive: Duration,
+    settings: Settings,
 ) -> Result<(), Reject> {
     if !matches!(ex.request.method, Method::Get) {
         return Err(Reject::method_not_allowed("GET, OPTIONS"));
@@ -69,6 +78,10 @@ pub fn serve(
         }
     };
     let key = websocket_key(ex)?;
+    if ex.has_body() {
+        // Its bytes would be taken for the WebSocket's.
+        return Err(Reject::bad_request("a WebSocket upgrade has no body"));
+    }
     let started = Instant::now();
     let remote = dial(&target, DIAL_TIMEOUT).map_err(|reason| {
         stats.tunnel_failed();
@@ -82,16 +95,18 @@ pub fn serve(
             "Sec-WebSocket-Accept",
             tungstenite::handshake::derive_accept_key(key.as_bytes()),
         );
+    // Counted before the client can see its 101.
+    stats.tunnel_opened();
     let early = match ex.upgrade(head) {
         Ok(early) => early,
         Err(e) => {
+            stats.tunnel_closed();
             log::debug!("tunnel to {target}: the client left before 101: {e}");
             return Ok(());
         }
     };
-    stats.tunnel_opened();
     log::info!("tunnel to {target} ({label}) open");
-    let end = carry(ex, &remote, early, stats, keepalive);
+    let end = carry(ex, &remote, early, stats, settings);
     stats.tunnel_closed();
     log::info!(
         "tunnel to {target} ({label}) closed after {:.1} s: {}",
@@ -107,13 +122,14 @@ pub fn serve(
 }
 
 /// Carries the tunnel: the client's socket (with `early`, the bytes read
-/// past the request) as a WebSocket, `remote` as bytes.
+/// past the request) as a WebSocket, `remote` as bytes; then lets both
+/// connections end gently.
 fn carry(
     ex: &mut Exchange,
     remote: &TcpStream,
     early: Vec<u8>,
     stats: &Stats,
-    keepalive: Duration,
+    settings: Settings,
 ) -> pump::End {
     let client = ex.conn.stream();
     for socket in [client, remote] {
@@ -133,14 +149,55 @@ fn carry(
             input_fd: remote.as_raw_fd(),
             output: &mut output,
             output_fd: remote.as_raw_fd(),
-            stop: None,
+            stop: settings.stop,
         },
-        keepalive,
+        settings.keepalive,
         &|flow, n| stats.tunnel_carried(flow == pump::Flow::FromWebSocket, n),
     );
-    // The client's socket goes back to blocking for the connection's close.
+    if !matches!(end, pump::End::Broken(_)) {
+        // A socket closed with bytes unread is reset, and a reset can
+        // destroy what was sent last: end writing, and read what still
+        // comes (at most CLOSE_GRACE) before closing.
+        let ending: &[&TcpStream] = match end {
+            pump::End::Local => &[client],
+            _ => &[client, remote],
+        };
+        let _ = drain(ending);
+    }
     let _ = client.set_nonblocking(false);
     end
+}
+
+/// Stops writing to each of `sockets` and reads what they still send,
+/// until each ended or [`pump::CLOSE_GRACE`] passed.
+pub(super) fn drain(sockets: &[&TcpStream]) -> io::Result<()> {
+    use std::io::Read as _;
+    let deadline = Instant::now() + pump::CLOSE_GRACE;
+    let mut open: Vec<&TcpStream> = sockets.to_vec();
+    for socket in &open {
+        let _ = socket.shutdown(std::net::Shutdown::Write);
+    }
+    let mut scratch = [0u8; 16 * 1024];
+    while !open.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let fds: Vec<_> = open.iter().map(|s| (s.as_raw_fd(), libc::POLLIN)).collect();
+        crate::sys::poll(&fds, Some(left))?;
+        open.retain(|socket| {
+            loop {
+                match (&mut &**socket).read(&mut scratch) {
+                    Ok(0) => break false,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break true,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => break false,
+                }
+            }
+        });
+    }
+    Ok(())
 }
 
 /// The `Sec-WebSocket-Key` of a WebSocket upgrade; 426 for a request that
