@@ -359,14 +359,28 @@ impl Table {
     }
 }
 
-/// A glob on a tunnel's `host:port`: `*` matches any run of characters in
-/// the host, a port is a number or `*`; an IPv6 host is written in
-/// brackets (`[::1]:*`). Hosts compare without case.
+/// A glob on a tunnel's `host:port`; a port is a number or `*`. A host
+/// made of digits, dots and `*` is an IPv4 pattern: it matches addresses
+/// only, `*` within one number (`10.0.0.*`); one in brackets is an IPv6
+/// pattern (`[::1]`, `[fd00:*:*:*:*:*:*:*]`, `*` within one group of the
+/// address's usual spelling); any other is a name pattern, whose `*`
+/// matches any run of characters, dots included (`*.lan`), compared
+/// without case with the name as the path writes it (resolved when
+/// dialled). `*` alone matches every host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TargetGlob {
     host: String,
+    kind: HostKind,
     /// None for `*`.
     port: Option<u16>,
+}
+
+/// What a tunnel glob's host matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HostKind {
+    Ipv4,
+    Ipv6,
+    Name,
 }
 
 impl TryFrom<String> for TargetGlob {
@@ -413,10 +427,30 @@ impl TryFrom<String> for TargetGlob {
                     .ok_or_else(refuse)?,
             ),
         };
-        Ok(TargetGlob {
-            host: host.to_ascii_lowercase(),
-            port,
-        })
+        let bracketed = text.starts_with('[');
+        let kind = if bracketed {
+            HostKind::Ipv6
+        } else if host != "*"
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b == b'.' || b == b'*')
+        {
+            if host.split('.').count() != 4 {
+                return Err(refuse());
+            }
+            HostKind::Ipv4
+        } else {
+            HostKind::Name
+        };
+        let host = match kind {
+            // One spelling per address, as targets have.
+            HostKind::Ipv6 if !host.contains('*') => host
+                .parse::<std::net::Ipv6Addr>()
+                .map_err(|_| refuse())?
+                .to_string(),
+            _ => host.to_ascii_lowercase(),
+        };
+        Ok(TargetGlob { host, kind, port })
     }
 }
 
@@ -430,8 +464,26 @@ impl<'de> Deserialize<'de> for TargetGlob {
 impl TargetGlob {
     /// Whether `target` matches.
     fn matches(&self, target: &Target) -> bool {
-        self.port.is_none_or(|port| port == target.port)
-            && match_segment(self.host.as_bytes(), target.host.as_bytes())
+        if !self.port.is_none_or(|port| port == target.port) {
+            return false;
+        }
+        let pieces = |glob: &str, host: &str, separator: char| {
+            let glob: Vec<&str> = glob.split(separator).collect();
+            let host: Vec<&str> = host.split(separator).collect();
+            glob.len() == host.len()
+                && glob
+                    .iter()
+                    .zip(&host)
+                    .all(|(g, h)| match_segment(g.as_bytes(), h.as_bytes()))
+        };
+        match self.kind {
+            HostKind::Ipv4 => {
+                target.host.parse::<std::net::Ipv4Addr>().is_ok()
+                    && pieces(&self.host, &target.host, '.')
+            }
+            HostKind::Ipv6 => target.is_ipv6() && pieces(&self.host, &target.host, ':'),
+            HostKind::Name => match_segment(self.host.as_bytes(), target.host.as_bytes()),
+        }
     }
 }
 
@@ -850,6 +902,21 @@ GET = ["/**"]
             reach(Some("t"), "/_/tunnel/10.0.0.7/8080"),
             Ok("ops".to_owned())
         );
+        // An address pattern matches addresses only, `*` within a number.
+        for elsewhere in [
+            "/_/tunnel/10.0.0.1.127.0.0.1.nip.io/8080",
+            "/_/tunnel/10.0.0.7.lan/8080",
+        ] {
+            assert_eq!(
+                reach(Some("t"), elsewhere),
+                Err(Denial::Forbidden),
+                "{elsewhere}"
+            );
+        }
+        assert_eq!(
+            reach(Some("t"), "/_/tunnel/[0:0::1]/5432"),
+            Ok("ops".to_owned())
+        );
         assert_eq!(
             reach(Some("t"), "/_/tunnel/pi.lan/2222"),
             Err(Denial::Forbidden)
@@ -878,7 +945,16 @@ GET = ["/**"]
             Err((Denial::NoTunnels, _))
         ));
         for bad in [
-            "pi.lan", "pi.lan:0", "pi.lan:x", ":22", "::1:22", "[::1]22", "a/b:22", "[x]:22",
+            "pi.lan",
+            "pi.lan:0",
+            "pi.lan:x",
+            ":22",
+            "::1:22",
+            "[::1]22",
+            "a/b:22",
+            "[x]:22",
+            "10.0.*:22",
+            "[:::1]:22",
         ] {
             let text = format!("[tokens.t]\ntoken = \"t\"\ntunnel = [\"{bad}\"]\n");
             assert!(Rules::parse(&text).is_err(), "{bad}");

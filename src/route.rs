@@ -425,13 +425,27 @@ impl Target {
             .strip_prefix('[')
             .and_then(|h| h.strip_suffix(']'))
             .unwrap_or(host);
-        let is_ipv6 = bare.contains(':') && bare.parse::<std::net::Ipv6Addr>().is_ok();
+        if let Ok(ipv6) = bare.parse::<std::net::Ipv6Addr>() {
+            // One spelling for each address: `[0:0::1]` is `[::1]`.
+            return Some(Target {
+                host: ipv6.to_string(),
+                port,
+            });
+        }
         let is_name = !bare.is_empty()
             && bare.len() <= 253
             && bare
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
-        (is_ipv6 || (is_name && bare == host)).then(|| Target {
+        // A name whose last label starts with a digit is an address in
+        // disguise to the resolver (`2130706433`, `0x7f.1`, `010.0.0.1`):
+        // only an IPv4 address as written is one.
+        let last = bare.trim_end_matches('.').rsplit('.').next().unwrap_or("");
+        let numeric = last.bytes().next().is_some_and(|b| b.is_ascii_digit());
+        if numeric && bare.parse::<std::net::Ipv4Addr>().is_err() {
+            return None;
+        }
+        (is_name && bare == host).then(|| Target {
             host: bare.to_ascii_lowercase(),
             port,
         })
@@ -907,6 +921,7 @@ mod tests {
             ("/_/tunnel/Pi.LAN/2222", "pi.lan:2222"),
             ("/_/tunnel/[::1]/22", "[::1]:22"),
             ("/_/tunnel/::1/22", "[::1]:22"),
+            ("/_/tunnel/[0:0::1]/22", "[::1]:22"),
             ("/_/tunnel/10.0.0.2/65535", "10.0.0.2:65535"),
             ("/huproxy/alice/pi.lan/22", "pi.lan:22"),
         ] {
@@ -922,6 +937,10 @@ mod tests {
             "/_/tunnel/ho%20st/22",
             "/_/tunnel/[::1/22",
             "/_/tunnel/a/b/22",
+            "/_/tunnel/2130706433/22",
+            "/_/tunnel/0x7f.1/22",
+            "/_/tunnel/010.0.0.1/22",
+            "/_/tunnel/127.1/22",
             "/huproxy/pi/22",
             "/huproxy",
         ] {
