@@ -464,7 +464,7 @@ impl<'de> Deserialize<'de> for TargetGlob {
 impl TargetGlob {
     /// Whether `target` matches.
     fn matches(&self, target: &Target) -> bool {
-        if !self.port.is_none_or(|port| port == target.port) {
+        if self.port.is_some_and(|port| port != target.port) {
             return false;
         }
         let pieces = |glob: &str, host: &str, separator: char| {
