@@ -95,7 +95,7 @@ pub fn run(args: TunnelArgs) -> Result<Exit, Error> {
             ws_fd,
             input: &mut Fd(0),
             input_fd: 0,
-            output: &mut Fd(1),
+            output: &mut Stdout::new(),
             output_fd: 1,
             stop: Some(stop.fd()),
         },
@@ -113,8 +113,8 @@ pub fn run(args: TunnelArgs) -> Result<Exit, Error> {
     }
 }
 
-/// stdin or stdout, unbuffered: Rust's buffers would hide bytes from
-/// poll, and hold an ssh session's output back.
+/// Standard input, unbuffered: Rust's buffer would hide bytes from poll.
+/// Read only when poll says it may be, so it never blocks.
 struct Fd(RawFd);
 
 impl Read for Fd {
@@ -129,19 +129,72 @@ impl Read for Fd {
     }
 }
 
-impl Write for Fd {
-    /// Writes what stdout takes now without blocking (WouldBlock if
-    /// nothing), though stdout itself is left blocking (it may be shared
-    /// with the shell): a pipe that polls writable takes PIPE_BUF bytes.
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let ready = crate::sys::poll(&[(self.0, libc::POLLOUT)], Some(Duration::ZERO))?;
-        if !ready[0].writable && !ready[0].error {
-            return Err(io::ErrorKind::WouldBlock.into());
+/// Standard output, written without ever blocking (the loop must go on
+/// answering pings and reading the relay while a slow reader catches up),
+/// though the descriptor the shell shares stays as it is.
+enum Stdout {
+    /// A pipe or a terminal, opened again, non-blocking: a description of
+    /// our own.
+    Reopened(std::fs::File),
+    /// A socket (ssh may pass one): each send says MSG_DONTWAIT.
+    Socket,
+    /// A regular file (never blocks), or what could not be opened again:
+    /// written after poll says it may be, a pipe's atomic size at a time.
+    Polled { capped: bool },
+}
+
+impl Stdout {
+    fn new() -> Stdout {
+        // SAFETY: stat is plain data, valid when zeroed.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat fills `stat`, alive through the call; fd 1 is the
+        // process's own.
+        if unsafe { libc::fstat(1, &mut stat) } != 0 {
+            return Stdout::Polled { capped: true };
         }
-        let len = data.len().min(libc::PIPE_BUF);
-        // SAFETY: `data` is valid for `len` bytes of reads; the descriptor
-        // is the process's own stdout, open throughout.
-        let n = unsafe { libc::write(self.0, data.as_ptr().cast(), len) };
+        match stat.st_mode & libc::S_IFMT {
+            libc::S_IFREG => Stdout::Polled { capped: false },
+            libc::S_IFSOCK => Stdout::Socket,
+            _ => {
+                use std::os::unix::fs::OpenOptionsExt as _;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open("/proc/self/fd/1")
+                    .map_or(Stdout::Polled { capped: true }, Stdout::Reopened)
+            }
+        }
+    }
+}
+
+impl Write for Stdout {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = match self {
+            Stdout::Reopened(file) => return file.write(data),
+            // SAFETY: `data` is valid for `data.len()` bytes of reads; fd 1
+            // is the process's own, open throughout.
+            Stdout::Socket => unsafe {
+                libc::send(
+                    1,
+                    data.as_ptr().cast(),
+                    data.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            },
+            Stdout::Polled { capped } => {
+                let ready = crate::sys::poll(&[(1, libc::POLLOUT)], Some(Duration::ZERO))?;
+                if !ready[0].writable && !ready[0].error {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                let len = if *capped {
+                    data.len().min(libc::PIPE_BUF)
+                } else {
+                    data.len()
+                };
+                // SAFETY: as above, for `len` bytes.
+                unsafe { libc::write(1, data.as_ptr().cast(), len) }
+            }
+        };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }

@@ -32,7 +32,8 @@ const MAX_MESSAGE: usize = 1 << 20;
 /// The WebSocket settings of both ends of a tunnel.
 pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(64 * 1024)
+        // tungstenite keeps (and zeroes) this much per tunnel, idle or not.
+        .read_buffer_size(16 * 1024)
         .write_buffer_size(0)
         .max_message_size(Some(MAX_MESSAGE))
         .max_frame_size(Some(MAX_MESSAGE))

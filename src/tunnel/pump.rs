@@ -17,8 +17,9 @@ use tungstenite::{Message, WebSocket};
 
 use crate::sys;
 
-/// The most read from the byte side per message.
-const CHUNK: usize = 64 * 1024;
+/// The most read from the byte side per message (an ssh packet is at most
+/// 32 KiB; each tunnel holds this buffer for its life).
+const CHUNK: usize = 32 * 1024;
 
 /// How long a closing tunnel waits for the peer's close frame, or for its
 /// last bytes to be taken, after the last step forward.
