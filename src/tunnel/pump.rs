@@ -61,13 +61,15 @@ pub enum End {
 }
 
 /// Moves bytes between `ends` until either side ends; pings after
-/// `keepalive` of silence and gives up after as long again without an
-/// answer. `tally` hears of every message's bytes as they go.
+/// `keepalive` of silence and gives up on a peer that neither answers nor
+/// takes bytes for as long again. `tally` hears of every message's bytes
+/// as they go.
 ///
 /// Silence is measured on the peer: any message from it, and any frame of
-/// ours its socket took, proves it alive. While the byte side has not taken
-/// the last message the WebSocket is not read (that is the backpressure),
-/// so then the peer's answer cannot be seen and no ping is timed.
+/// ours its socket took, proves it alive, and so does its kernel taking
+/// what waits before the ping. While the byte side has not taken the last
+/// message the WebSocket is not read (that is the backpressure), so then
+/// the peer's answer cannot be seen and no ping is timed.
 pub fn run<S: Read + Write>(
     ends: Ends<'_, S>,
     keepalive: Duration,
