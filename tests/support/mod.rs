@@ -113,12 +113,16 @@ impl Server {
         let line = rx
             .recv_timeout(*STEP)
             .expect("patchcord printed its address");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on http://")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .parse()
-            .expect("an address");
+        let Some(addr) = line.trim().strip_prefix("listening on http://") else {
+            // Say why: the server's own words (it has exited, or is about to).
+            let _ = child.wait();
+            thread::sleep(Duration::from_millis(100));
+            panic!(
+                "unexpected first line {line:?}; the server said:\n{}",
+                log.lock().unwrap().join("\n")
+            );
+        };
+        let addr = addr.parse().expect("an address");
         Server { child, addr, log }
     }
 
