@@ -114,7 +114,9 @@ impl Server {
             .recv_timeout(*STEP)
             .expect("patchcord printed its address");
         let Some(addr) = line.trim().strip_prefix("listening on http://") else {
-            // Say why: the server's own words (it has exited, or is about to).
+            // Say why: the server's own words, once it has ended.
+            thread::sleep(Duration::from_millis(200));
+            let _ = child.kill();
             let _ = child.wait();
             thread::sleep(Duration::from_millis(100));
             panic!(
