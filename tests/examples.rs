@@ -95,10 +95,11 @@ const WORK_HOOK: &str = "patchcord work http://localhost:3000/res/hooks -- ./on-
 const NOTIFY_SEND: &str =
     r#"curl -H "Patch-Token: $TOKEN" -d "backup done" localhost:3000/_/notify"#;
 const NOTIFY_JSON: &str = r#"curl -H "Patch-Token: $TOKEN" -H "Content-Type: application/json" -d '{"title":"Backup","message":"**12 GB** in 4 min","type":"markdown"}' localhost:3000/_/notify"#;
+const NOTIFY_NTFY: &str = r#"curl -H "Patch-Token: $TOKEN" -d "disk 91% full" "localhost:3000/_/notify?title=nas&priority=high&tags=warning""#;
 const TUNNEL_SSH: &str =
     "ssh -o ProxyCommand='patchcord tunnel https://relay.example/_/tunnel/%h/%p --token T' pi.lan";
 
-const ALL: [&str; 41] = [
+const ALL: [&str; 42] = [
     HTTPIPE_SEND,
     HTTPIPE_RECEIVE,
     DELETE_NAMESPACE,
@@ -139,6 +140,7 @@ const ALL: [&str; 41] = [
     WORK_HOOK,
     NOTIFY_SEND,
     NOTIFY_JSON,
+    NOTIFY_NTFY,
     TUNNEL_SSH,
 ];
 
@@ -806,8 +808,8 @@ fn spawn_backend(n: usize) -> (SocketAddr, std::thread::JoinHandle<Vec<String>>)
 
 #[test]
 fn the_notification_examples_reach_a_webhook_and_ntfy() {
-    let (hook, hook_seen) = spawn_backend(2);
-    let (ntfy, ntfy_seen) = spawn_backend(2);
+    let (hook, hook_seen) = spawn_backend(3);
+    let (ntfy, ntfy_seen) = spawn_backend(3);
     let dir = temp_dir("ex-notify");
     let file = dir.join("access.toml");
     std::fs::write(
@@ -820,9 +822,9 @@ fn the_notification_examples_reach_a_webhook_and_ntfy() {
     )
     .unwrap();
     let server = Server::start_with(&["--auth", file.to_str().unwrap()]);
-    let script = format!("TOKEN=backup-token-1\n{NOTIFY_SEND}\n{NOTIFY_JSON}\n");
+    let script = format!("TOKEN=backup-token-1\n{NOTIFY_SEND}\n{NOTIFY_JSON}\n{NOTIFY_NTFY}\n");
     let out = run(&server, &dir, &script);
-    assert_eq!(out.lines().count(), 2, "{out}");
+    assert_eq!(out.lines().count(), 3, "{out}");
     for line in out.lines() {
         assert!(line.contains(r#""status":"sent""#), "{line}");
     }
@@ -843,6 +845,12 @@ fn the_notification_examples_reach_a_webhook_and_ntfy() {
     assert!(pushes[1].contains("Title: Backup\r\n"), "{}", pushes[1]);
     assert!(pushes[1].contains("Markdown: yes\r\n"), "{}", pushes[1]);
     assert!(pushes[1].ends_with("**12 GB** in 4 min"), "{}", pushes[1]);
+    for header in ["Title: nas\r\n", "Priority: 4\r\n", "Tags: warning\r\n"] {
+        assert!(pushes[2].contains(header), "{header:?} in {}", pushes[2]);
+    }
+    assert!(pushes[2].ends_with("disk 91% full"), "{}", pushes[2]);
+    assert!(hooks[2].contains(r#""priority":4"#), "{}", hooks[2]);
+    assert!(hooks[2].contains(r#""tags":["warning"]"#), "{}", hooks[2]);
 }
 
 #[test]
