@@ -609,3 +609,52 @@ fn seconds(value: &str) -> u64 {
             _ => panic!("a time unit nginx knows: {value}"),
         }
 }
+
+#[test]
+fn a_tunnel_goes_through_nginx() {
+    let dir = temp_dir("nginx-tunnel");
+    let file = dir.join("access.toml");
+    std::fs::write(
+        &file,
+        "[tokens.laptop]\ntoken = \"laptop-token\"\ntunnel = [\"127.0.0.1:*\"]\n",
+    )
+    .unwrap();
+    let Some((server, nginx)) = behind_nginx("tunnel", &["--auth", file.to_str().unwrap()]) else {
+        return;
+    };
+    // A target that takes five bytes, answers, and closes.
+    let target = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = target.local_addr().unwrap().port();
+    let served = thread::spawn(move || {
+        let (mut conn, _) = target.accept().unwrap();
+        conn.set_read_timeout(Some(*STEP)).unwrap();
+        let mut got = [0u8; 5];
+        conn.read_exact(&mut got).unwrap();
+        conn.write_all(&got.to_ascii_uppercase()).unwrap();
+        got
+    });
+    let mut client = command()
+        .arg("tunnel")
+        .arg(nginx.url(&format!("/_/tunnel/127.0.0.1/{port}")))
+        .args(["--token", "laptop-token"])
+        .env_remove("PATCHCORD_TOKEN")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start patchcord tunnel");
+    // stdin stays open: the target's close ends the tunnel.
+    let mut stdin = client.stdin.take().unwrap();
+    stdin.write_all(b"hello").unwrap();
+    let output = finish_within(client, patience(*STEP));
+    drop(stdin);
+    assert!(
+        output.status.success(),
+        "{:?}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(output.stdout, b"HELLO");
+    assert_eq!(&served.join().unwrap(), b"hello");
+    server.wait_counter("opened_total", 1);
+}
