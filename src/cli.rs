@@ -69,6 +69,12 @@ pub struct TunnelArgs {
     #[command(flatten)]
     pub presents: Presents,
 
+    /// Trust only the certificates of this PEM file for an https relay (a
+    /// relay with a certificate of its own CA), instead of the built-in
+    /// roots.
+    #[arg(long, env = "PATCHCORD_CACERT", value_name = "FILE")]
+    pub cacert: Option<std::path::PathBuf>,
+
     /// Seconds of silence after which the tunnel is pinged (keeps NATs and
     /// proxies from dropping an idle ssh session); no answer within as long
     /// again ends it.

@@ -9,6 +9,7 @@
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// A URL of a server patchcord connects to.
@@ -141,10 +142,12 @@ impl Write for Timed {
 }
 
 /// Connects to `url`'s host, trying each of its addresses; with TLS for
-/// https and wss (the handshake happens on the first write or read). Every
+/// https and wss (the handshake happens on the first write or read),
+/// trusting the webpki roots, or only the certificates of the PEM file
+/// `roots` (as curl's `--cacert`). Every
 /// step until [`Stream::untimed`] ends within `within` of now, but for the
 /// name's lookup, which the system resolver bounds.
-pub fn connect(url: &Url, within: Duration) -> Result<Stream, String> {
+pub fn connect(url: &Url, within: Duration, roots: Option<&Path>) -> Result<Stream, String> {
     let deadline = Instant::now() + within;
     let addresses = (url.host.as_str(), url.port)
         .to_socket_addrs()
@@ -164,7 +167,7 @@ pub fn connect(url: &Url, within: Duration) -> Result<Stream, String> {
                     deadline: Some(deadline),
                 };
                 return if url.tls {
-                    Stream::tls(timed, &url.host)
+                    Stream::tls(timed, &url.host, roots)
                 } else {
                     Ok(Stream::Plain(timed))
                 };
@@ -183,32 +186,38 @@ pub fn connect(url: &Url, within: Duration) -> Result<Stream, String> {
 
 impl Stream {
     /// A TLS connection over `tcp` to `host`, checked against the webpki
-    /// roots (Mozilla's), with ring, rustls's one crypto provider here.
+    /// roots (Mozilla's) or those of the PEM file `roots`, with ring,
+    /// rustls's one crypto provider here.
     #[cfg(feature = "tls")]
-    fn tls(tcp: Timed, host: &str) -> Result<Stream, String> {
+    fn tls(tcp: Timed, host: &str, roots: Option<&Path>) -> Result<Stream, String> {
         use std::sync::{Arc, OnceLock};
-        static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
-        let config = CONFIG.get_or_init(|| {
-            let roots = rustls::RootCertStore {
-                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-            };
+        static WEBPKI: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+        let client = |roots: rustls::RootCertStore| {
             Arc::new(
                 rustls::ClientConfig::builder()
                     .with_root_certificates(roots)
                     .with_no_client_auth(),
             )
-        });
+        };
+        let config = match roots {
+            None => Arc::clone(WEBPKI.get_or_init(|| {
+                client(rustls::RootCertStore {
+                    roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+                })
+            })),
+            Some(file) => client(read_roots(file)?),
+        };
         let name = rustls::pki_types::ServerName::try_from(host.to_owned())
             .map_err(|_| "a host TLS cannot check".to_owned())?;
-        let connection = rustls::ClientConnection::new(Arc::clone(config), name)
-            .map_err(|e| format!("TLS: {e}"))?;
+        let connection =
+            rustls::ClientConnection::new(config, name).map_err(|e| format!("TLS: {e}"))?;
         Ok(Stream::Tls(Box::new(rustls::StreamOwned::new(
             connection, tcp,
         ))))
     }
 
     #[cfg(not(feature = "tls"))]
-    fn tls(_: Timed, _: &str) -> Result<Stream, String> {
+    fn tls(_: Timed, _: &str, _: Option<&Path>) -> Result<Stream, String> {
         Err("this patchcord was built without TLS".to_owned())
     }
 
@@ -242,6 +251,24 @@ impl Stream {
         tcp.set_read_timeout(None)?;
         tcp.set_write_timeout(None)
     }
+}
+
+/// The certificates of the PEM file `file`, as roots to trust.
+#[cfg(feature = "tls")]
+fn read_roots(file: &Path) -> Result<rustls::RootCertStore, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let shown = file.display();
+    let certificates = CertificateDer::pem_file_iter(file)
+        .map_err(|e| format!("cannot read {shown}: {e}"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{shown}: {e}"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(certificates);
+    if added == 0 {
+        return Err(format!("{shown} holds no certificate to trust"));
+    }
+    Ok(roots)
 }
 
 impl Read for Stream {
@@ -282,7 +309,7 @@ pub fn request(
     body: &[u8],
     within: Duration,
 ) -> Result<u16, String> {
-    let mut stream = connect(url, within)?;
+    let mut stream = connect(url, within, None)?;
     let mut head = format!(
         "{method} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: patchcord/{}\r\nContent-Length: {}\r\nConnection: close\r\n",
         url.path,

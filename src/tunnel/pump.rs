@@ -355,6 +355,8 @@ fn close<S: Read + Write>(ws: &mut WebSocket<S>, unflushed: &mut bool) -> Grace 
 /// A WebSocket error as a short reason.
 pub fn describe_ws(error: &tungstenite::Error) -> String {
     match error {
+        // rustls says what went wrong inside an InvalidData.
+        tungstenite::Error::Io(e) if e.kind() == io::ErrorKind::InvalidData => e.to_string(),
         tungstenite::Error::Io(e) => format!("{}", e.kind()),
         tungstenite::Error::Protocol(
             tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
