@@ -57,6 +57,9 @@ pub struct Backend {
     /// the `name` the file gives it; never a token, topic or room.
     pub name: String,
     kind: Kind,
+    /// The certificates its https server may show (`cacert`, else the
+    /// built-in roots).
+    trust: crate::remote::Trust,
 }
 
 /// A backend shows its name only: its settings hold secrets.
@@ -99,6 +102,7 @@ enum Kind {
 #[serde(deny_unknown_fields)]
 struct Matrix {
     name: Option<String>,
+    cacert: Option<std::path::PathBuf>,
     homeserver: String,
     access_token: String,
     room: String,
@@ -112,6 +116,7 @@ struct Matrix {
 #[serde(deny_unknown_fields)]
 struct Ntfy {
     name: Option<String>,
+    cacert: Option<std::path::PathBuf>,
     #[serde(default = "ntfy_sh")]
     server: String,
     topic: String,
@@ -135,6 +140,7 @@ fn ntfy_sh() -> String {
 #[serde(deny_unknown_fields)]
 struct Webhook {
     name: Option<String>,
+    cacert: Option<std::path::PathBuf>,
     url: String,
     /// Headers every request carries (a shared secret, say).
     #[serde(default)]
@@ -211,6 +217,7 @@ impl RawBackends {
             }
             backends.push(Backend {
                 name: matrix.name.clone().unwrap_or(format!("matrix {host}")),
+                trust: trust("matrix", matrix.cacert.as_deref())?,
                 kind: Kind::Matrix(matrix),
             });
         }
@@ -236,6 +243,7 @@ impl RawBackends {
             }
             backends.push(Backend {
                 name: ntfy.name.clone().unwrap_or(format!("ntfy {host}")),
+                trust: trust("ntfy", ntfy.cacert.as_deref())?,
                 kind: Kind::Ntfy(ntfy),
             });
         }
@@ -267,6 +275,7 @@ impl RawBackends {
             }
             backends.push(Backend {
                 name: webhook.name.clone().unwrap_or(format!("webhook {host}")),
+                trust: trust("webhook", webhook.cacert.as_deref())?,
                 kind: Kind::Webhook(webhook),
             });
         }
@@ -280,6 +289,16 @@ fn checked_url(kind: &str, key: &str, url: &str) -> Result<String, String> {
     crate::remote::Url::parse(url, &["http", "https"])
         .map(|url| url.authority)
         .map_err(|why| format!("[[notify.{kind}]]: {key} {why}"))
+}
+
+/// What a backend's https server is checked against: the PEM file of its
+/// `cacert` (read now, with the rest of the file), else the built-in roots.
+fn trust(kind: &str, cacert: Option<&std::path::Path>) -> Result<crate::remote::Trust, String> {
+    match cacert {
+        None => Ok(crate::remote::Trust::builtin()),
+        Some(file) => crate::remote::Trust::from_file(file)
+            .map_err(|why| format!("[[notify.{kind}]]: cacert: {why}")),
+    }
 }
 
 /// A secret must fit in a header.
@@ -965,7 +984,7 @@ impl Notifier {
                 .stack_size(1 << 20)
                 .spawn(move || {
                     let outgoing = backend.request(&message, &namespace, &txn);
-                    let _ = done.send((i, send(&outgoing, timeout)));
+                    let _ = done.send((i, send(&outgoing, &backend.trust, timeout)));
                 });
             if let Err(e) = spawned {
                 results[i] = Some(Outcome::Failed(format!("cannot start a thread: {e}")));
@@ -988,7 +1007,7 @@ impl Notifier {
 }
 
 /// Sends one request and reads its answer's status, within `timeout`.
-fn send(outgoing: &Outgoing, timeout: Duration) -> Outcome {
+fn send(outgoing: &Outgoing, trust: &crate::remote::Trust, timeout: Duration) -> Outcome {
     let url = match crate::remote::Url::parse(&outgoing.url, &["http", "https"]) {
         Ok(url) => url,
         Err(why) => return Outcome::Failed(format!("the URL {why}")),
@@ -996,6 +1015,7 @@ fn send(outgoing: &Outgoing, timeout: Duration) -> Outcome {
     match crate::remote::request(
         outgoing.method,
         &url,
+        trust,
         &outgoing.headers,
         &outgoing.body,
         timeout,
@@ -1189,8 +1209,10 @@ mod tests {
         };
         let matrix = Backend {
             name: "m".to_owned(),
+            trust: crate::remote::Trust::builtin(),
             kind: Kind::Matrix(Matrix {
                 name: None,
+                cacert: None,
                 homeserver: "https://m.org".to_owned(),
                 access_token: "t".to_owned(),
                 room: "!mine:x".to_owned(),

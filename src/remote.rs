@@ -143,11 +143,10 @@ impl Write for Timed {
 
 /// Connects to `url`'s host, trying each of its addresses; with TLS for
 /// https and wss (the handshake happens on the first write or read),
-/// trusting the webpki roots, or only the certificates of the PEM file
-/// `roots` (as curl's `--cacert`). Every
+/// trusting `trust`. Every
 /// step until [`Stream::untimed`] ends within `within` of now, but for the
 /// name's lookup, which the system resolver bounds.
-pub fn connect(url: &Url, within: Duration, roots: Option<&Path>) -> Result<Stream, String> {
+pub fn connect(url: &Url, within: Duration, trust: &Trust) -> Result<Stream, String> {
     let deadline = Instant::now() + within;
     let addresses = (url.host.as_str(), url.port)
         .to_socket_addrs()
@@ -167,7 +166,7 @@ pub fn connect(url: &Url, within: Duration, roots: Option<&Path>) -> Result<Stre
                     deadline: Some(deadline),
                 };
                 return if url.tls {
-                    Stream::tls(timed, &url.host, roots)
+                    Stream::tls(timed, &url.host, trust)
                 } else {
                     Ok(Stream::Plain(timed))
                 };
@@ -185,28 +184,10 @@ pub fn connect(url: &Url, within: Duration, roots: Option<&Path>) -> Result<Stre
 }
 
 impl Stream {
-    /// A TLS connection over `tcp` to `host`, checked against the webpki
-    /// roots (Mozilla's) or those of the PEM file `roots`, with ring,
-    /// rustls's one crypto provider here.
+    /// A TLS connection over `tcp` to `host`, checked against `trust`.
     #[cfg(feature = "tls")]
-    fn tls(tcp: Timed, host: &str, roots: Option<&Path>) -> Result<Stream, String> {
-        use std::sync::{Arc, OnceLock};
-        static WEBPKI: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
-        let client = |roots: rustls::RootCertStore| {
-            Arc::new(
-                rustls::ClientConfig::builder()
-                    .with_root_certificates(roots)
-                    .with_no_client_auth(),
-            )
-        };
-        let config = match roots {
-            None => Arc::clone(WEBPKI.get_or_init(|| {
-                client(rustls::RootCertStore {
-                    roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-                })
-            })),
-            Some(file) => client(read_roots(file)?),
-        };
+    fn tls(tcp: Timed, host: &str, trust: &Trust) -> Result<Stream, String> {
+        let config = trust.config();
         let name = rustls::pki_types::ServerName::try_from(host.to_owned())
             .map_err(|_| "a host TLS cannot check".to_owned())?;
         let connection =
@@ -217,7 +198,7 @@ impl Stream {
     }
 
     #[cfg(not(feature = "tls"))]
-    fn tls(_: Timed, _: &str, _: Option<&Path>) -> Result<Stream, String> {
+    fn tls(_: Timed, _: &str, _: &Trust) -> Result<Stream, String> {
         Err("this patchcord was built without TLS".to_owned())
     }
 
@@ -253,22 +234,69 @@ impl Stream {
     }
 }
 
-/// The certificates of the PEM file `file`, as roots to trust.
-#[cfg(feature = "tls")]
-fn read_roots(file: &Path) -> Result<rustls::RootCertStore, String> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject as _;
-    let shown = file.display();
-    let certificates = CertificateDer::pem_file_iter(file)
-        .map_err(|e| format!("cannot read {shown}: {e}"))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{shown}: {e}"))?;
-    let mut roots = rustls::RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(certificates);
-    if added == 0 {
-        return Err(format!("{shown} holds no certificate to trust"));
+/// The certificates a TLS connection trusts: the webpki roots (Mozilla's,
+/// built in), or only those of a PEM file (as curl's `--cacert`), read
+/// once. TLS is rustls with ring, its one crypto provider here.
+#[derive(Clone, Default)]
+pub struct Trust {
+    #[cfg(feature = "tls")]
+    own: Option<std::sync::Arc<rustls::ClientConfig>>,
+}
+
+impl Trust {
+    /// The built-in roots.
+    pub fn builtin() -> Trust {
+        Trust::default()
     }
-    Ok(roots)
+
+    /// Only the certificates of the PEM file `file`.
+    #[cfg(feature = "tls")]
+    pub fn from_file(file: &Path) -> Result<Trust, String> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject as _;
+        let shown = file.display();
+        let certificates = CertificateDer::pem_file_iter(file)
+            .map_err(|e| format!("cannot read {shown}: {e}"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{shown}: {e}"))?;
+        let mut roots = rustls::RootCertStore::empty();
+        let (added, _) = roots.add_parsable_certificates(certificates);
+        if added == 0 {
+            return Err(format!("{shown} holds no certificate to trust"));
+        }
+        Ok(Trust {
+            own: Some(client_config(roots)),
+        })
+    }
+
+    #[cfg(not(feature = "tls"))]
+    pub fn from_file(_: &Path) -> Result<Trust, String> {
+        Err("this patchcord was built without TLS (cargo feature tls)".to_owned())
+    }
+
+    #[cfg(feature = "tls")]
+    fn config(&self) -> std::sync::Arc<rustls::ClientConfig> {
+        use std::sync::{Arc, OnceLock};
+        static WEBPKI: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+        let builtin = || {
+            WEBPKI.get_or_init(|| {
+                client_config(rustls::RootCertStore {
+                    roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+                })
+            })
+        };
+        Arc::clone(self.own.as_ref().unwrap_or_else(builtin))
+    }
+}
+
+/// A client configuration trusting `roots`.
+#[cfg(feature = "tls")]
+fn client_config(roots: rustls::RootCertStore) -> std::sync::Arc<rustls::ClientConfig> {
+    std::sync::Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
 }
 
 impl Read for Stream {
@@ -305,11 +333,12 @@ impl Write for Stream {
 pub fn request(
     method: &str,
     url: &Url,
+    trust: &Trust,
     headers: &[(String, String)],
     body: &[u8],
     within: Duration,
 ) -> Result<u16, String> {
-    let mut stream = connect(url, within, None)?;
+    let mut stream = connect(url, within, trust)?;
     let mut head = format!(
         "{method} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: patchcord/{}\r\nContent-Length: {}\r\nConnection: close\r\n",
         url.path,

@@ -719,3 +719,63 @@ fn tunnel_through_nginx(name: &str) {
     assert_eq!(&served.join().unwrap(), b"hello");
     server.wait_counter("opened_total", 1);
 }
+
+#[test]
+fn a_notification_reaches_an_https_webhook_that_its_cacert_vouches_for() {
+    let dir = temp_dir("access-notify-tls");
+    let file = dir.join("access.toml");
+    let rules = "[tokens.public]\nPOST = [\"/pubsub/hooked\"]\nGET = [\"/pubsub/hooked\"]\n\
+                 [tokens.ops]\ntoken = \"ops-token\"\nPOST = [\"/_/notify\"]\n";
+    std::fs::write(&file, rules).unwrap();
+    let Some((server, nginx)) = behind_nginx("notify-tls", &["--auth", file.to_str().unwrap()])
+    else {
+        return;
+    };
+    // The webhook: the relay's own pubsub channel, through nginx's HTTPS
+    // (its port is known only now: the file is read again on SIGHUP).
+    let hook = nginx
+        .url("/pubsub/hooked")
+        .replacen("http://", "https://", 1);
+    let notify = |text: &str| {
+        let out = curl(&[
+            "-s",
+            "-H",
+            "Patch-Token: ops-token",
+            "-d",
+            text,
+            &server.url("/_/notify"),
+        ]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let configure = |cacert: &str| {
+        std::fs::write(
+            &file,
+            format!("{rules}[[notify.webhook]]\nurl = \"{hook}\"\n{cacert}"),
+        )
+        .unwrap();
+        server.signal(libc::SIGHUP);
+    };
+    // Without its CA, the webhook's certificate is refused: 502, saying so.
+    configure("");
+    let refused = wait_answer(&notify, "\"failed\"");
+    assert!(refused.contains("certificate"), "{refused}");
+    configure(&format!("cacert = \"{TLS_DIR}/ca.pem\"\n"));
+    wait_answer(&notify, "\"sent\"");
+    let got = curl(&["-s", &server.url("/pubsub/hooked?after=0")]);
+    let got = String::from_utf8_lossy(&got.stdout);
+    assert!(got.contains("\"message\":\"try\""), "{got}");
+}
+
+/// Sends notifications until one's answer contains `needle` (the relay
+/// takes a moment to read its file again), within [`STEP`].
+fn wait_answer(notify: &dyn Fn(&str) -> String, needle: &str) -> String {
+    let deadline = Instant::now() + *STEP;
+    loop {
+        let answer = notify("try");
+        if answer.contains(needle) {
+            return answer;
+        }
+        assert!(Instant::now() < deadline, "no {needle} in time: {answer}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}

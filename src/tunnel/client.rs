@@ -32,7 +32,12 @@ pub fn run(args: TunnelArgs) -> Result<Exit, Error> {
         reason,
     };
     let stop = crate::sys::Flag::on_signals().map_err(Error::Signal)?;
-    let stream = remote::connect(&url, HANDSHAKE_TIMEOUT, args.cacert.as_deref())
+    let trust = match &args.cacert {
+        Some(file) => remote::Trust::from_file(file)
+            .map_err(|why| ConfigError::new(format!("--cacert: {why}")))?,
+        None => remote::Trust::builtin(),
+    };
+    let stream = remote::connect(&url, HANDSHAKE_TIMEOUT, &trust)
         .map_err(|why| failed(format!("cannot connect to {}: {why}", url.authority)))?;
     let _ = crate::sys::keepalive(stream.fd(), Some((30, 10, 3)));
     let websocket = format!(
