@@ -148,7 +148,25 @@ impl Write for Timed {
 /// name's lookup, which the system resolver bounds.
 pub fn connect(url: &Url, within: Duration, trust: &Trust) -> Result<Stream, String> {
     let deadline = Instant::now() + within;
-    let addresses = (url.host.as_str(), url.port)
+    let tcp = dial(&url.host, url.port, within)?;
+    let _ = tcp.set_nodelay(true);
+    let timed = Timed {
+        tcp,
+        deadline: Some(deadline),
+    };
+    if url.tls {
+        Stream::tls(timed, &url.host, trust)
+    } else {
+        Ok(Stream::Plain(timed))
+    }
+}
+
+/// A TCP connection to `host` and `port`, each of its addresses tried in
+/// turn, all within `within` (but for the name's lookup, which the system
+/// resolver bounds). The error is a short reason naming nothing else.
+pub fn dial(host: &str, port: u16, within: Duration) -> Result<TcpStream, String> {
+    let deadline = Instant::now() + within;
+    let addresses = (host, port)
         .to_socket_addrs()
         .map_err(|_| "host not found".to_owned())?;
     let mut last = "host not found".to_owned();
@@ -159,18 +177,7 @@ pub fn connect(url: &Url, within: Duration, trust: &Trust) -> Result<Stream, Str
             break;
         }
         match TcpStream::connect_timeout(&address, left) {
-            Ok(tcp) => {
-                let _ = tcp.set_nodelay(true);
-                let timed = Timed {
-                    tcp,
-                    deadline: Some(deadline),
-                };
-                return if url.tls {
-                    Stream::tls(timed, &url.host, trust)
-                } else {
-                    Ok(Stream::Plain(timed))
-                };
-            }
+            Ok(tcp) => return Ok(tcp),
             Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                 last = format!("no answer within {within:?}");
             }

@@ -10,7 +10,7 @@ pub mod client;
 mod pump;
 
 use std::io;
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ use crate::access::{Access, Denial};
 use crate::error::Reject;
 use crate::http::{Exchange, Head, Method};
 use crate::metrics::Stats;
-use crate::route::{Routed, Target};
+use crate::route::Routed;
 
 /// How long the target has to accept the connection.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -84,11 +84,12 @@ pub fn serve(
         return Err(Reject::bad_request("a WebSocket upgrade has no body"));
     }
     let started = Instant::now();
-    let remote = dial(&target, DIAL_TIMEOUT).map_err(|reason| {
-        stats.tunnel_failed();
-        log::info!("tunnel to {target} ({label}): cannot reach it: {reason}");
-        Reject::new(502, format!("tunnel target {target} unreachable: {reason}"))
-    })?;
+    let remote =
+        crate::remote::dial(&target.host, target.port, DIAL_TIMEOUT).map_err(|reason| {
+            stats.tunnel_failed();
+            log::info!("tunnel to {target} ({label}): cannot reach it: {reason}");
+            Reject::new(502, format!("tunnel target {target} unreachable: {reason}"))
+        })?;
     let mut head = Head::new(101);
     head.header("Upgrade", "websocket")
         .header("Connection", "Upgrade")
@@ -241,34 +242,6 @@ fn has_token(value: &str, token: &str) -> bool {
     value
         .split(',')
         .any(|item| item.trim().eq_ignore_ascii_case(token))
-}
-
-/// Connects to `target`, trying each of its addresses, all within `within`.
-fn dial(target: &Target, within: Duration) -> Result<TcpStream, String> {
-    let deadline = Instant::now() + within;
-    let addresses: Vec<SocketAddr> = (target.host.as_str(), target.port)
-        .to_socket_addrs()
-        .map_err(|_| "host not found".to_owned())?
-        .collect();
-    let mut last = "host not found".to_owned();
-    for address in addresses {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            last = format!("no answer within {within:?}");
-            break;
-        }
-        match TcpStream::connect_timeout(&address, left) {
-            Ok(stream) => return Ok(stream),
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                last = format!("no answer within {within:?}");
-            }
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                last = "connection refused".to_owned();
-            }
-            Err(e) => last = e.kind().to_string(),
-        }
-    }
-    Err(last)
 }
 
 #[cfg(test)]
