@@ -215,11 +215,14 @@ impl RawBackends {
                     ));
                 }
             }
-            backends.push(Backend {
-                name: matrix.name.clone().unwrap_or(format!("matrix {host}")),
-                trust: trust("matrix", matrix.cacert.as_deref())?,
-                kind: Kind::Matrix(matrix),
-            });
+            let (name, cacert) = (matrix.name.clone(), matrix.cacert.clone());
+            backends.push(Backend::new(
+                "matrix",
+                &host,
+                name,
+                cacert,
+                Kind::Matrix(matrix),
+            )?);
         }
         for ntfy in self.ntfy {
             let host = checked_url("ntfy", "server", &ntfy.server)?;
@@ -241,11 +244,8 @@ impl RawBackends {
             if let Some(priority) = &ntfy.priority {
                 priority_of(priority).map_err(|e| format!("[[notify.ntfy]]: {e}"))?;
             }
-            backends.push(Backend {
-                name: ntfy.name.clone().unwrap_or(format!("ntfy {host}")),
-                trust: trust("ntfy", ntfy.cacert.as_deref())?,
-                kind: Kind::Ntfy(ntfy),
-            });
+            let (name, cacert) = (ntfy.name.clone(), ntfy.cacert.clone());
+            backends.push(Backend::new("ntfy", &host, name, cacert, Kind::Ntfy(ntfy))?);
         }
         for webhook in self.webhook {
             let host = checked_url("webhook", "url", &webhook.url)?;
@@ -273,11 +273,14 @@ impl RawBackends {
                     ));
                 }
             }
-            backends.push(Backend {
-                name: webhook.name.clone().unwrap_or(format!("webhook {host}")),
-                trust: trust("webhook", webhook.cacert.as_deref())?,
-                kind: Kind::Webhook(webhook),
-            });
+            let (name, cacert) = (webhook.name.clone(), webhook.cacert.clone());
+            backends.push(Backend::new(
+                "webhook",
+                &host,
+                name,
+                cacert,
+                Kind::Webhook(webhook),
+            )?);
         }
         Ok(backends)
     }
@@ -291,13 +294,27 @@ fn checked_url(kind: &str, key: &str, url: &str) -> Result<String, String> {
         .map_err(|why| format!("[[notify.{kind}]]: {key} {why}"))
 }
 
-/// What a backend's https server is checked against: the PEM file of its
-/// `cacert` (read now, with the rest of the file), else the built-in roots.
-fn trust(kind: &str, cacert: Option<&std::path::Path>) -> Result<crate::remote::Trust, String> {
-    match cacert {
-        None => Ok(crate::remote::Trust::builtin()),
-        Some(file) => crate::remote::Trust::from_file(file)
-            .map_err(|why| format!("[[notify.{kind}]]: cacert: {why}")),
+impl Backend {
+    /// A backend of `kind` at `host`, named `name` (else by its kind and
+    /// host), whose https server is checked against the PEM file `cacert`
+    /// (read now, with the rest of the file), else the built-in roots.
+    fn new(
+        label: &str,
+        host: &str,
+        name: Option<String>,
+        cacert: Option<std::path::PathBuf>,
+        kind: Kind,
+    ) -> Result<Backend, String> {
+        let trust = match cacert {
+            None => crate::remote::Trust::builtin(),
+            Some(file) => crate::remote::Trust::from_file(&file)
+                .map_err(|why| format!("[[notify.{label}]]: cacert: {why}"))?,
+        };
+        Ok(Backend {
+            name: name.unwrap_or_else(|| format!("{label} {host}")),
+            kind,
+            trust,
+        })
     }
 }
 

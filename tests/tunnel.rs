@@ -288,16 +288,7 @@ impl Client {
 
     /// Waits up to `limit` for it to end.
     fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
+        wait_child(&mut self.child, limit)
     }
 
     /// Its stderr, once it has ended.
