@@ -16,7 +16,7 @@ use crate::error::Reject;
 use crate::http::{Common, Exchange, Head, Method};
 use crate::limits::Limits;
 use crate::metrics::{Kind, Observation, Stats};
-use crate::mode::pubsub::Pubsub;
+use crate::mode::pubsub::{Pubsub, Restored};
 use crate::mode::queue::Queues;
 use crate::mode::reqres::ReqRes;
 use crate::mode::{ChannelView, Family};
@@ -53,8 +53,14 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// A relay with no channels yet, checking requests against `access`.
-    pub fn new(config: Config, access: Access) -> Relay {
+    /// A relay with no channels yet (but the pubsub channels `restored`
+    /// from the store's file), checking requests against `access`. Fails
+    /// if the store's writer cannot be started.
+    pub fn new(
+        config: Config,
+        access: Access,
+        restored: Option<Restored>,
+    ) -> std::io::Result<Relay> {
         let stats = Arc::new(Stats::new());
         let queues = Arc::new(Queues::new(
             Arc::clone(&stats),
@@ -76,9 +82,10 @@ impl Relay {
                 config.pubsub.clone(),
                 config.max_wait,
                 config.keepalive,
-            )),
+                restored,
+            )?),
         ];
-        Relay {
+        Ok(Relay {
             common: Common::new(config.cors_origin.as_deref()),
             limits: Limits::new(
                 config.rate,
@@ -93,7 +100,7 @@ impl Relay {
             reqres,
             stopping: AtomicBool::new(false),
             stopped: crate::sys::Flag::new().ok(),
-        }
+        })
     }
 
     /// Re-reads the access file (on SIGHUP).
@@ -114,6 +121,14 @@ impl Relay {
             stopped.raise();
         }
         self.families.iter().map(|family| family.close()).sum()
+    }
+
+    /// Ends what runs beside the requests (the pubsub store's writer, which
+    /// writes what is left), after [`Relay::stop`] and its grace.
+    pub fn finish(&self) {
+        for family in &self.families {
+            family.finish();
+        }
     }
 
     /// Serves a request on a channel, or answers a DELETE across families.

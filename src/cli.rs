@@ -361,6 +361,23 @@ pub struct ServeArgs {
     )]
     pub pubsub_max_message: u64,
 
+    /// Keep every retained pubsub message in this SQLite file too: a
+    /// restarted relay serves them again, and ids continue above them.
+    /// A publish gets its answer once its message is in the file.
+    #[arg(long, env = "PATCHCORD_STORE", value_name = "FILE")]
+    pub store: Option<std::path::PathBuf>,
+
+    /// How the store's commits reach the disk: `normal` survives the relay
+    /// being killed, `full` (an fsync per commit) a power cut too.
+    #[arg(
+        long,
+        env = "PATCHCORD_STORE_SYNC",
+        default_value = "normal",
+        value_parser = ["normal", "full"],
+        value_name = "LEVEL"
+    )]
+    pub store_sync: String,
+
     /// Seconds of silence after which a streaming subscription (SSE, NDJSON)
     /// gets a keepalive, so that proxies keep it open.
     #[arg(

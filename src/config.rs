@@ -42,6 +42,9 @@ pub struct Config {
     pub log_level: log::LevelFilter,
     /// The access file, read by `access.rs` (at start and on SIGHUP).
     pub auth: Option<PathBuf>,
+    /// The pubsub store's file (`--store`), and how its commits are synced.
+    pub store: Option<PathBuf>,
+    pub store_sync: crate::store::Sync,
     /// The key hook secrets are signed with.
     pub hook_key: HookKey,
     /// Requests per client address, when limited.
@@ -189,6 +192,12 @@ impl Config {
             cors_origin,
             log_level: level,
             auth: args.auth,
+            store: args.store.filter(|path| !path.as_os_str().is_empty()),
+            store_sync: if args.store_sync == "full" {
+                crate::store::Sync::Full
+            } else {
+                crate::store::Sync::Normal
+            },
             hook_key,
             rate,
             trust_proxy: trust_proxy(args.trust_proxy.as_deref().unwrap_or(""))?,

@@ -44,6 +44,8 @@ pub enum Error {
     Spawn(io::Error),
     /// The access file (`--auth`) is unreadable or wrong.
     Access(crate::access::FileError),
+    /// The pubsub store (`--store`) cannot be opened or read back.
+    Store(crate::store::OpenError),
     /// `patchcord fifo` could not start.
     Fifo(crate::fifo::Failed),
     /// `patchcord listen` or `work` could not go on.
@@ -75,6 +77,7 @@ impl fmt::Display for Error {
             Error::Logger(_) => write!(f, "cannot install the logger"),
             Error::Spawn(_) => write!(f, "cannot start the accept thread"),
             Error::Access(error) => write!(f, "{error}"),
+            Error::Store(error) => write!(f, "{error}"),
             Error::Random(_) => write!(f, "cannot read random bytes"),
             Error::Fifo(error) => write!(f, "fifo: {error}"),
             Error::Client { command, reason } => write!(f, "{command}: {reason}"),
@@ -91,7 +94,7 @@ impl std::error::Error for Error {
             Error::Signal(source) => Some(source),
             Error::Logger(source) => Some(source),
             Error::Spawn(source) => Some(source),
-            Error::Access(_) => None,
+            Error::Access(_) | Error::Store(_) => None,
             Error::Random(source) => Some(source),
             Error::Fifo(_) | Error::Client { .. } => None,
         }

@@ -17,6 +17,7 @@
 //! - `registry.rs`: channel key → channel state, for every family
 //! - `mailbox.rs`: how a thread waits for word from another
 //! - `mode/`: the channel families (`handoff.rs`, `queue.rs`, `pubsub/`)
+//! - `store.rs`: the pubsub store's SQLite file (`--store`)
 //! - `metrics.rs`: the counters, and the one observation of each request
 //! - `error.rs`: fatal errors, per-request refusals, exit statuses
 
@@ -43,6 +44,7 @@ mod registry;
 mod remote;
 mod route;
 mod server;
+mod store;
 mod sys;
 mod tunnel;
 mod work;
@@ -93,7 +95,23 @@ fn serve(args: cli::ServeArgs) -> Result<Exit, Error> {
             "no --secret-key-file or PATCHCORD_SECRET_KEY: hook secrets (/h, /r) will not survive a restart"
         );
     }
-    server::run(config, access)?;
+    let restored = match &config.store {
+        Some(path) => {
+            let started = std::time::Instant::now();
+            let restored = mode::pubsub::restore(path, config.store_sync, &config.pubsub)
+                .map_err(Error::Store)?;
+            log::info!(
+                "store {}: {} messages on {} channels read back in {:.0?}",
+                path.display(),
+                restored.messages,
+                restored.channels,
+                started.elapsed()
+            );
+            Some(restored)
+        }
+        None => None,
+    };
+    server::run(config, access, restored)?;
     Ok(Exit::Clean)
 }
 

@@ -5,7 +5,7 @@
 //! writes the debug access line.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::route::Mode;
@@ -107,6 +107,29 @@ pub struct Stats {
     /// Notifications a backend accepted, and refused or never answered.
     notify_sent: AtomicU64,
     notify_failed: AtomicU64,
+    /// The pubsub store's file (`--store`).
+    store: StoreFigures,
+}
+
+/// Upper bounds (seconds) of the store's commit-latency histogram buckets.
+const COMMIT_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// The pubsub store's figures, written by its writer thread; shown only
+/// once it has written them (with `--store`).
+#[derive(Default)]
+struct StoreFigures {
+    enabled: AtomicBool,
+    bytes: AtomicU64,
+    rows: AtomicU64,
+    commits: AtomicU64,
+    failed: AtomicU64,
+    /// Commit latency: the sum and the last, in microseconds, and how many
+    /// commits took at most each of [`COMMIT_BUCKETS`] (not cumulative).
+    commit_micros: AtomicU64,
+    last_commit_micros: AtomicU64,
+    buckets: [AtomicU64; COMMIT_BUCKETS.len()],
 }
 
 impl Default for Stats {
@@ -146,6 +169,7 @@ impl Stats {
             tunnel_from_target: AtomicU64::new(0),
             notify_sent: AtomicU64::new(0),
             notify_failed: AtomicU64::new(0),
+            store: StoreFigures::default(),
         }
     }
 
@@ -298,6 +322,33 @@ impl Stats {
         self.pairs.load(Ordering::Relaxed)
     }
 
+    /// The store's file is `bytes` large and holds `rows` messages.
+    pub fn store_written(&self, bytes: u64, rows: u64) {
+        self.store.enabled.store(true, Ordering::Relaxed);
+        self.store.bytes.store(bytes, Ordering::Relaxed);
+        self.store.rows.store(rows, Ordering::Relaxed);
+    }
+
+    /// A commit to the store's file took `took`.
+    pub fn store_committed(&self, took: Duration) {
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let store = &self.store;
+        store.commits.fetch_add(1, Ordering::Relaxed);
+        store.commit_micros.fetch_add(micros, Ordering::Relaxed);
+        store.last_commit_micros.store(micros, Ordering::Relaxed);
+        if let Some(bucket) = COMMIT_BUCKETS
+            .iter()
+            .position(|&le| took.as_secs_f64() <= le)
+        {
+            store.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A commit to the store's file failed.
+    pub fn store_failed(&self) {
+        self.store.failed.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Pubsub messages published so far.
     pub fn published_count(&self) -> u64 {
         self.published.load(Ordering::Relaxed)
@@ -386,13 +437,28 @@ impl Stats {
         );
         let _ = write!(
             out,
-            "\"pubsub\":{{\"published_total\":{},\"delivered_total\":{},\"evicted_total\":{},\"streams\":{},\"streams_total\":{}}}}}",
+            "\"pubsub\":{{\"published_total\":{},\"delivered_total\":{},\"evicted_total\":{},\"streams\":{},\"streams_total\":{}}}",
             load(&self.published),
             load(&self.delivered),
             load(&self.evicted),
             self.streams.load(Ordering::Relaxed),
             load(&self.streams_total)
         );
+        let store = &self.store;
+        if store.enabled.load(Ordering::Relaxed) {
+            let commits = load(&store.commits);
+            let _ = write!(
+                out,
+                ",\"store\":{{\"bytes\":{},\"rows\":{},\"commits_total\":{},\"failed_total\":{},\"commit_seconds_mean\":{:.6},\"commit_seconds_last\":{:.6}}}",
+                load(&store.bytes),
+                load(&store.rows),
+                commits,
+                load(&store.failed),
+                load(&store.commit_micros) as f64 / 1e6 / commits.max(1) as f64,
+                load(&store.last_commit_micros) as f64 / 1e6
+            );
+        }
+        out.push('}');
         out
     }
 }
@@ -571,6 +637,7 @@ impl Stats {
             out.family(name, kind, help);
             out.sample(name, &[], value);
         }
+        self.store.expose(&mut out);
         let process = Process::read();
         let start = self
             .started_at
@@ -644,6 +711,57 @@ impl Exposition {
 
     fn sample_f64(&mut self, name: &str, value: f64) {
         let _ = writeln!(self.0, "{name} {value}");
+    }
+}
+
+impl StoreFigures {
+    /// The store's families, with `--store` only.
+    fn expose(&self, out: &mut Exposition) {
+        if !self.enabled.load(Ordering::Relaxed) {
+            return;
+        }
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        for (name, kind, help, value) in [
+            (
+                "patchcord_store_bytes",
+                "gauge",
+                "Bytes of the pubsub store's file and its WAL.",
+                load(&self.bytes),
+            ),
+            (
+                "patchcord_store_rows",
+                "gauge",
+                "Messages in the pubsub store's file.",
+                load(&self.rows),
+            ),
+            (
+                "patchcord_store_failures_total",
+                "counter",
+                "Commits to the pubsub store that failed (their publishers got 507 or 503).",
+                load(&self.failed),
+            ),
+        ] {
+            out.family(name, kind, help);
+            out.sample(name, &[], value);
+        }
+        let name = "patchcord_store_commit_seconds";
+        out.family(
+            name,
+            "histogram",
+            "Time to commit a group of messages to the pubsub store.",
+        );
+        let mut cumulative = 0;
+        for (le, bucket) in COMMIT_BUCKETS.iter().zip(&self.buckets) {
+            cumulative += load(bucket);
+            let _ = writeln!(out.0, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let commits = load(&self.commits);
+        let _ = writeln!(out.0, "{name}_bucket{{le=\"+Inf\"}} {commits}");
+        out.sample_f64(
+            &format!("{name}_sum"),
+            load(&self.commit_micros) as f64 / 1e6,
+        );
+        out.sample(&format!("{name}_count"), &[], commits);
     }
 }
 

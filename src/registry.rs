@@ -84,6 +84,16 @@ impl<C> std::ops::DerefMut for Guard<'_, C> {
 }
 
 impl<C: Channels> Registry<C> {
+    /// A registry holding `channels` (read back from somewhere).
+    pub fn new(channels: C) -> Registry<C> {
+        Registry {
+            inner: Mutex::new(Inner {
+                channels,
+                closed: false,
+            }),
+        }
+    }
+
     fn lock_inner(&self) -> MutexGuard<'_, Inner<C>> {
         self.inner
             .lock()

@@ -29,6 +29,7 @@ use crate::error::{Error, Reject};
 use crate::http::request::{HeadError, HeadTimeouts, read_head};
 use crate::http::{Conn, Exchange, refuse};
 use crate::mailbox::{Mailbox, Poster};
+use crate::mode::pubsub::Restored;
 
 /// Stack size of connection threads: small so that 32-bit Pis can hold
 /// thousands of waiters; nothing on a connection thread recurses or keeps
@@ -45,7 +46,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 /// then answers every waiter with 503 and returns (the process then exits 0).
 /// A second signal exits at once with status 1. SIGHUP re-reads the access
 /// file (`systemctl reload`).
-pub fn run(config: Config, access: Access) -> Result<(), Error> {
+pub fn run(config: Config, access: Access, restored: Option<Restored>) -> Result<(), Error> {
     raise_open_files_limit(config.max_connections);
     // Registered before anything else: a signal from now on is kept until
     // the thread below takes it.
@@ -65,7 +66,7 @@ pub fn run(config: Config, access: Access) -> Result<(), Error> {
         env!("CARGO_PKG_VERSION")
     );
 
-    let relay = Arc::new(Relay::new(config, access));
+    let relay = Arc::new(Relay::new(config, access, restored).map_err(Error::Spawn)?);
     let (stop_tx, stop_rx) = bounded::<()>(1);
     let signalled = Arc::clone(&relay);
     thread::Builder::new()
@@ -105,6 +106,7 @@ fn shut_down(relay: &Relay) {
     while relay.stats.busy.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(10));
     }
+    relay.finish();
     log::info!("stopped");
 }
 

@@ -204,6 +204,59 @@ impl Envelope {
                 .map(|(name, value)| name.len() + value.len() + 48)
                 .sum::<usize>()
     }
+
+    /// The envelope as bytes, for the store's file (`store.rs`): each field
+    /// as its name and value, each preceded by its length (u32, little
+    /// endian): `Content-Type`, then `Content-Encoding` and
+    /// `Content-Disposition` if set, then each relayed header as `H-<Name>`.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.size());
+        let mut field = |name: &str, value: &[u8]| {
+            for part in [name.as_bytes(), value] {
+                let len = u32::try_from(part.len()).unwrap_or(u32::MAX);
+                out.extend_from_slice(&len.to_le_bytes());
+                out.extend_from_slice(&part[..len as usize]);
+            }
+        };
+        field("Content-Type", self.content_type.as_bytes());
+        if let Some(encoding) = &self.encoding {
+            field("Content-Encoding", encoding);
+        }
+        if let Some(disposition) = &self.disposition {
+            field("Content-Disposition", disposition);
+        }
+        for (name, value) in &self.relayed {
+            field(&format!("H-{name}"), value);
+        }
+        out
+    }
+
+    /// The envelope [`Envelope::to_bytes`] wrote; None if `bytes` are not one.
+    pub fn from_bytes(mut bytes: &[u8]) -> Option<Envelope> {
+        fn take<'b>(bytes: &mut &'b [u8]) -> Option<&'b [u8]> {
+            let (len, rest) = bytes.split_first_chunk::<4>()?;
+            let len = usize::try_from(u32::from_le_bytes(*len)).ok()?;
+            let part = rest.get(..len)?;
+            *bytes = &rest[len..];
+            Some(part)
+        }
+        let mut envelope = Envelope::default();
+        let mut content_type = None;
+        while !bytes.is_empty() {
+            let name = std::str::from_utf8(take(&mut bytes)?).ok()?.to_owned();
+            let value = take(&mut bytes)?.to_vec();
+            match name.as_str() {
+                "Content-Type" => content_type = Some(String::from_utf8(value).ok()?),
+                "Content-Encoding" => envelope.encoding = Some(value),
+                "Content-Disposition" => envelope.disposition = Some(value),
+                _ => envelope
+                    .relayed
+                    .push((name.strip_prefix("H-")?.to_owned(), value)),
+            }
+        }
+        envelope.content_type = content_type?;
+        Some(envelope)
+    }
 }
 
 #[cfg(test)]
@@ -236,5 +289,23 @@ mod tests {
         ] {
             assert!(!is_relayed(name), "{name}");
         }
+    }
+
+    #[test]
+    fn an_envelope_comes_back_from_its_bytes() {
+        let envelope = Envelope {
+            content_type: "text/plain; charset=utf-8".to_owned(),
+            encoding: Some(b"gzip".to_vec()),
+            disposition: None,
+            relayed: vec![
+                ("Title".to_owned(), "caf\u{e9}".as_bytes().to_vec()),
+                ("X-Raw".to_owned(), vec![0xff, b'a']),
+            ],
+        };
+        let bytes = envelope.to_bytes();
+        assert_eq!(Envelope::from_bytes(&bytes), Some(envelope));
+        assert_eq!(Envelope::from_bytes(&bytes[..bytes.len() - 1]), None);
+        assert_eq!(Envelope::from_bytes(b"junk"), None);
+        assert_eq!(Envelope::from_bytes(b""), None);
     }
 }

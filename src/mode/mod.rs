@@ -48,6 +48,10 @@ pub trait Family: Send + Sync {
     /// Closes every channel for shutdown; returns how many waiters were answered.
     fn close(&self) -> usize;
 
+    /// Ends what runs beside the requests (the store's writer), once the
+    /// requests in progress are done or given up on.
+    fn finish(&self) {}
+
     /// The channels that exist now, with who waits on them.
     fn channels(&self) -> Vec<ChannelView>;
 }

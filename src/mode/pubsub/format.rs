@@ -298,6 +298,7 @@ mod tests {
         Message::new(
             7,
             UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            std::time::Instant::now(),
             Envelope {
                 content_type: "text/plain".into(),
                 encoding: None,

@@ -3,6 +3,8 @@
 //! comes back with a cursor (`?after=ID`, `Last-Event-ID`) misses nothing.
 //!
 //! - `store.rs`: what channels keep (pure: retention, ids, cursors)
+//! - `journal.rs`: with `--store`, the writer that puts messages in the
+//!   store's file before memory shows them
 //! - `stream.rs`: the writing side of a streaming subscription
 //! - `format.rs`: raw, SSE and NDJSON encodings of messages
 //!
@@ -16,8 +18,11 @@
 //!   told how many messages it missed.
 
 pub mod format;
+mod journal;
 pub mod store;
 mod stream;
+
+pub use journal::{Restored, restore};
 
 use std::io::{self, Read};
 use std::sync::Arc;
@@ -35,11 +40,15 @@ use crate::mode::{ChannelView, Family, deadline, short, took};
 use crate::registry::{Guard, Registry};
 use crate::route::{Action, CHANNEL_METHODS, Channel, Mode, Query, Routed};
 use format::Format;
+use journal::Journal;
 use store::{Feed, Store, Waiter, Wake};
 
 /// Every pubsub channel.
 pub struct Pubsub {
-    registry: Registry<Store>,
+    /// Shared with the journal's writer, which places messages in it.
+    registry: Arc<Registry<Store>>,
+    /// With `--store`: writes each message to the file before it is published.
+    journal: Option<Journal>,
     limits: PubsubLimits,
     max_wait: Option<Duration>,
     keepalive: Duration,
@@ -48,21 +57,37 @@ pub struct Pubsub {
 }
 
 impl Pubsub {
-    /// No channels yet.
+    /// The channels `restored` from the store's file (and a writer for it),
+    /// or none yet.
     pub fn new(
         stats: Arc<Stats>,
         limits: PubsubLimits,
         max_wait: Option<Duration>,
         keepalive: Duration,
-    ) -> Pubsub {
-        Pubsub {
-            registry: Registry::default(),
+        restored: Option<Restored>,
+    ) -> std::io::Result<Pubsub> {
+        let (registry, journal) = match restored {
+            Some(restored) => {
+                let registry = Arc::new(Registry::new(restored.store));
+                let journal = Journal::start(
+                    restored.disk,
+                    Arc::clone(&registry),
+                    limits.clone(),
+                    Arc::clone(&stats),
+                )?;
+                (registry, Some(journal))
+            }
+            None => (Arc::default(), None),
+        };
+        Ok(Pubsub {
+            registry,
+            journal,
             limits,
             max_wait,
             keepalive,
             next_subscriber: AtomicU64::new(1),
             stats,
-        }
+        })
     }
 
     /// The store, locked and refreshed (expired messages evicted), unless closed.
@@ -117,7 +142,10 @@ impl Pubsub {
             return Err(too_large());
         }
         let bytes = body.len();
-        let published = self.open()?.publish(key, envelope, body, &self.limits);
+        let published = match &self.journal {
+            Some(journal) => journal.publish(key, envelope, body)?,
+            None => self.open()?.publish(key, envelope, body, &self.limits),
+        };
         let id = published.id;
         self.stats.published();
         self.stats.evicted(published.evicted as u64);
@@ -305,9 +333,17 @@ impl Family for Pubsub {
         self.end(self.registry.remove_under(prefix), reject)
     }
 
-    /// Waiters get 503, streams end.
+    /// Waiters get 503, streams end. The store's file keeps every message.
     fn close(&self) -> usize {
+        self.registry.lock_even_closed().track_drops(false);
         self.end(self.registry.close(), &Reject::shutting_down()).1
+    }
+
+    /// Writes what is left to the store's file and closes it.
+    fn finish(&self) {
+        if let Some(journal) = &self.journal {
+            journal.finish();
+        }
     }
 
     /// Hook channels (`/h/<name>`, `/r/<name>`) are capabilities, never listed.

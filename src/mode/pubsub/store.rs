@@ -38,6 +38,11 @@ pub struct Store {
     next_seq: u64,
     /// The largest id given so far: a new history starts above it.
     last_id: u64,
+    /// Whether evictions and deletions are noted in `drops` (with `--store`).
+    tracking: bool,
+    /// What the store's file must lose: per channel, the newest id that
+    /// left memory (evicted, or the channel deleted). Taken by the journal.
+    drops: HashMap<String, u64>,
 }
 
 /// One pubsub channel: its history on this server and its subscribers.
@@ -50,6 +55,9 @@ pub struct Feed {
     retained: VecDeque<Arc<Message>>,
     /// Bytes of `retained`.
     bytes: usize,
+    /// Ids reserved for messages being written to the store's file: they
+    /// keep the channel from being forgotten until they are placed.
+    pending: usize,
     /// One-shot GETs waiting for the next message.
     waiters: Vec<Waiter>,
     /// Streaming subscriptions.
@@ -117,12 +125,19 @@ pub struct Pulled {
 }
 
 impl Message {
-    /// A message not yet given a place in a channel.
-    pub fn new(id: u64, time: SystemTime, envelope: Envelope, body: Vec<u8>) -> Message {
+    /// A message not yet given a place in a channel, published at `time`
+    /// (`published` on the monotonic clock, which retention by age reads).
+    pub fn new(
+        id: u64,
+        time: SystemTime,
+        published: Instant,
+        envelope: Envelope,
+        body: Vec<u8>,
+    ) -> Message {
         Message {
             id,
             seq: 0,
-            published: Instant::now(),
+            published,
             cost: body.len() + envelope.size() + 128,
             time,
             envelope,
@@ -138,13 +153,17 @@ impl Feed {
             next_id: base,
             retained: VecDeque::new(),
             bytes: 0,
+            pending: 0,
             waiters: Vec::new(),
             listeners: Vec::new(),
         }
     }
 
     fn is_idle(&self) -> bool {
-        self.retained.is_empty() && self.waiters.is_empty() && self.listeners.is_empty()
+        self.retained.is_empty()
+            && self.pending == 0
+            && self.waiters.is_empty()
+            && self.listeners.is_empty()
     }
 
     /// The newest id given in this history (`base - 1` before the first).
@@ -184,6 +203,7 @@ impl Channels for Store {
         if let Some(message) = feed.retained.front() {
             self.oldest.remove(&message.seq);
         }
+        self.drop_upto(key, feed.newest());
         self.bytes -= feed.bytes;
         Some(feed)
     }
@@ -225,12 +245,55 @@ impl Store {
         body: Vec<u8>,
         limits: &PubsubLimits,
     ) -> Published {
-        let seq = self.next_seq;
-        self.next_seq += 1;
+        let id = self.reserve(key);
+        let message = Message::new(id, SystemTime::now(), Instant::now(), envelope, body);
+        self.place(key, message, limits)
+    }
+
+    /// Gives channel `key`'s next id to a message that is yet to be
+    /// [placed](Store::place) (or [released](Store::release)): the journal
+    /// writes it to the store's file in between, and memory shows it only
+    /// once it is there.
+    pub fn reserve(&mut self, key: &str) -> u64 {
         let feed = self.feed(key);
         let id = feed.next_id;
         feed.next_id += 1;
-        let mut message = Message::new(id, SystemTime::now(), envelope, body);
+        feed.pending += 1;
+        self.last_id = self.last_id.max(id);
+        id
+    }
+
+    /// Gives back id `id` of channel `key`, whose message could not be
+    /// written; the newest reservation first, so that ids stay consecutive.
+    pub fn release(&mut self, key: &str, id: u64) {
+        if let Some(feed) = self.feeds.get_mut(key) {
+            feed.pending = feed.pending.saturating_sub(1);
+            if feed.next_id == id + 1 {
+                feed.next_id = id;
+            }
+            self.forget_if_idle(key);
+        }
+    }
+
+    /// Whether `id` may follow channel `key`'s messages (ids increase).
+    pub fn follows(&self, key: &str, id: u64) -> bool {
+        self.feeds.get(key).is_none_or(|feed| id >= feed.next_id)
+    }
+
+    /// Retains `message` (with an id from [`Store::reserve`], or read back
+    /// from the store's file) in channel `key` within `limits`, and says
+    /// who is to be told.
+    pub fn place(&mut self, key: &str, message: Message, limits: &PubsubLimits) -> Published {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let id = message.id;
+        let feed = self
+            .feeds
+            .entry(key.to_owned())
+            .or_insert_with(|| Feed::new(id));
+        feed.pending = feed.pending.saturating_sub(1);
+        feed.next_id = feed.next_id.max(id + 1);
+        let mut message = message;
         message.seq = seq;
         message.cost += 2 * key.len();
         let message = Arc::new(message);
@@ -266,6 +329,47 @@ impl Store {
             // Without a cursor, or on a channel with no history, the next
             // message is the one to wait for, and nothing was missed.
             _ => (None, 0),
+        }
+    }
+
+    /// The largest id given so far.
+    pub fn last_id(&self) -> u64 {
+        self.last_id
+    }
+
+    /// Raises the largest id given so far to `id` (read back from the
+    /// store's file), so that new histories start above it.
+    pub fn given(&mut self, id: u64) {
+        self.last_id = self.last_id.max(id);
+    }
+
+    /// Notes from now on what leaves memory, for the store's file to lose
+    /// it too ([`Store::take_drops`]); `false` stops noting (shutdown takes
+    /// every channel out of memory, not out of the file).
+    pub fn track_drops(&mut self, on: bool) {
+        self.tracking = on;
+    }
+
+    /// What the store's file must lose since the last call: per channel,
+    /// the newest id that left memory.
+    pub fn take_drops(&mut self) -> Vec<(String, u64)> {
+        self.drops.drain().collect()
+    }
+
+    /// Gives back drops taken by [`Store::take_drops`] that the file could
+    /// not lose yet, for the next commit.
+    pub fn keep_drops(&mut self, drops: Vec<(String, u64)>) {
+        for (key, upto) in drops {
+            let newest = self.drops.entry(key).or_default();
+            *newest = (*newest).max(upto);
+        }
+    }
+
+    /// Notes that channel `key`'s messages up to id `upto` left memory.
+    fn drop_upto(&mut self, key: &str, upto: u64) {
+        if self.tracking {
+            let newest = self.drops.entry(key.to_owned()).or_default();
+            *newest = (*newest).max(upto);
         }
     }
 
@@ -359,6 +463,7 @@ impl Store {
         } else if feed.is_idle() {
             self.feeds.remove(key);
         }
+        self.drop_upto(key, message.id);
         true
     }
 
