@@ -3,7 +3,8 @@
 # and Raspberry Pi OS released with) and, with `cross`, what building and
 # running patchcord for the Raspberry Pi needs on an x86_64 Debian 12
 # machine: gcc cross compilers and C libraries for armhf and arm64,
-# qemu-user-static, and the Rust standard library of both ARM targets,
+# qemu-user-static, libsqlite3 for both (in target/cross/sysroot), and the
+# Rust standard library of both ARM targets,
 # extracted from Debian's packages (installing the :armhf packages would pull
 # libllvm and can fail on multiarch version skew; the rlibs are all a build
 # needs).
@@ -125,4 +126,34 @@ if [ ${#stale[@]} -gt 0 ]; then
     echo "$V" | as_root tee "$rustlib/$target/patchcord-version" >/dev/null
   done
 fi
+
+# libsqlite3 for each architecture (the pubsub store links the system's, as
+# Raspberry Pi OS ships it), extracted from Debian's packages into
+# $SYSROOT/<arch> beside the build: the linker finds it there and qemu-user
+# loads it from there (LD_LIBRARY_PATH in the runner). Never installed as
+# :armhf/:arm64 packages, which would replace the host's multiarch files.
+SYSROOT=${PATCHCORD_PI_SYSROOT:-target/cross/sysroot}
+for arch in armhf arm64; do
+  want=$(apt-cache policy "libsqlite3-dev:$arch" 2>/dev/null | awk '/Candidate:/ {print $2}')
+  if [ -z "$want" ] || [ "$want" = "(none)" ]; then
+    apt_update
+    want=$(apt-cache policy "libsqlite3-dev:$arch" | awk '/Candidate:/ {print $2}')
+  fi
+  [ -n "$want" ] && [ "$want" != "(none)" ] || fail "no libsqlite3-dev:$arch in the archive"
+  [ "$(cat "$SYSROOT/$arch/patchcord-version" 2>/dev/null)" = "$want" ] && continue
+  echo "pi-toolchain: extracting libsqlite3 $want for $arch into $SYSROOT/$arch"
+  work=$(mktemp -d)
+  chown _apt "$work" 2>/dev/null || true
+  (
+    cd "$work"
+    apt-get download -qq "libsqlite3-dev:$arch=$want" "libsqlite3-0:$arch=$want" \
+      || fail "could not download libsqlite3-dev:$arch $want"
+    for deb in *.deb; do dpkg -x "$deb" root; done
+  )
+  rm -rf "${SYSROOT:?}/$arch"
+  mkdir -p "$SYSROOT"
+  cp -r "$work/root" "$SYSROOT/$arch"
+  rm -rf "$work"
+  echo "$want" > "$SYSROOT/$arch/patchcord-version"
+done
 echo "pi-toolchain: ready ($(/usr/bin/rustc --version); ${TARGETS[*]})"
