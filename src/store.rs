@@ -340,6 +340,12 @@ impl Disk {
         let transaction = self.connection.transaction()?;
         let mut deleted = 0;
         {
+            // Deletes first: the pages they free serve the inserts.
+            let mut delete =
+                transaction.prepare("DELETE FROM messages WHERE channel = ?1 AND id <= ?2")?;
+            for (channel, upto) in dropped {
+                deleted += delete.execute(params![channel, sql_int(*upto)])? as u64;
+            }
             let mut insert = transaction.prepare(
                 "INSERT INTO messages (channel, id, time, envelope, body) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
@@ -351,11 +357,6 @@ impl Disk {
                     message.envelope.to_bytes(),
                     message.body,
                 ])?;
-            }
-            let mut delete =
-                transaction.prepare("DELETE FROM messages WHERE channel = ?1 AND id <= ?2")?;
-            for (channel, upto) in dropped {
-                deleted += delete.execute(params![channel, sql_int(*upto)])? as u64;
             }
             transaction.execute(
                 "UPDATE meta SET value = max(value, ?1) WHERE key = 'last_id'",

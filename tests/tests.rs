@@ -19,5 +19,6 @@ mod proxy;
 mod pubsub;
 mod queue;
 mod reqres;
+mod store;
 mod tunnel;
 mod work;

@@ -35,9 +35,9 @@ use crate::store::{Disk, OpenError, Sync, WriteError, Written};
 /// The most messages one commit takes.
 const GROUP: usize = 512;
 
-/// How often an idle writer looks for rows to delete (messages that
+/// How often an idle writer looks for rows to delete (messages evicted or
 /// expired, channels deleted) when nothing is published.
-const TICK: Duration = Duration::from_secs(5);
+const TICK: Duration = Duration::from_secs(1);
 
 /// The store, read back: the file and what memory holds of it.
 pub struct Restored {
@@ -78,6 +78,9 @@ pub fn restore(path: &Path, sync: Sync, limits: &PubsubLimits) -> Result<Restore
     let last_id = disk.restore(|row| {
         let age = now.0.duration_since(row.time).unwrap_or_default();
         if age >= limits.retain_age {
+            // Older than the retention allows now: it leaves the file too
+            // (with the channel's older ones) at the first commit.
+            store.keep_drops(vec![(row.channel, row.id)]);
             return;
         }
         if !store.follows(&row.channel, row.id) {
@@ -216,6 +219,9 @@ impl Writer {
     fn write(&mut self, group: Vec<Entry>) {
         let (ids, drops, last_id) = {
             let mut store = self.registry.lock_even_closed();
+            // Expired messages leave the file with this commit.
+            let evicted = store.expire(Instant::now(), self.limits.retain_age);
+            self.stats.evicted(evicted as u64);
             let ids: Vec<u64> = group.iter().map(|e| store.reserve(&e.key)).collect();
             (ids, store.take_drops(), store.last_id())
         };
