@@ -2247,6 +2247,155 @@ fn tunnel_idle(report: &mut Report, target: &Target, count: usize) {
 /// Whether this harness runs under qemu-user: started through a runner, or
 /// built for ARM but seeing an x86 CPU (binfmt_misc with qemu 7, which does
 /// not fake /proc/cpuinfo for ARM), or given qemu's QEMU_LD_PREFIX.
+/// A fresh store file for a scenario, in the temporary directory.
+fn store_path(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "patchcord-bench-store-{}-{name}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("store: directory");
+    dir.join("pubsub.db")
+}
+
+/// Pubsub publishing, with or without `--store`: `publishers` keep-alive
+/// clients each publish 64-byte messages to a channel of their own, one
+/// after the other, for `duration` (the store's writer sees them together).
+fn publish(
+    report: &mut Report,
+    target: &Target,
+    store: bool,
+    publishers: usize,
+    duration: Duration,
+) {
+    let kind = if store { "--store" } else { "memory" };
+    let scenario = format!("publish, {kind}, {publishers} publishers");
+    let ready = Arc::new(Barrier::new(publishers + 1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..publishers)
+        .map(|i| {
+            let (ready, stop, addr) = (ready.clone(), stop.clone(), target.addr);
+            thread::spawn(move || -> (Vec<Duration>, u64) {
+                let mut client = Client::new(addr).expect("connect");
+                let path = format!("/bench/pubsub/publish/{i}");
+                let body = [b'x'; 64];
+                let (mut latencies, mut failed) = (Vec::new(), 0);
+                ready.wait();
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    let ok = client.send(&post(&path, &body, false)).is_ok()
+                        && client.response().is_ok_and(|(status, _)| status == 200);
+                    if !ok {
+                        failed += 1;
+                        break;
+                    }
+                    latencies.push(t.elapsed());
+                }
+                (latencies, failed)
+            })
+        })
+        .collect();
+    ready.wait();
+    let cpu_before = cpu_us(target.pid);
+    let started = Instant::now();
+    thread::sleep(duration);
+    stop.store(true, Ordering::Relaxed);
+    let mut latencies = Vec::new();
+    let mut failed = 0;
+    for client in clients {
+        let (mine, lost) = client.join().expect("publisher");
+        latencies.extend(mine);
+        failed += lost;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_us(target.pid).saturating_sub(cpu_before) as f64;
+    latencies.sort();
+    let count = latencies.len() as f64;
+    report.add(&scenario, "publishes/s", count / elapsed, "/s");
+    report.add(
+        &scenario,
+        "publish p50",
+        percentile(&latencies, 0.5).as_secs_f64() * 1e3,
+        "ms",
+    );
+    report.add(
+        &scenario,
+        "publish p99",
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+        "ms",
+    );
+    report.add(
+        &scenario,
+        "server CPU per publish",
+        cpu / count.max(1.0),
+        "µs",
+    );
+    report.add(&scenario, "failed publishes", failed as f64, "");
+}
+
+/// Start-up with `messages` stored messages: they are published (on 100
+/// channels) to a relay on a new store, which is stopped; then the time
+/// from starting a relay on the file to its `listening on` line, which it
+/// prints once everything is read back.
+fn store_startup(report: &mut Report, messages: usize, limit: Duration) {
+    let scenario = format!("start-up, {messages} stored messages");
+    let file = store_path("startup");
+    let file_arg = file.to_string_lossy().into_owned();
+    let mut args: Vec<String> = vec!["--store".into(), file_arg];
+    args.extend(retain_all(messages));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    {
+        let target = start_patchcord(&args);
+        let writers: Vec<_> = (0..50)
+            .map(|i| {
+                let addr = target.addr;
+                thread::spawn(move || {
+                    let mut client = Client::new(addr).expect("connect");
+                    for n in (i..messages).step_by(50) {
+                        let path = format!("/bench/pubsub/startup/{}", n % 100);
+                        let body = format!("{n:0>63}\n");
+                        client
+                            .send(&post(&path, body.as_bytes(), false))
+                            .expect("publish");
+                        let (status, _) = client.response().expect("answer");
+                        assert_eq!(status, 200, "publish {n}");
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.join().expect("writer");
+        }
+        let mut target = target;
+        if let Some(child) = &mut target.child {
+            // SAFETY: kill(2) on our own child's pid has no memory effects.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+    let size = std::fs::metadata(&file).map_or(0, |m| m.len());
+    let started = Instant::now();
+    let target = start_patchcord(&args);
+    let took = started.elapsed();
+    report.add(&scenario, "start-up", took.as_secs_f64() * 1e3, "ms");
+    report.add(&scenario, "file", size as f64 / MIB as f64, "MiB");
+    report.add(
+        &scenario,
+        "RSS after start-up",
+        rss_kib(target.pid) as f64 / 1024.0,
+        "MiB",
+    );
+    let mut client = Client::new(target.addr).expect("connect");
+    client
+        .send(&get("/bench/pubsub/startup/7?after=0&timeout=1", false))
+        .expect("receive");
+    let (status, _) = client.response().expect("answer");
+    assert_eq!(status, 200, "a stored message was served");
+    assert!(took < limit, "start-up took {took:?}");
+    drop(target);
+    let _ = std::fs::remove_dir_all(file.parent().expect("directory"));
+}
+
 fn under_emulation() -> bool {
     let arm = matches!(std::env::consts::ARCH, "arm" | "aarch64");
     let x86_cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -2439,6 +2588,27 @@ fn main() {
             if smoke { 20 } else { 1000 },
         );
         let _ = std::fs::remove_file(&access);
+    }
+    if wanted("store") {
+        if options.url.is_some() {
+            eprintln!(
+                "relay bench: store: starts relays of its own (--store FILE); --url is ignored"
+            );
+        }
+        for store in [false, true] {
+            for publishers in [1, 50] {
+                let file = store_path(&format!("publish-{publishers}"));
+                let target = if store {
+                    start_patchcord(&["--store", &file.to_string_lossy()])
+                } else {
+                    start_patchcord(&[])
+                };
+                publish(&mut report, &target, store, publishers, seconds);
+                drop(target);
+                let _ = std::fs::remove_dir_all(file.parent().expect("directory"));
+            }
+        }
+        store_startup(&mut report, if smoke { 2_000 } else { 100_000 }, limit);
     }
     if let Some(path) = &options.json {
         std::fs::write(path, report.json()).expect("write --json file");
