@@ -56,9 +56,18 @@ fn parse_exposition(text: &str) -> Vec<(String, f64)> {
         let (key, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line:?}"));
         let name = key.split('{').next().unwrap();
         assert!(name_ok(name), "bad metric name {line:?}");
+        // A histogram's samples are its name with _bucket, _sum or _count.
+        let family = current
+            .as_deref()
+            .filter(|family| {
+                ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .any(|suffix| name.strip_prefix(family) == Some(suffix))
+            })
+            .unwrap_or(name);
         assert_eq!(
             current.as_deref(),
-            Some(name),
+            Some(family),
             "sample outside its family: {line:?}"
         );
         if let Some(labels) = key.strip_prefix(name) {
@@ -144,6 +153,38 @@ fn metrics_follow_the_text_format_and_move_with_an_exchange() {
         "{start} vs {now}"
     );
     promtool_check(&text);
+}
+
+#[test]
+fn the_store_figures_follow_the_text_format() {
+    let dir = temp_dir("metrics-store");
+    let file = dir.join("pubsub.db");
+    let server = Server::start_with(&["--store", file.to_str().unwrap()]);
+    for body in ["one", "two", "three"] {
+        let published = request(server.addr, &post("/pubsub/metrics", body.as_bytes()));
+        assert_eq!(published.status, 200, "{}", published.text());
+    }
+    let text = scrape(&server);
+    let figures = parse_exposition(&text);
+    assert_eq!(metric(&figures, "patchcord_store_rows"), 3.0);
+    assert!(metric(&figures, "patchcord_store_bytes") > 4096.0);
+    assert_eq!(metric(&figures, "patchcord_store_failures_total"), 0.0);
+    let commits = metric(&figures, "patchcord_store_commit_seconds_count");
+    assert!((1.0..=3.0).contains(&commits), "{commits} commits");
+    assert_eq!(
+        metric(
+            &figures,
+            "patchcord_store_commit_seconds_bucket{le=\"+Inf\"}"
+        ),
+        commits
+    );
+    assert!(metric(&figures, "patchcord_store_commit_seconds_sum") > 0.0);
+    assert!(server.status().contains("\"store\":{\"bytes\":"));
+    promtool_check(&text);
+    // Without --store there is no store family.
+    let plain = Server::start();
+    assert!(!scrape(&plain).contains("patchcord_store"));
+    assert!(!plain.status().contains("\"store\""));
 }
 
 /// `promtool check metrics`, Prometheus's own linter, when it is installed
