@@ -40,7 +40,7 @@ pub enum Error {
     Signal(io::Error),
     /// The logger could not be installed.
     Logger(log::SetLoggerError),
-    /// The accept thread could not be started.
+    /// The accept thread (or the pubsub store's writer) could not be started.
     Spawn(io::Error),
     /// The access file (`--auth`) is unreadable or wrong.
     Access(crate::access::FileError),
@@ -75,7 +75,7 @@ impl fmt::Display for Error {
             Error::LocalAddr(_) => write!(f, "cannot read the bound address"),
             Error::Signal(_) => write!(f, "cannot install the signal handlers"),
             Error::Logger(_) => write!(f, "cannot install the logger"),
-            Error::Spawn(_) => write!(f, "cannot start the accept thread"),
+            Error::Spawn(_) => write!(f, "cannot start a thread"),
             Error::Access(error) => write!(f, "{error}"),
             Error::Store(error) => write!(f, "{error}"),
             Error::Random(_) => write!(f, "cannot read random bytes"),

@@ -368,8 +368,7 @@ impl Store {
     /// Notes that channel `key`'s messages up to id `upto` left memory.
     fn drop_upto(&mut self, key: &str, upto: u64) {
         if self.tracking {
-            let newest = self.drops.entry(key.to_owned()).or_default();
-            *newest = (*newest).max(upto);
+            self.keep_drops(vec![(key.to_owned(), upto)]);
         }
     }
 
@@ -643,6 +642,45 @@ mod tests {
         assert_eq!(store.expire(Instant::now(), Duration::from_millis(3)), 1);
         assert!(!store.feeds.contains_key("/a"));
         assert_eq!(store.oldest.len(), 1);
+    }
+
+    #[test]
+    fn a_released_reservation_leaves_no_gap() {
+        let mut store = Store::default();
+        let first = publish(&mut store, &limits(), "/a", b"1");
+        let a = store.reserve("/a");
+        let b = store.reserve("/a");
+        assert_eq!((a, b), (first + 1, first + 2));
+        store.release("/a", b);
+        store.release("/a", a);
+        assert_eq!(publish(&mut store, &limits(), "/a", b"2"), first + 1);
+        // A reservation keeps a channel without messages from being forgotten.
+        let id = store.reserve("/new");
+        assert!(store.feeds.contains_key("/new"));
+        store.release("/new", id);
+        assert!(!store.feeds.contains_key("/new"));
+    }
+
+    #[test]
+    fn what_leaves_memory_is_noted_for_the_file() {
+        let mut store = Store::default();
+        publish(&mut store, &limits(), "/quiet", b"0");
+        assert_eq!(store.take_drops(), []);
+        store.track_drops(true);
+        let ids: Vec<u64> = (0..5)
+            .map(|i| publish(&mut store, &limits(), "/a", &[i]))
+            .collect();
+        // Three retained: the first two were evicted.
+        assert_eq!(store.take_drops(), [("/a".to_owned(), ids[1])]);
+        assert_eq!(store.take_drops(), []);
+        store.take("/a");
+        assert_eq!(store.take_drops(), [("/a".to_owned(), ids[4])]);
+        store.keep_drops(vec![("/b".to_owned(), 7), ("/b".to_owned(), 3)]);
+        assert_eq!(store.take_drops(), [("/b".to_owned(), 7)]);
+        // Shutdown takes channels out of memory, not out of the file.
+        store.track_drops(false);
+        store.take("/quiet");
+        assert_eq!(store.take_drops(), []);
     }
 
     #[test]
