@@ -15,18 +15,19 @@
 //! the message is in the file, and a failed write leaves nothing behind:
 //! not in memory, not in the file, and no id skipped (the reserved ids are
 //! given back, newest first). Memory keeps serving what it holds.
+//!
+//! The writer waits as every hot wait does (`mailbox.rs`): parked at once,
+//! rung by the publisher that finds the inbox empty.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
-
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 
 use super::store::{Message, Published, Store};
 use crate::config::PubsubLimits;
 use crate::error::Reject;
-use crate::mailbox::{Mailbox, Poster};
+use crate::mailbox::{Empty, Mailbox, Poster};
 use crate::metrics::Stats;
 use crate::mode::envelope::Envelope;
 use crate::registry::Registry;
@@ -50,10 +51,24 @@ pub struct Restored {
 
 /// The running writer.
 pub struct Journal {
-    /// Taken (None) by [`Journal::finish`]: the writer then writes what is
-    /// left and stops.
-    sender: Mutex<Option<Sender<Entry>>>,
+    inbox: Arc<Inbox>,
     writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Messages on their way to the writer.
+struct Inbox {
+    /// Guards the entries; held to push one or to take a group, never
+    /// across I/O.
+    waiting: Mutex<Waiting>,
+    /// Rung by the publisher that finds no entry waiting (and by
+    /// [`Journal::finish`]): the writer may be asleep.
+    bell: Poster<()>,
+}
+
+struct Waiting {
+    entries: Vec<Entry>,
+    /// False once [`Journal::finish`] began: nothing new is taken.
+    open: bool,
 }
 
 /// A message on its way to the file.
@@ -117,7 +132,6 @@ impl Journal {
         limits: PubsubLimits,
         stats: Arc<Stats>,
     ) -> std::io::Result<Journal> {
-        let (sender, receiver) = crossbeam_channel::unbounded();
         stats.store_written(disk.size(), disk.rows());
         let writer = Writer {
             disk,
@@ -125,11 +139,27 @@ impl Journal {
             limits,
             stats,
         };
-        let writer = thread::Builder::new()
-            .name("store".into())
-            .spawn(move || writer.run(&receiver))?;
+        // The mailbox is the writer thread's own: it is made there, and its
+        // bell handed back.
+        let (bell_sender, bell) = std::sync::mpsc::sync_channel(1);
+        let writer = thread::Builder::new().name("store".into()).spawn(move || {
+            let (mailbox, bell) = Mailbox::new();
+            let inbox = Arc::new(Inbox {
+                waiting: Mutex::new(Waiting {
+                    entries: Vec::new(),
+                    open: true,
+                }),
+                bell,
+            });
+            if bell_sender.send(Arc::clone(&inbox)).is_ok() {
+                writer.run(&inbox, &mailbox);
+            }
+        })?;
+        let inbox = bell
+            .recv()
+            .map_err(|_| std::io::Error::other("the store's writer did not start"))?;
         Ok(Journal {
-            sender: Mutex::new(Some(sender)),
+            inbox,
             writer: Mutex::new(Some(writer)),
         })
     }
@@ -151,16 +181,21 @@ impl Journal {
             body,
             reply,
         };
-        let sender = self
-            .sender
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(Reject::shutting_down)?;
-        sender.send(entry).map_err(|_| Reject::shutting_down())?;
-        drop(sender);
-        // The writer answers every entry it takes; none is left unanswered
-        // unless it died.
+        let first = {
+            let mut waiting = self.inbox.lock();
+            if !waiting.open {
+                return Err(Reject::shutting_down());
+            }
+            waiting.entries.push(entry);
+            waiting.entries.len() == 1
+        };
+        if first {
+            // A bell already rung says the same.
+            let _ = self.inbox.bell.post(());
+        }
+        // The writer answers every entry it takes, and takes every entry
+        // before it stops: the wait ends unless the writer died (then its
+        // posters are dropped).
         mailbox
             .wait(None)
             .unwrap_or_else(|_| Err(Reject::new(503, "the store's writer stopped")))
@@ -169,11 +204,18 @@ impl Journal {
     /// Writes what is left (messages on their way, rows to delete) and
     /// stops the writer; publishes from now on get 503.
     pub fn finish(&self) {
-        drop(self.sender.lock().unwrap_or_else(|p| p.into_inner()).take());
+        self.inbox.lock().open = false;
+        let _ = self.inbox.bell.post(());
         let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(writer) = writer {
             let _ = writer.join();
         }
+    }
+}
+
+impl Inbox {
+    fn lock(&self) -> MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -186,24 +228,38 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, receiver: &Receiver<Entry>) {
-        loop {
-            let first = match receiver.recv_timeout(TICK) {
-                Ok(entry) => entry,
-                Err(RecvTimeoutError::Timeout) => {
-                    self.tidy();
-                    continue;
-                }
-                Err(RecvTimeoutError::Disconnected) => break,
-            };
-            let mut group = vec![first];
-            while group.len() < GROUP {
-                match receiver.try_recv() {
-                    Ok(entry) => group.push(entry),
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-                }
+    fn run(mut self, inbox: &Inbox, bell: &Mailbox<()>) {
+        // However the writer ends (a panic included), nothing more is
+        // taken, and publishers still waiting are let go (their wait ends
+        // with 503 when their entries are dropped).
+        struct Closing<'a>(&'a Inbox);
+        impl Drop for Closing<'_> {
+            fn drop(&mut self) {
+                let mut waiting = self.0.lock();
+                waiting.open = false;
+                waiting.entries.clear();
             }
-            self.write(group);
+        }
+        let _closing = Closing(inbox);
+        loop {
+            let (group, open) = {
+                let mut waiting = inbox.lock();
+                let take = waiting.entries.len().min(GROUP);
+                (
+                    waiting.entries.drain(..take).collect::<Vec<_>>(),
+                    waiting.open,
+                )
+            };
+            if !group.is_empty() {
+                self.write(group);
+                continue;
+            }
+            if !open {
+                break;
+            }
+            if let Err(Empty::Timeout) = bell.wait(Some(Instant::now() + TICK)) {
+                self.tidy();
+            }
         }
         self.tidy();
         log::info!(
