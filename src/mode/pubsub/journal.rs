@@ -1,23 +1,28 @@
-//! The pubsub store's writer (`--store FILE`): one thread that writes
-//! published messages to the file in groups, and only then shows them to
-//! subscribers and answers their publishers.
+//! The pubsub store's journal (`--store FILE`): published messages are
+//! written to the file in groups, and only then shown to subscribers and
+//! answered to their publishers.
 //!
-//! A publisher hands its message to the writer and waits. The writer takes
-//! every message waiting at once as one group: it reserves their ids under
-//! the registry lock, commits them in one transaction (with the rows that
-//! retention dropped since the last one) outside it, then places them in
-//! memory under the lock again and hands each publisher its [`Published`]
-//! (who is to be told) or the reason the write failed. While it commits,
-//! the next group gathers: the busier the channel, the larger the groups,
-//! and one commit serves them all.
+//! Group commit: a publisher puts its message in the inbox. If nobody is
+//! committing, it commits itself, at once: it takes the waiting messages
+//! (its own first) as one group, reserves their ids under the registry
+//! lock, commits them in one transaction (with the rows that retention
+//! dropped since the last one) outside it, then places them in memory under
+//! the lock again and posts each publisher its [`Published`] (who is to be
+//! told) or the reason the write failed. If more messages came meanwhile,
+//! it hands the lead to the journal's writer thread, which commits group
+//! after group, each made of what arrived while the previous one ran, until
+//! the inbox is empty, and then sleeps. So a lone publisher commits its own
+//! message without waking anyone, and under load one thread that rarely
+//! sleeps commits for everyone, each publisher woken once for its answer.
+//! Both wait as every hot wait does (`mailbox.rs`): parked at once.
 //!
-//! So a message a subscriber saw is in the file, a publisher's 200 means
-//! the message is in the file, and a failed write leaves nothing behind:
-//! not in memory, not in the file, and no id skipped (the reserved ids are
-//! given back, newest first). Memory keeps serving what it holds.
+//! A message a subscriber saw is in the file, a publisher's 200 means the
+//! message is in the file, and a failed write leaves nothing behind: not in
+//! memory, not in the file, and no id skipped (the reserved ids are given
+//! back, newest first). Memory keeps serving what it holds.
 //!
-//! The writer waits as every hot wait does (`mailbox.rs`): parked at once,
-//! rung by the publisher that finds the inbox empty.
+//! Rows that left memory (evicted, expired, a deleted channel) leave the
+//! file with the next commit; a DELETE and shutdown commit at once.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,7 +32,7 @@ use std::time::{Duration, Instant, SystemTime};
 use super::store::{Message, Published, Store};
 use crate::config::PubsubLimits;
 use crate::error::Reject;
-use crate::mailbox::{Empty, Mailbox, Poster};
+use crate::mailbox::{Mailbox, Poster};
 use crate::metrics::Stats;
 use crate::mode::envelope::Envelope;
 use crate::registry::Registry;
@@ -36,9 +41,8 @@ use crate::store::{Disk, OpenError, Sync, WriteError, Written};
 /// The most messages one commit takes.
 const GROUP: usize = 512;
 
-/// How often an idle writer looks for rows to delete (messages evicted or
-/// expired, channels deleted) when nothing is published.
-const TICK: Duration = Duration::from_secs(1);
+/// How long shutdown waits for a publisher's commit to end.
+const FINISH_LIMIT: Duration = Duration::from_secs(10);
 
 /// The store, read back: the file and what memory holds of it.
 pub struct Restored {
@@ -49,26 +53,40 @@ pub struct Restored {
     pub channels: usize,
 }
 
-/// The running writer.
+/// The store's file and the messages on their way to it.
 pub struct Journal {
-    inbox: Arc<Inbox>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    shared: Arc<Shared>,
+    /// The writer thread, joined at shutdown.
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// Messages on their way to the writer.
-struct Inbox {
-    /// Guards the entries; held to push one or to take a group, never
-    /// across I/O.
-    waiting: Mutex<Waiting>,
-    /// Rung by the publisher that finds no entry waiting (and by
-    /// [`Journal::finish`]): the writer may be asleep.
+/// What publishers and the writer thread share.
+struct Shared {
+    /// Guards the waiting messages and who leads; held to push one, take a
+    /// group or pass the lead, never across I/O or a commit.
+    inbox: Mutex<Inbox>,
+    /// The file, held for a commit (by whoever leads, a DELETE or
+    /// shutdown); None once shutdown closed it.
+    writer: Mutex<Option<Writer>>,
+    /// Rung to hand the writer thread the lead (or to stop it).
     bell: Poster<()>,
 }
 
-struct Waiting {
+struct Inbox {
     entries: Vec<Entry>,
-    /// False once [`Journal::finish`] began: nothing new is taken.
+    lead: Lead,
+    /// False once shutdown began: nothing new is taken.
     open: bool,
+}
+
+/// Who commits the waiting messages. While the inbox holds any, someone does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lead {
+    Nobody,
+    /// The publisher that found nobody committing: one group, its own.
+    Publisher,
+    /// The writer thread: group after group until the inbox is empty.
+    Writer,
 }
 
 /// A message on its way to the file.
@@ -78,8 +96,11 @@ struct Entry {
     published: Instant,
     envelope: Envelope,
     body: Vec<u8>,
-    reply: Poster<Result<Published, Reject>>,
+    reply: Poster<Answer>,
 }
+
+/// What a publisher is told: its message was published, or why not.
+type Answer = Result<Published, Reject>;
 
 /// Opens the store at `path` and reads it back within `limits`: messages
 /// older than the retention age stay behind (and leave the file at the
@@ -125,7 +146,8 @@ pub fn restore(path: &Path, sync: Sync, limits: &PubsubLimits) -> Result<Restore
 }
 
 impl Journal {
-    /// Starts the writer on `disk`, for the channels in `registry`.
+    /// The journal of `disk`, for the channels in `registry`: starts its
+    /// writer thread.
     pub fn start(
         disk: Disk,
         registry: Arc<Registry<Store>>,
@@ -139,33 +161,36 @@ impl Journal {
             limits,
             stats,
         };
-        // The mailbox is the writer thread's own: it is made there, and its
-        // bell handed back.
-        let (bell_sender, bell) = std::sync::mpsc::sync_channel(1);
-        let writer = thread::Builder::new().name("store".into()).spawn(move || {
-            let (mailbox, bell) = Mailbox::new();
-            let inbox = Arc::new(Inbox {
-                waiting: Mutex::new(Waiting {
+        // The bell's mailbox belongs to the writer thread: it is made
+        // there, and the shared state handed back.
+        let (handed, shared) = std::sync::mpsc::sync_channel(1);
+        let thread = thread::Builder::new().name("store".into()).spawn(move || {
+            let (bell, poster) = Mailbox::new();
+            let shared = Arc::new(Shared {
+                inbox: Mutex::new(Inbox {
                     entries: Vec::new(),
+                    lead: Lead::Nobody,
                     open: true,
                 }),
-                bell,
+                writer: Mutex::new(Some(writer)),
+                bell: poster,
             });
-            if bell_sender.send(Arc::clone(&inbox)).is_ok() {
-                writer.run(&inbox, &mailbox);
+            if handed.send(Arc::clone(&shared)).is_ok() {
+                shared.serve(&bell);
             }
         })?;
-        let inbox = bell
+        let shared = shared
             .recv()
             .map_err(|_| std::io::Error::other("the store's writer did not start"))?;
         Ok(Journal {
-            inbox,
-            writer: Mutex::new(Some(writer)),
+            shared,
+            thread: Mutex::new(Some(thread)),
         })
     }
 
     /// Writes a message to channel `key` and, once it is in the file,
-    /// publishes it: waits for its group's commit.
+    /// publishes it: commits it at once if nobody is committing, else
+    /// waits for the group it joins.
     pub fn publish(
         &self,
         key: &str,
@@ -181,45 +206,154 @@ impl Journal {
             body,
             reply,
         };
-        let first = {
-            let mut waiting = self.inbox.lock();
-            if !waiting.open {
+        let shared = &self.shared;
+        let lead = {
+            let mut inbox = shared.inbox();
+            if !inbox.open {
                 return Err(Reject::shutting_down());
             }
-            waiting.entries.push(entry);
-            waiting.entries.len() == 1
+            inbox.entries.push(entry);
+            let lead = inbox.lead == Lead::Nobody;
+            if lead {
+                inbox.lead = Lead::Publisher;
+            }
+            lead
         };
-        if first {
-            // A bell already rung says the same.
-            let _ = self.inbox.bell.post(());
+        if lead {
+            shared.commit_group();
+            // Decided under the lock that a new entry takes: it never finds
+            // a leader that is about to leave.
+            let mut inbox = shared.inbox();
+            if inbox.entries.is_empty() {
+                inbox.lead = Lead::Nobody;
+            } else {
+                inbox.lead = Lead::Writer;
+                drop(inbox);
+                // A bell already rung says the same.
+                let _ = shared.bell.post(());
+            }
         }
-        // The writer answers every entry it takes, and takes every entry
-        // before it stops: the wait ends unless the writer died (then its
-        // posters are dropped).
+        // Every entry is answered, or dropped with its poster (a commit
+        // that panicked): the wait ends.
         mailbox
             .wait(None)
             .unwrap_or_else(|_| Err(Reject::new(503, "the store's writer stopped")))
     }
 
-    /// Writes what is left (messages on their way, rows to delete) and
-    /// stops the writer; publishes from now on get 503.
+    /// Deletes from the file at once what left memory (a DELETE's
+    /// channels), rather than at the next commit.
+    pub fn tidy(&self) {
+        if let Some(writer) = self.shared.writer().as_mut() {
+            writer.tidy();
+        }
+    }
+
+    /// Lets the commits under way finish, writes what is left and closes
+    /// the file; publishes from now on get 503.
     pub fn finish(&self) {
-        self.inbox.lock().open = false;
-        let _ = self.inbox.bell.post(());
-        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(writer) = writer {
-            let _ = writer.join();
+        self.shared.inbox().open = false;
+        let _ = self.shared.bell.post(());
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
         }
     }
 }
 
-impl Inbox {
-    fn lock(&self) -> MutexGuard<'_, Waiting> {
-        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+impl Shared {
+    /// The writer thread: commits group after group whenever it is handed
+    /// the lead; at shutdown, the rest, and closes the file.
+    fn serve(&self, bell: &Mailbox<()>) {
+        // However it ends (a panic included), nothing more is taken and
+        // the publishers waiting are let go (their entries are dropped: 503).
+        struct Closing<'a>(&'a Shared);
+        impl Drop for Closing<'_> {
+            fn drop(&mut self) {
+                let mut inbox = self.0.inbox();
+                inbox.open = false;
+                inbox.entries.clear();
+                inbox.lead = Lead::Writer;
+            }
+        }
+        let _closing = Closing(self);
+        loop {
+            // The only poster is `self.bell`, alive as long as `self`.
+            let _ = bell.wait(None);
+            loop {
+                {
+                    let mut inbox = self.inbox();
+                    if inbox.lead != Lead::Writer {
+                        break;
+                    }
+                    if inbox.entries.is_empty() {
+                        inbox.lead = Lead::Nobody;
+                        break;
+                    }
+                }
+                self.commit_group();
+            }
+            if !self.inbox().open {
+                break;
+            }
+        }
+        // Shutdown: let a publisher's commit end, then take the lead for good.
+        let deadline = Instant::now() + FINISH_LIMIT;
+        loop {
+            {
+                let mut inbox = self.inbox();
+                if inbox.lead != Lead::Publisher || Instant::now() >= deadline {
+                    inbox.lead = Lead::Writer;
+                    break;
+                }
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+        while !self.inbox().entries.is_empty() {
+            self.commit_group();
+        }
+        if let Some(mut writer) = self.writer().take() {
+            writer.tidy();
+            log::info!(
+                "store {}: closed with {} messages",
+                writer.disk.path().display(),
+                writer.disk.rows()
+            );
+        }
+    }
+
+    /// Commits the first waiting entries as one group and answers their
+    /// publishers.
+    fn commit_group(&self) {
+        let answers = {
+            let mut writer = self.writer();
+            let group = {
+                let mut inbox = self.inbox();
+                let take = inbox.entries.len().min(GROUP);
+                inbox.entries.drain(..take).collect::<Vec<_>>()
+            };
+            match writer.as_mut() {
+                Some(writer) => writer.write(group),
+                None => group
+                    .into_iter()
+                    .map(|entry| (entry.reply, Err(Reject::shutting_down())))
+                    .collect(),
+            }
+        };
+        for (reply, answer) in answers {
+            let _ = reply.post(answer);
+        }
+    }
+
+    fn inbox(&self) -> MutexGuard<'_, Inbox> {
+        self.inbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn writer(&self) -> MutexGuard<'_, Option<Writer>> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-/// The writer thread's state.
+/// The file, and what committing to it needs.
 struct Writer {
     disk: Disk,
     registry: Arc<Registry<Store>>,
@@ -228,51 +362,9 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, inbox: &Inbox, bell: &Mailbox<()>) {
-        // However the writer ends (a panic included), nothing more is
-        // taken, and publishers still waiting are let go (their wait ends
-        // with 503 when their entries are dropped).
-        struct Closing<'a>(&'a Inbox);
-        impl Drop for Closing<'_> {
-            fn drop(&mut self) {
-                let mut waiting = self.0.lock();
-                waiting.open = false;
-                waiting.entries.clear();
-            }
-        }
-        let _closing = Closing(inbox);
-        loop {
-            let (group, open) = {
-                let mut waiting = inbox.lock();
-                let take = waiting.entries.len().min(GROUP);
-                (
-                    waiting.entries.drain(..take).collect::<Vec<_>>(),
-                    waiting.open,
-                )
-            };
-            if !group.is_empty() {
-                self.write(group);
-                continue;
-            }
-            if !open {
-                break;
-            }
-            if let Err(Empty::Timeout) = bell.wait(Some(Instant::now() + TICK)) {
-                self.tidy();
-            }
-        }
-        self.tidy();
-        log::info!(
-            "store {}: closed with {} messages",
-            self.disk.path().display(),
-            self.disk.rows()
-        );
-    }
-
-    /// Commits `group`, then places its messages in memory and answers
-    /// their publishers; on a failure, gives their ids back and answers
-    /// each with the reason.
-    fn write(&mut self, group: Vec<Entry>) {
+    /// Commits `group`, then places its messages in memory; on a failure,
+    /// gives their ids back. Returns what each publisher is to be told.
+    fn write(&mut self, group: Vec<Entry>) -> Vec<(Poster<Answer>, Answer)> {
         let (ids, drops, last_id) = {
             let mut store = self.registry.lock_even_closed();
             // Expired messages leave the file with this commit.
@@ -296,39 +388,35 @@ impl Writer {
         drop(written);
         match result {
             Ok(()) => {
-                let published: Vec<(Published, Poster<_>)> = {
-                    let mut store = self.registry.lock_even_closed();
-                    group
-                        .into_iter()
-                        .zip(ids)
-                        .map(|(entry, id)| {
-                            let message = Message::new(
-                                id,
-                                entry.time,
-                                entry.published,
-                                entry.envelope,
-                                entry.body,
-                            );
-                            (store.place(&entry.key, message, &self.limits), entry.reply)
-                        })
-                        .collect()
-                };
-                for (published, reply) in published {
-                    let _ = reply.post(Ok(published));
-                }
+                let mut store = self.registry.lock_even_closed();
+                group
+                    .into_iter()
+                    .zip(ids)
+                    .map(|(entry, id)| {
+                        let message = Message::new(
+                            id,
+                            entry.time,
+                            entry.published,
+                            entry.envelope,
+                            entry.body,
+                        );
+                        let published = store.place(&entry.key, message, &self.limits);
+                        (entry.reply, Ok(published))
+                    })
+                    .collect()
             }
             Err(error) => {
-                {
-                    let mut store = self.registry.lock_even_closed();
-                    for (entry, &id) in group.iter().zip(&ids).rev() {
-                        store.release(&entry.key, id);
-                    }
-                    store.keep_drops(drops);
+                let mut store = self.registry.lock_even_closed();
+                for (entry, &id) in group.iter().zip(&ids).rev() {
+                    store.release(&entry.key, id);
                 }
+                store.keep_drops(drops);
+                drop(store);
                 let reject = refusal(&error);
-                for entry in group {
-                    let _ = entry.reply.post(Err(reject.clone()));
-                }
+                group
+                    .into_iter()
+                    .map(|entry| (entry.reply, Err(reject.clone())))
+                    .collect()
             }
         }
     }
@@ -384,4 +472,82 @@ fn refusal(error: &WriteError) -> Reject {
         WriteError::Failed(_) => 503,
     };
     Reject::new(status, format!("{error}: the message was not published"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> PubsubLimits {
+        PubsubLimits {
+            retain_count: 10_000,
+            retain_bytes: 1 << 30,
+            retain_age: Duration::from_secs(3600),
+            memory: 1 << 30,
+            max_message: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn concurrent_publishers_each_get_their_own_consecutive_id() {
+        let dir = std::env::temp_dir().join(format!("patchcord-journal-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let path = dir.join("pubsub.db");
+        let restored = restore(&path, Sync::Normal, &limits()).expect("new store");
+        let registry = Arc::new(Registry::new(restored.store));
+        let journal = Journal::start(
+            restored.disk,
+            Arc::clone(&registry),
+            limits(),
+            Arc::new(Stats::new()),
+        )
+        .expect("journal");
+        let ids: Vec<(String, u64)> = thread::scope(|scope| {
+            let publishers: Vec<_> = (0..8)
+                .map(|p| {
+                    let journal = &journal;
+                    scope.spawn(move || {
+                        (0..200)
+                            .map(|i| {
+                                let key = format!("/c{}", (p + i) % 4);
+                                let body = format!("{p} {i}").into_bytes();
+                                let published = journal
+                                    .publish(&key, Envelope::text(), body)
+                                    .expect("published");
+                                (key, published.id)
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            publishers
+                .into_iter()
+                .flat_map(|p| p.join().expect("publisher"))
+                .collect()
+        });
+        journal.finish();
+        assert!(
+            journal
+                .publish("/c0", Envelope::text(), Vec::new())
+                .is_err()
+        );
+        // Per channel: 400 distinct ids, consecutive.
+        for channel in 0..4 {
+            let key = format!("/c{channel}");
+            let mut mine: Vec<u64> = ids
+                .iter()
+                .filter(|(k, _)| *k == key)
+                .map(|(_, id)| *id)
+                .collect();
+            mine.sort_unstable();
+            assert_eq!(mine.len(), 400, "{key}");
+            assert!(mine.windows(2).all(|w| w[1] == w[0] + 1), "{key}: {mine:?}");
+        }
+        // The file holds them all, and reads back as memory held them.
+        let again = restore(&path, Sync::Normal, &limits()).expect("reopened");
+        assert_eq!(again.messages, 1600);
+        assert_eq!(again.disk.rows(), 1600);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -45,7 +45,7 @@ use store::{Feed, Store, Waiter, Wake};
 
 /// Every pubsub channel.
 pub struct Pubsub {
-    /// Shared with the journal's writer, which places messages in it.
+    /// Shared with the journal, whose commits place messages in it.
     registry: Arc<Registry<Store>>,
     /// With `--store`: writes each message to the file before it is published.
     journal: Option<Journal>,
@@ -57,8 +57,8 @@ pub struct Pubsub {
 }
 
 impl Pubsub {
-    /// The channels `restored` from the store's file (and a writer for it),
-    /// or none yet.
+    /// The channels `restored` from the store's file (and its journal), or
+    /// none yet. Fails if the journal's writer thread cannot be started.
     pub fn new(
         stats: Arc<Stats>,
         limits: PubsubLimits,
@@ -330,7 +330,11 @@ impl Family for Pubsub {
     /// Deletes the channels with what they retain: waiters get `reject`,
     /// streams end.
     fn end_under(&self, prefix: &str, reject: &Reject) -> (usize, usize) {
-        self.end(self.registry.remove_under(prefix), reject)
+        let ended = self.end(self.registry.remove_under(prefix), reject);
+        if let Some(journal) = &self.journal {
+            journal.tidy();
+        }
+        ended
     }
 
     /// Waiters get 503, streams end. The store's file keeps every message.
