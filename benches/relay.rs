@@ -11,6 +11,7 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
@@ -2264,11 +2265,10 @@ fn store_path(name: &str) -> std::path::PathBuf {
 fn publish(
     report: &mut Report,
     target: &Target,
-    store: bool,
+    kind: &str,
     publishers: usize,
     duration: Duration,
 ) {
-    let kind = if store { "--store" } else { "memory" };
     let scenario = format!("publish, {kind}, {publishers} publishers");
     let ready = Arc::new(Barrier::new(publishers + 1));
     let stop = Arc::new(AtomicBool::new(false));
@@ -2595,17 +2595,22 @@ fn main() {
                 "relay bench: store: starts relays of its own (--store FILE); --url is ignored"
             );
         }
-        for store in [false, true] {
+        // Memory only, the store, and the store synced at each commit.
+        for (kind, sync) in [
+            ("memory", None),
+            ("--store", Some("normal")),
+            ("--store-sync full", Some("full")),
+        ] {
             for publishers in [1, 50] {
                 let file = store_path(&format!("publish-{publishers}"));
-                let target = if store {
-                    start_patchcord(&["--store", &file.to_string_lossy()])
-                } else {
-                    start_patchcord(&[])
+                let file = file.to_string_lossy();
+                let target = match sync {
+                    Some(sync) => start_patchcord(&["--store", &file, "--store-sync", sync]),
+                    None => start_patchcord(&[]),
                 };
-                publish(&mut report, &target, store, publishers, seconds);
+                publish(&mut report, &target, kind, publishers, seconds);
                 drop(target);
-                let _ = std::fs::remove_dir_all(file.parent().expect("directory"));
+                let _ = std::fs::remove_dir_all(Path::new(&*file).parent().expect("directory"));
             }
         }
         store_startup(&mut report, if smoke { 2_000 } else { 100_000 }, limit);
