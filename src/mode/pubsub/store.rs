@@ -13,7 +13,7 @@
 //! memory, which evicts the oldest message of any channel first. A channel
 //! with no messages and no subscribers is forgotten.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -43,6 +43,10 @@ pub struct Store {
     /// What the store's file must lose: per channel, the newest id that
     /// left memory (evicted, or the channel deleted). Taken by the journal.
     drops: HashMap<String, u64>,
+    /// Reserved ids of channels deleted before their messages were placed:
+    /// those messages are published into the deleted history, that is,
+    /// never shown (and they leave the file).
+    orphans: HashSet<(String, u64)>,
 }
 
 /// One pubsub channel: its history on this server and its subscribers.
@@ -203,7 +207,12 @@ impl Channels for Store {
         if let Some(message) = feed.retained.front() {
             self.oldest.remove(&message.seq);
         }
-        self.drop_upto(key, feed.newest());
+        // The newest ids are reserved, their messages still being written.
+        let placed = feed.newest() - feed.pending as u64;
+        self.drop_upto(key, placed);
+        for id in placed + 1..feed.next_id {
+            self.orphans.insert((key.to_owned(), id));
+        }
         self.bytes -= feed.bytes;
         Some(feed)
     }
@@ -266,6 +275,9 @@ impl Store {
     /// Gives back id `id` of channel `key`, whose message could not be
     /// written; the newest reservation first, so that ids stay consecutive.
     pub fn release(&mut self, key: &str, id: u64) {
+        if self.is_orphan(key, id) {
+            return;
+        }
         if let Some(feed) = self.feeds.get_mut(key) {
             feed.pending = feed.pending.saturating_sub(1);
             if feed.next_id == id + 1 {
@@ -284,9 +296,20 @@ impl Store {
     /// from the store's file) in channel `key` within `limits`, and says
     /// who is to be told.
     pub fn place(&mut self, key: &str, message: Message, limits: &PubsubLimits) -> Published {
+        let id = message.id;
+        if self.is_orphan(key, id) {
+            // Its channel was deleted meanwhile: published, then deleted.
+            self.drop_upto(key, id);
+            return Published {
+                id,
+                message: Arc::new(message),
+                waiters: Vec::new(),
+                bells: Vec::new(),
+                evicted: 0,
+            };
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
-        let id = message.id;
         let feed = self
             .feeds
             .entry(key.to_owned())
@@ -330,6 +353,12 @@ impl Store {
             // message is the one to wait for, and nothing was missed.
             _ => (None, 0),
         }
+    }
+
+    /// Whether reservation `id` of channel `key` outlived its channel; it
+    /// is forgotten as such.
+    fn is_orphan(&mut self, key: &str, id: u64) -> bool {
+        !self.orphans.is_empty() && self.orphans.remove(&(key.to_owned(), id))
     }
 
     /// The largest id given so far.
@@ -659,6 +688,52 @@ mod tests {
         assert!(store.feeds.contains_key("/new"));
         store.release("/new", id);
         assert!(!store.feeds.contains_key("/new"));
+    }
+
+    #[test]
+    fn a_channel_deleted_while_its_messages_are_written_stays_deleted() {
+        let mut store = Store::default();
+        store.track_drops(true);
+        let kept = publish(&mut store, &limits(), "/a", b"1");
+        let id = store.reserve("/a");
+        let failed = store.reserve("/a");
+        store.take("/a");
+        // Only the placed message leaves the file with the deletion.
+        assert_eq!(store.take_drops(), [("/a".to_owned(), kept)]);
+        // A subscriber makes the channel anew meanwhile.
+        let (_mailbox, wake) = crate::mailbox::Mailbox::new();
+        store.park(
+            "/a",
+            Waiter {
+                id: 1,
+                missed: 0,
+                wake,
+            },
+        );
+        let base = store.feeds["/a"].base;
+        assert!(base > failed);
+        store.release("/a", failed);
+        let published = store.place(
+            "/a",
+            Message::new(
+                id,
+                SystemTime::now(),
+                Instant::now(),
+                Envelope::default(),
+                b"2".to_vec(),
+            ),
+            &limits(),
+        );
+        assert!(published.waiters.is_empty() && published.bells.is_empty());
+        assert!(store.feeds["/a"].retained.is_empty());
+        assert_eq!(store.feeds["/a"].next_id, base);
+        assert_eq!(store.take_drops(), [("/a".to_owned(), id)]);
+        assert!(store.orphans.is_empty());
+        // The new history goes on as if nothing happened: its subscriber
+        // gets its first message.
+        assert_eq!(store.feeds["/a"].waiters.len(), 1);
+        let first = store.publish("/a", Envelope::default(), b"3".to_vec(), &limits());
+        assert_eq!((first.id, first.waiters.len()), (base, 1));
     }
 
     #[test]
