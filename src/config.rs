@@ -44,7 +44,7 @@ pub struct Config {
     pub auth: Option<PathBuf>,
     /// The pubsub store's file (`--store`), and how its commits are synced.
     pub store: Option<PathBuf>,
-    pub store_sync: crate::store::Sync,
+    pub store_sync: crate::store::SyncMode,
     /// The key hook secrets are signed with.
     pub hook_key: HookKey,
     /// Requests per client address, when limited.
@@ -194,9 +194,9 @@ impl Config {
             auth: args.auth,
             store: args.store.filter(|path| !path.as_os_str().is_empty()),
             store_sync: if args.store_sync == "full" {
-                crate::store::Sync::Full
+                crate::store::SyncMode::Full
             } else {
-                crate::store::Sync::Normal
+                crate::store::SyncMode::Normal
             },
             hook_key,
             rate,

@@ -737,7 +737,7 @@ impl StoreFigures {
             (
                 "patchcord_store_failures_total",
                 "counter",
-                "Commits to the pubsub store that failed (their publishers got 507 or 503).",
+                "Commits to the pubsub store that failed (publishers answered 507 or 503, or deletions put off).",
                 load(&self.failed),
             ),
         ] {

@@ -54,7 +54,7 @@ const VACUUM_PAGES: i64 = 256;
 
 /// How a commit reaches the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sync {
+pub enum SyncMode {
     /// Written to the WAL (the kernel's cache) at each commit, synced at
     /// checkpoints: survives the relay being killed.
     Normal,
@@ -62,7 +62,8 @@ pub enum Sync {
     Full,
 }
 
-/// The open store: one connection, used by one thread (the journal's).
+/// The open store: one connection, used by whoever holds the journal's
+/// lock on it (a publisher that commits, the journal's thread, a DELETE).
 pub struct Disk {
     connection: Connection,
     path: PathBuf,
@@ -98,7 +99,8 @@ pub struct OpenError {
 /// Why a commit failed; nothing of it is in the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteError {
-    /// The disk (or the file system's quota) is full.
+    /// The disk is full (SQLITE_FULL; a quota that is exceeded is an I/O
+    /// error to SQLite, so [`WriteError::Failed`]).
     Full(String),
     /// Any other failure to write.
     Failed(String),
@@ -125,7 +127,7 @@ impl Disk {
     /// Opens the store at `path`, creating it if there is no file (or an
     /// empty one). Refuses a file that is not a patchcord store, a corrupt
     /// one, one it cannot write and one another process holds.
-    pub fn open(path: &Path, sync: Sync) -> Result<Disk, OpenError> {
+    pub fn open(path: &Path, sync: SyncMode) -> Result<Disk, OpenError> {
         let fail = |reason: String| OpenError {
             path: path.to_owned(),
             reason,
@@ -149,7 +151,7 @@ impl Disk {
             rows: 0,
         };
         disk.prepare(sync).map_err(fail)?;
-        disk.check().map_err(fail)?;
+        disk.check_pages().map_err(fail)?;
         let rows = disk
             .connection
             .query_row("SELECT count(*) FROM messages", [], |row| {
@@ -162,9 +164,11 @@ impl Disk {
         })
     }
 
-    /// Takes the file for this process alone, creates the tables of a new
-    /// store, and sets WAL mode and the sync level.
-    fn prepare(&self, sync: Sync) -> Result<(), String> {
+    /// Takes the file for this process alone, refuses it if it holds other
+    /// tables than a patchcord store's (before changing anything in it),
+    /// creates the tables of a new store, and sets WAL mode and the sync
+    /// level.
+    fn prepare(&self, sync: SyncMode) -> Result<(), String> {
         let c = &self.connection;
         let sql = |e: rusqlite::Error| opening(&e);
         // No waiting on a lock another process holds: that is an error.
@@ -181,6 +185,8 @@ impl Disk {
             // then be given back without rewriting the file.
             c.pragma_update(None, "auto_vacuum", "INCREMENTAL")
                 .map_err(sql)?;
+        } else {
+            self.check_format()?;
         }
         let mode: String = c
             .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
@@ -191,8 +197,8 @@ impl Disk {
             ));
         }
         let level = match sync {
-            Sync::Normal => "NORMAL",
-            Sync::Full => "FULL",
+            SyncMode::Normal => "NORMAL",
+            SyncMode::Full => "FULL",
         };
         c.pragma_update(None, "synchronous", level).map_err(sql)?;
         c.pragma_update(None, "journal_size_limit", WAL_LIMIT)
@@ -218,9 +224,8 @@ impl Disk {
         }
     }
 
-    /// Refuses a file that is not a patchcord store of this version, or
-    /// whose pages are damaged.
-    fn check(&self) -> Result<(), String> {
+    /// Refuses a database that is not a patchcord store of this version.
+    fn check_format(&self) -> Result<(), String> {
         let c = &self.connection;
         let value = |key: &str| -> Result<Option<String>, String> {
             c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| {
@@ -249,7 +254,13 @@ impl Disk {
                 "is a patchcord store of another version (this relay reads version {VERSION})"
             ));
         }
-        let verdict: String = c
+        Ok(())
+    }
+
+    /// Refuses a store whose pages are damaged.
+    fn check_pages(&self) -> Result<(), String> {
+        let verdict: String = self
+            .connection
             .query_row("PRAGMA quick_check", [], |r| r.get(0))
             .map_err(|e| damaged(&e.to_string()))?;
         if verdict != "ok" {
@@ -376,7 +387,16 @@ impl Disk {
         };
         let free = count("freelist_count");
         if free >= VACUUM_PAGES && free * 4 >= count("page_count") {
-            if let Err(error) = self.connection.execute_batch("PRAGMA incremental_vacuum") {
+            // The pragma frees one page per step: step it to the end.
+            let vacuumed = self
+                .connection
+                .prepare("PRAGMA incremental_vacuum")
+                .and_then(|mut statement| {
+                    let mut steps = statement.query([])?;
+                    while steps.next()?.is_some() {}
+                    Ok(())
+                });
+            if let Err(error) = vacuumed {
                 log::warn!("store: could not give free pages back: {error}");
             }
         }
@@ -465,7 +485,7 @@ mod tests {
         let path = scratch("order");
         let envelope = Envelope::text();
         {
-            let mut disk = Disk::open(&path, Sync::Normal).expect("new store");
+            let mut disk = Disk::open(&path, SyncMode::Normal).expect("new store");
             let written = [
                 message("/a", 10, &envelope),
                 message("/b", 20, &envelope),
@@ -476,7 +496,7 @@ mod tests {
                 .expect("delete");
             assert_eq!(disk.rows(), 2);
         }
-        let disk = Disk::open(&path, Sync::Full).expect("reopened");
+        let disk = Disk::open(&path, SyncMode::Full).expect("reopened");
         assert_eq!(disk.rows(), 2);
         let mut rows = Vec::new();
         let last = disk
@@ -505,13 +525,15 @@ mod tests {
     #[test]
     fn a_second_opener_and_foreign_files_are_refused() {
         let path = scratch("refused");
-        let held = Disk::open(&path, Sync::Normal).expect("new store");
-        let error = Disk::open(&path, Sync::Normal).err().expect("in use");
+        let held = Disk::open(&path, SyncMode::Normal).expect("new store");
+        let error = Disk::open(&path, SyncMode::Normal).err().expect("in use");
         assert!(error.reason.contains("in use"), "{error}");
         drop(held);
 
         std::fs::write(&path, b"not a database, just text\n".repeat(100)).expect("write");
-        let error = Disk::open(&path, Sync::Normal).err().expect("not sqlite");
+        let error = Disk::open(&path, SyncMode::Normal)
+            .err()
+            .expect("not sqlite");
         assert!(
             error.to_string().contains("not a patchcord store"),
             "{error}"
@@ -523,9 +545,15 @@ mod tests {
             .execute_batch("CREATE TABLE notes (text TEXT)")
             .expect("table");
         drop(other);
-        let error = Disk::open(&path, Sync::Normal)
+        let error = Disk::open(&path, SyncMode::Normal)
             .err()
             .expect("foreign tables");
         assert!(error.reason.contains("other tables"), "{error}");
+        // Refused before anything in it changed.
+        let other = Connection::open(&path).expect("sqlite");
+        let mode: String = other
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .expect("journal mode");
+        assert_eq!(mode, "delete");
     }
 }

@@ -302,6 +302,39 @@ fn retention_and_deletion_leave_the_file_too() {
     );
 }
 
+#[test]
+fn a_deleted_channel_gives_its_space_back() {
+    let (_dir, file) = store_file("store-vacuum");
+    let args = [
+        "--pubsub-retain-count",
+        "2000",
+        "--pubsub-retain-bytes",
+        "16M",
+    ];
+    let mut server = start(&file, None, &args);
+    let body = pattern(4096, 11);
+    let mut stream = connect(server.addr);
+    for _ in 0..1000 {
+        assert_eq!(publish_on(&mut stream, "/pubsub/big", &body).status, 200);
+    }
+    server.signal(libc::SIGTERM);
+    server.wait_exit(*STEP).expect("stopped");
+    let full = std::fs::metadata(&file).expect("store").len();
+    assert!(full > 4 << 20, "the store is {full} bytes");
+
+    let mut server = start(&file, None, &args);
+    let deleted = request(
+        server.addr,
+        b"DELETE /pubsub/big HTTP/1.1\r\nHost: t\r\n\r\n",
+    );
+    assert_eq!(deleted.status, 200, "{}", deleted.text());
+    assert_eq!(store_figure(&server, "rows"), 0);
+    server.signal(libc::SIGTERM);
+    server.wait_exit(*STEP).expect("stopped");
+    let emptied = std::fs::metadata(&file).expect("store").len();
+    assert!(emptied < 1 << 20, "{full} bytes, then {emptied}");
+}
+
 /// Starts a relay on `file` that must refuse it: its stderr.
 fn refused(file: &Path, configure: impl FnOnce(&mut Command)) -> String {
     let mut relay = command();

@@ -36,20 +36,24 @@ use crate::mailbox::{Mailbox, Poster};
 use crate::metrics::Stats;
 use crate::mode::envelope::Envelope;
 use crate::registry::Registry;
-use crate::store::{Disk, OpenError, Sync, WriteError, Written};
+use crate::store::{Disk, OpenError, SyncMode, WriteError, Written};
 
 /// The most messages one commit takes.
 const GROUP: usize = 512;
 
-/// How long shutdown waits for a publisher's commit to end.
-const FINISH_LIMIT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for a publisher's commit to end (one commit
+/// takes well under a millisecond), within the relay's 2 s to exit.
+const FINISH_LIMIT: Duration = Duration::from_millis(400);
 
 /// The store, read back: the file and what memory holds of it.
 pub struct Restored {
+    /// The file, open and checked.
     pub disk: Disk,
+    /// The channels with the messages read back.
     pub store: Store,
-    /// Messages read back into memory, and their channels.
+    /// How many messages were read back into memory.
     pub messages: usize,
+    /// On how many channels.
     pub channels: usize,
 }
 
@@ -72,7 +76,9 @@ struct Shared {
     bell: Poster<()>,
 }
 
+/// The messages waiting to be committed, and who commits them.
 struct Inbox {
+    /// In the order they came; a group is taken from the front.
     entries: Vec<Entry>,
     lead: Lead,
     /// False once shutdown began: nothing new is taken.
@@ -85,8 +91,8 @@ enum Lead {
     Nobody,
     /// The publisher that found nobody committing: one group, its own.
     Publisher,
-    /// The writer thread: group after group until the inbox is empty.
-    Writer,
+    /// The journal's thread: group after group until the inbox is empty.
+    Thread,
 }
 
 /// A message on its way to the file.
@@ -105,7 +111,7 @@ type Answer = Result<Published, Reject>;
 /// Opens the store at `path` and reads it back within `limits`: messages
 /// older than the retention age stay behind (and leave the file at the
 /// first commit), the others are retained as they were, with their ids.
-pub fn restore(path: &Path, sync: Sync, limits: &PubsubLimits) -> Result<Restored, OpenError> {
+pub fn restore(path: &Path, sync: SyncMode, limits: &PubsubLimits) -> Result<Restored, OpenError> {
     let disk = Disk::open(path, sync)?;
     let mut store = Store::default();
     store.track_drops(true);
@@ -220,6 +226,18 @@ impl Journal {
             lead
         };
         if lead {
+            // A commit that panics hands the lead on rather than leave the
+            // publishers after it led by no one.
+            struct HandOn<'a>(&'a Shared);
+            impl Drop for HandOn<'_> {
+                fn drop(&mut self) {
+                    if thread::panicking() {
+                        self.0.inbox().lead = Lead::Thread;
+                        let _ = self.0.bell.post(());
+                    }
+                }
+            }
+            let _hand_on = HandOn(shared);
             shared.commit_group();
             // Decided under the lock that a new entry takes: it never finds
             // a leader that is about to leave.
@@ -227,7 +245,7 @@ impl Journal {
             if inbox.entries.is_empty() {
                 inbox.lead = Lead::Nobody;
             } else {
-                inbox.lead = Lead::Writer;
+                inbox.lead = Lead::Thread;
                 drop(inbox);
                 // A bell already rung says the same.
                 let _ = shared.bell.post(());
@@ -241,7 +259,8 @@ impl Journal {
     }
 
     /// Deletes from the file at once what left memory (a DELETE's
-    /// channels), rather than at the next commit.
+    /// channels), rather than at the next commit. If the file cannot, it
+    /// is logged, and the next commit tries again.
     pub fn tidy(&self) {
         if let Some(writer) = self.shared.writer().as_mut() {
             writer.tidy();
@@ -272,7 +291,7 @@ impl Shared {
                 let mut inbox = self.0.inbox();
                 inbox.open = false;
                 inbox.entries.clear();
-                inbox.lead = Lead::Writer;
+                inbox.lead = Lead::Thread;
             }
         }
         let _closing = Closing(self);
@@ -282,7 +301,7 @@ impl Shared {
             loop {
                 {
                     let mut inbox = self.inbox();
-                    if inbox.lead != Lead::Writer {
+                    if inbox.lead != Lead::Thread {
                         break;
                     }
                     if inbox.entries.is_empty() {
@@ -302,7 +321,7 @@ impl Shared {
             {
                 let mut inbox = self.inbox();
                 if inbox.lead != Lead::Publisher || Instant::now() >= deadline {
-                    inbox.lead = Lead::Writer;
+                    inbox.lead = Lead::Thread;
                     break;
                 }
             }
@@ -364,9 +383,15 @@ struct Writer {
 impl Writer {
     /// Commits `group`, then places its messages in memory; on a failure,
     /// gives their ids back. Returns what each publisher is to be told.
+    /// Once shutdown closed the channels, nothing more is written (503).
     fn write(&mut self, group: Vec<Entry>) -> Vec<(Poster<Answer>, Answer)> {
         let (ids, drops, last_id) = {
-            let mut store = self.registry.lock_even_closed();
+            let Ok(mut store) = self.registry.lock() else {
+                return group
+                    .into_iter()
+                    .map(|entry| (entry.reply, Err(Reject::shutting_down())))
+                    .collect();
+            };
             // Expired messages leave the file with this commit.
             let evicted = store.expire(Instant::now(), self.limits.retain_age);
             self.stats.evicted(evicted as u64);
@@ -386,6 +411,13 @@ impl Writer {
             .collect();
         let result = self.commit(&written, &drops, last_id);
         drop(written);
+        if let Err(error) = &result {
+            log::warn!(
+                "store {}: {} messages not published: {error}",
+                self.disk.path().display(),
+                group.len()
+            );
+        }
         match result {
             Ok(()) => {
                 let mut store = self.registry.lock_even_closed();
@@ -432,12 +464,16 @@ impl Writer {
         if drops.is_empty() {
             return;
         }
-        if self.commit(&[], &drops, last_id).is_err() {
+        if let Err(error) = self.commit(&[], &drops, last_id) {
+            log::warn!(
+                "store {}: rows that left memory stay in the file until the next commit: {error}",
+                self.disk.path().display()
+            );
             self.registry.lock_even_closed().keep_drops(drops);
         }
     }
 
-    /// One commit, timed and counted; a failure is logged.
+    /// One commit, timed and counted.
     fn commit(
         &mut self,
         written: &[Written<'_>],
@@ -451,14 +487,7 @@ impl Writer {
                 self.stats.store_committed(started.elapsed());
                 self.stats.store_written(self.disk.size(), self.disk.rows());
             }
-            Err(error) => {
-                self.stats.store_failed();
-                log::warn!(
-                    "store {}: {} messages not published: {error}",
-                    self.disk.path().display(),
-                    written.len()
-                );
-            }
+            Err(_) => self.stats.store_failed(),
         }
         result
     }
@@ -488,13 +517,60 @@ mod tests {
         }
     }
 
-    #[test]
-    fn concurrent_publishers_each_get_their_own_consecutive_id() {
-        let dir = std::env::temp_dir().join(format!("patchcord-journal-{}", std::process::id()));
+    /// A fresh scratch directory for test `name`.
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("patchcord-journal-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("scratch dir");
+        dir
+    }
+
+    #[test]
+    fn a_publisher_commits_within_half_a_connection_threads_stack() {
+        // A lone publisher commits on its connection's thread (128 KiB of
+        // stack): SQLite's parsing, writing, checkpointing and vacuuming
+        // must fit with room to spare, here in a debug build.
+        let dir = scratch("stack");
         let path = dir.join("pubsub.db");
-        let restored = restore(&path, Sync::Normal, &limits()).expect("new store");
+        let small = thread::Builder::new()
+            .stack_size(crate::server::STACK_SIZE / 2)
+            .spawn(move || {
+                let limits = PubsubLimits {
+                    retain_count: 5,
+                    ..limits()
+                };
+                let restored = restore(&path, SyncMode::Full, &limits).expect("new store");
+                let registry = Arc::new(Registry::new(restored.store));
+                let journal = Journal::start(
+                    restored.disk,
+                    Arc::clone(&registry),
+                    limits,
+                    Arc::new(Stats::new()),
+                )
+                .expect("journal");
+                // 1,500 pages and more: the WAL is checkpointed on the way.
+                for i in 0..1500u32 {
+                    let key = format!("/c{}", i % 50);
+                    let body = vec![b'x'; 4000];
+                    journal
+                        .publish(&key, Envelope::text(), body)
+                        .expect("published");
+                }
+                registry.remove_under("/");
+                journal.tidy();
+                journal.finish();
+            })
+            .expect("thread");
+        small.join().expect("no overflow");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn concurrent_publishers_each_get_their_own_consecutive_id() {
+        let dir = scratch("concurrent");
+        let path = dir.join("pubsub.db");
+        let restored = restore(&path, SyncMode::Normal, &limits()).expect("new store");
         let registry = Arc::new(Registry::new(restored.store));
         let journal = Journal::start(
             restored.disk,
@@ -545,7 +621,7 @@ mod tests {
             assert!(mine.windows(2).all(|w| w[1] == w[0] + 1), "{key}: {mine:?}");
         }
         // The file holds them all, and reads back as memory held them.
-        let again = restore(&path, Sync::Normal, &limits()).expect("reopened");
+        let again = restore(&path, SyncMode::Normal, &limits()).expect("reopened");
         assert_eq!(again.messages, 1600);
         assert_eq!(again.disk.rows(), 1600);
         let _ = std::fs::remove_dir_all(&dir);
