@@ -41,6 +41,9 @@ use crate::store::{Disk, OpenError, SyncMode, WriteError, Written};
 /// The most messages one commit takes.
 const GROUP: usize = 512;
 
+/// The least time between two lines about failed commits.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
 /// How long shutdown waits for a publisher's commit to end (one commit
 /// takes well under a millisecond), within the relay's 2 s to exit.
 const FINISH_LIMIT: Duration = Duration::from_millis(400);
@@ -166,6 +169,8 @@ impl Journal {
             registry,
             limits,
             stats,
+            warned: None,
+            unlogged: 0,
         };
         // The bell's mailbox belongs to the writer thread: it is made
         // there, and the shared state handed back.
@@ -378,6 +383,10 @@ struct Writer {
     registry: Arc<Registry<Store>>,
     limits: PubsubLimits,
     stats: Arc<Stats>,
+    /// When a failure was last logged, and how many were not since: a full
+    /// disk fails every commit, and the log may live on that disk.
+    warned: Option<Instant>,
+    unlogged: u64,
 }
 
 impl Writer {
@@ -412,11 +421,8 @@ impl Writer {
         let result = self.commit(&written, &drops, last_id);
         drop(written);
         if let Err(error) = &result {
-            log::warn!(
-                "store {}: {} messages not published: {error}",
-                self.disk.path().display(),
-                group.len()
-            );
+            let what = format!("{} messages not published: {error}", group.len());
+            self.warn(&what);
         }
         match result {
             Ok(()) => {
@@ -465,12 +471,29 @@ impl Writer {
             return;
         }
         if let Err(error) = self.commit(&[], &drops, last_id) {
-            log::warn!(
-                "store {}: rows that left memory stay in the file until the next commit: {error}",
-                self.disk.path().display()
-            );
+            self.warn(&format!(
+                "rows that left memory stay in the file until the next commit: {error}"
+            ));
             self.registry.lock_even_closed().keep_drops(drops);
         }
+    }
+
+    /// Logs a failure, at most once per [`WARN_EVERY`] (the counters count
+    /// every one), saying how many went unlogged since.
+    fn warn(&mut self, what: &str) {
+        let now = Instant::now();
+        if self.warned.is_some_and(|at| now < at + WARN_EVERY) {
+            self.unlogged += 1;
+            return;
+        }
+        let unlogged = std::mem::take(&mut self.unlogged);
+        let since = if unlogged > 0 {
+            format!(" ({unlogged} more failures since the last line)")
+        } else {
+            String::new()
+        };
+        log::warn!("store {}: {what}{since}", self.disk.path().display());
+        self.warned = Some(now);
     }
 
     /// One commit, timed and counted.
