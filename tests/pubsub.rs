@@ -14,20 +14,12 @@ fn publish_on(stream: &mut TcpStream, path: &str, body: &[u8]) -> u64 {
     send(stream, &post(path, body));
     let response = read_response(stream).expect("publish answered");
     assert_eq!(response.status, 200, "{}", response.text());
-    id_of(&response)
+    response.patch_id()
 }
 
 /// Publishes `body` on `path` on a connection of its own.
 fn publish(server: &Server, path: &str, body: &[u8]) -> u64 {
     publish_on(&mut connect(server.addr), path, body)
-}
-
-fn id_of(response: &Response) -> u64 {
-    response
-        .header("patch-id")
-        .expect("Patch-Id")
-        .parse()
-        .expect("numeric id")
 }
 
 /// Opens a streaming subscription with `extra` request headers.
@@ -79,16 +71,13 @@ fn every_waiting_get_gets_a_copy_with_the_headers() {
     // Nobody waiting: publishing still returns at once.
     let alone = request(server.addr, &post("/pubsub/alerts", b"x"));
     assert_eq!(alone.header("patch-subscribers"), Some("0"));
-    assert_eq!(id_of(&alone), id_of(&answer) + 1);
+    assert_eq!(alone.patch_id(), answer.patch_id() + 1);
 }
 
 #[test]
 fn queue_paths_with_pubsub_true_and_get_with_body_publish() {
     let server = Server::start();
-    let id = id_of(&request(
-        server.addr,
-        &get("/jobs?pubsub=true&body=hello+world"),
-    ));
+    let id = request(server.addr, &get("/jobs?pubsub=true&body=hello+world")).patch_id();
     let got = request(
         server.addr,
         &get(&format!("/jobs?pubsub=1&after={}", id - 1)),
@@ -161,7 +150,7 @@ fn a_cursor_beyond_every_id_given_waits_for_the_next_message() {
         (got.text(), got.header("patch-missed")),
         ("fresh".into(), None)
     );
-    assert_eq!(id_of(&got), id);
+    assert_eq!(got.patch_id(), id);
 }
 
 #[test]
@@ -202,7 +191,7 @@ fn oversized_messages_are_refused_with_413() {
     assert_eq!(
         request(
             server.addr,
-            &get(&format!("/pubsub/big?after={}&timeout=0", id_of(&got)))
+            &get(&format!("/pubsub/big?after={}&timeout=0", got.patch_id()))
         )
         .status,
         408

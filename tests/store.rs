@@ -24,18 +24,6 @@ fn start(file: &Path, addr: Option<SocketAddr>, args: &[&str]) -> Server {
     Server::start_command(relay)
 }
 
-/// Kills `server` with SIGKILL and waits until its port is free again.
-fn kill_9(server: Server) -> SocketAddr {
-    let addr = server.addr;
-    let mut down = server;
-    down.signal(libc::SIGKILL);
-    down.wait_exit(*STEP).expect("the relay died");
-    drop(down);
-    let free = wait_for(*STEP, || std::net::TcpListener::bind(addr).is_ok());
-    assert!(free, "the relay's port stayed busy");
-    addr
-}
-
 /// Publishes `body` on `path` over `stream` (keep-alive): the answer.
 fn publish_on(stream: &mut TcpStream, path: &str, body: &[u8]) -> Response {
     send(stream, &post(path, body));
@@ -46,15 +34,14 @@ fn publish_on(stream: &mut TcpStream, path: &str, body: &[u8]) -> Response {
 fn publish(server: &Server, path: &str, body: &[u8]) -> u64 {
     let answer = publish_on(&mut connect(server.addr), path, body);
     assert_eq!(answer.status, 200, "{}", answer.text());
-    id_of(&answer)
+    answer.patch_id()
 }
 
-fn id_of(response: &Response) -> u64 {
-    response
-        .header("patch-id")
-        .expect("Patch-Id")
-        .parse()
-        .expect("numeric id")
+/// Deletes channel `path` (and those under it).
+fn delete(server: &Server, path: &str) {
+    let raw = format!("DELETE {path} HTTP/1.1\r\nHost: t\r\n\r\n");
+    let deleted = request(server.addr, raw.as_bytes());
+    assert_eq!(deleted.status, 200, "{}", deleted.text());
 }
 
 /// One cursor-loop step: the message after `after` (its id and body), or
@@ -67,7 +54,7 @@ fn next_after(server: &Server, path: &str, after: u64) -> Option<(u64, Vec<u8>)>
     match got.status {
         200 => {
             assert_eq!(got.header("patch-missed"), None, "{path} after {after}");
-            Some((id_of(&got), got.body))
+            Some((got.patch_id(), got.body))
         }
         408 => None,
         other => panic!("{path} after {after}: {other} {}", got.text()),
@@ -123,7 +110,7 @@ fn a_killed_relay_serves_every_acknowledged_message_again() {
                         let body = format!("c{c} m{i}").into_bytes();
                         let answer = publish_on(&mut stream, &path, &body);
                         assert_eq!(answer.status, 200, "{}", answer.text());
-                        (id_of(&answer), body)
+                        (answer.patch_id(), body)
                     })
                     .collect::<Vec<_>>()
             })
@@ -146,7 +133,7 @@ fn a_killed_relay_serves_every_acknowledged_message_again() {
         cursors.insert(c, after);
     }
 
-    let addr = kill_9(server);
+    let addr = server.kill_9();
     let server = start(&file, Some(addr), &["--pubsub-retain-count", "200"]);
     server.wait_log("1000 messages on 10 channels", 1);
     for (c, messages) in sent.iter().enumerate() {
@@ -188,7 +175,7 @@ fn last_event_id_resumes_a_stream_across_a_restart() {
     let seen = String::from_utf8_lossy(&events.until(b"\n\n", 3)).into_owned();
     assert!(seen.contains(&format!("id: {}\n", ids[2])), "{seen}");
 
-    let addr = kill_9(server);
+    let addr = server.kill_9();
     let server = start(&file, Some(addr), &["--store-sync", "full"]);
     let fresh = publish(&server, "/pubsub/sse", b"e6");
     // What EventSource sends when it reconnects: the same URL, and the last id.
@@ -241,7 +228,7 @@ fn listen_carries_on_across_a_kill_without_a_gap() {
     };
     printed(3);
 
-    let addr = kill_9(server);
+    let addr = server.kill_9();
     let server = start(&file, Some(addr), &[]);
     // Published before the listener is back: the store kept them for it.
     for body in ["b1", "b2"] {
@@ -273,11 +260,7 @@ fn retention_and_deletion_leave_the_file_too() {
     publish(&server, "/pubsub/gone", b"deleted soon");
     assert_eq!(store_figure(&server, "rows"), 11);
     // A DELETE commits at once, with what else left memory.
-    let deleted = request(
-        server.addr,
-        b"DELETE /pubsub/gone HTTP/1.1\r\nHost: t\r\n\r\n",
-    );
-    assert_eq!(deleted.status, 200, "{}", deleted.text());
+    delete(&server, "/pubsub/gone");
     assert_eq!(store_figure(&server, "rows"), 10);
     server.signal(libc::SIGTERM);
     server.wait_exit(*STEP).expect("stopped");
@@ -323,11 +306,7 @@ fn a_deleted_channel_gives_its_space_back() {
     assert!(full > 4 << 20, "the store is {full} bytes");
 
     let mut server = start(&file, None, &args);
-    let deleted = request(
-        server.addr,
-        b"DELETE /pubsub/big HTTP/1.1\r\nHost: t\r\n\r\n",
-    );
-    assert_eq!(deleted.status, 200, "{}", deleted.text());
+    delete(&server, "/pubsub/big");
     assert_eq!(store_figure(&server, "rows"), 0);
     server.signal(libc::SIGTERM);
     server.wait_exit(*STEP).expect("stopped");
@@ -441,7 +420,7 @@ fn a_full_disk_answers_507_and_memory_keeps_serving() {
         .find_map(|_| {
             let answer = publish_on(&mut stream, "/pubsub/full", &body);
             if answer.status == 200 {
-                ids.push(id_of(&answer));
+                ids.push(answer.patch_id());
                 None
             } else {
                 Some(answer)
@@ -470,7 +449,7 @@ fn a_full_disk_answers_507_and_memory_keeps_serving() {
     std::fs::remove_file(&filler).expect("room again");
     let answer = publish_on(&mut stream, "/pubsub/full", b"room again");
     assert_eq!(answer.status, 200, "{}", answer.text());
-    assert_eq!(id_of(&answer), ids.last().unwrap() + 1);
+    assert_eq!(answer.patch_id(), ids.last().unwrap() + 1);
     server.signal(libc::SIGTERM);
     server.wait_exit(*STEP).expect("stopped");
 }

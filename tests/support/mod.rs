@@ -225,6 +225,19 @@ impl Server {
         wait_child(&mut self.child, limit)
     }
 
+    /// Kills the server with SIGKILL and waits until its port is free
+    /// again (nothing else takes it meanwhile); returns its address, for
+    /// a relay started again in its place.
+    pub fn kill_9(mut self) -> SocketAddr {
+        let addr = self.addr;
+        self.signal(libc::SIGKILL);
+        self.wait_exit(*STEP).expect("the relay died");
+        drop(self);
+        let free = running::wait_for(*STEP, || std::net::TcpListener::bind(addr).is_ok());
+        assert!(free, "the relay's port stayed busy");
+        addr
+    }
+
     /// Whether the server still answers: one full exchange on a fresh channel.
     pub fn assert_serving(&self) {
         let channel = format!("/alive-{}", std::process::id());
@@ -342,6 +355,14 @@ impl Response {
     }
 
     /// The body as text.
+    /// The `Patch-Id` of a pubsub answer.
+    pub fn patch_id(&self) -> u64 {
+        self.header("patch-id")
+            .expect("Patch-Id")
+            .parse()
+            .expect("numeric id")
+    }
+
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
