@@ -16,6 +16,7 @@
 //! cut.
 
 use std::fmt;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -134,6 +135,19 @@ impl Disk {
         };
         if path.is_dir() {
             return Err(fail("is a directory".to_owned()));
+        }
+        // A new store is readable by this user alone (SQLite would make it
+        // 0644 less the umask): it holds channel names, which are
+        // capabilities, and message bodies. Its WAL takes the same mode.
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(_) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(error) => return Err(fail(format!("cannot be created ({error})"))),
         }
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
@@ -520,6 +534,27 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn a_new_store_is_private_and_a_missing_directory_is_said() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = scratch("private");
+        let mut disk = Disk::open(&path, SyncMode::Normal).expect("new store");
+        let envelope = Envelope::text();
+        disk.commit(&[message("/a", 1, &envelope)], &[], 1)
+            .expect("commit");
+        let wal = path.with_file_name("pubsub.db-wal");
+        for file in [&path, &wal] {
+            let mode = std::fs::metadata(file).expect("file").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", file.display());
+        }
+        let missing = path.with_file_name("missing").join("pubsub.db");
+        let error = Disk::open(&missing, SyncMode::Normal)
+            .err()
+            .expect("no dir");
+        assert!(error.to_string().contains("cannot be created"), "{error}");
+        assert!(error.to_string().contains("missing/pubsub.db"), "{error}");
     }
 
     #[test]
