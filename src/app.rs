@@ -73,6 +73,7 @@ impl Relay {
             Arc::clone(&queues),
             config.max_wait,
             config.reply_timeout,
+            config.shard_tag.clone(),
         ));
         let families: Vec<Box<dyn Family>> = vec![
             Box::new(queues),

@@ -361,6 +361,12 @@ pub struct ServeArgs {
     )]
     pub pubsub_max_message: u64,
 
+    /// This relay's name behind a load balancer (letters, digits, `-`, `_`):
+    /// its reply paths start with it, `/_/reply/TAG.`, for the balancer to
+    /// send them back here.
+    #[arg(long, env = "PATCHCORD_SHARD_TAG", value_name = "TAG")]
+    pub shard_tag: Option<String>,
+
     /// Keep every retained pubsub message in this SQLite file too: a
     /// restarted relay serves them again, and ids continue above them.
     /// A publish gets its answer once its message is in the file.

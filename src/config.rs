@@ -42,6 +42,8 @@ pub struct Config {
     pub log_level: log::LevelFilter,
     /// The access file, read by `access.rs` (at start and on SIGHUP).
     pub auth: Option<PathBuf>,
+    /// This relay's name behind a load balancer, in its reply paths.
+    pub shard_tag: Option<String>,
     /// The pubsub store's file (`--store`), and how its commits are synced.
     pub store: Option<PathBuf>,
     pub store_sync: crate::store::SyncMode,
@@ -192,6 +194,7 @@ impl Config {
             cors_origin,
             log_level: level,
             auth: args.auth,
+            shard_tag: shard_tag(args.shard_tag)?,
             store: args.store.filter(|path| !path.as_os_str().is_empty()),
             store_sync: if args.store_sync == "full" {
                 crate::store::SyncMode::Full
@@ -314,6 +317,24 @@ fn positive(name: &str, secs: f64) -> Result<Duration, ConfigError> {
         return Err(ConfigError::new(format!("{name} must be more than 0")));
     }
     Ok(duration)
+}
+
+/// `--shard-tag`: 1 to 32 letters, digits, `-` or `_` (it goes into paths
+/// and a balancer's rules); empty means none.
+fn shard_tag(tag: Option<String>) -> Result<Option<String>, ConfigError> {
+    let Some(tag) = tag.filter(|t| !t.is_empty()) else {
+        return Ok(None);
+    };
+    let fits = tag.len() <= 32
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !fits {
+        return Err(ConfigError::new(format!(
+            "--shard-tag {tag:?}: 1 to 32 letters, digits, '-' or '_'"
+        )));
+    }
+    Ok(Some(tag))
 }
 
 #[cfg(test)]

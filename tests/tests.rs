@@ -6,6 +6,7 @@ mod support;
 mod access;
 mod browser;
 mod capacity;
+mod cluster;
 mod examples;
 mod fifo;
 mod fifo_more;

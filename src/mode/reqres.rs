@@ -54,6 +54,8 @@ pub struct ReqRes {
     max_wait: Option<Duration>,
     /// How long a requester waits for a switched or replied answer.
     reply_timeout: Duration,
+    /// This relay's name behind a balancer, first in its reply paths.
+    shard_tag: Option<String>,
 }
 
 /// A requester, as its line holds it.
@@ -155,14 +157,17 @@ impl AnswerBy {
 
 impl ReqRes {
     /// No channels yet; `queues` carries switched and replied answers,
-    /// which a requester waits for for at most `reply_timeout`.
+    /// which a requester waits for for at most `reply_timeout`; reply
+    /// paths start with `shard_tag` when the relay has one.
     pub fn new(
         stats: Arc<Stats>,
         queues: Arc<Queues>,
         max_wait: Option<Duration>,
         reply_timeout: Duration,
+        shard_tag: Option<String>,
     ) -> ReqRes {
         ReqRes {
+            shard_tag,
             handoff: Handoff::new(Arc::clone(&stats), (Mode::Requester, Mode::Responder)),
             queues,
             stats,
@@ -361,7 +366,7 @@ impl ReqRes {
                     "a responder's GET takes no body; POST an answer",
                 ));
             }
-            Method::Get => Form::Reply(reply_path()?),
+            Method::Get => Form::Reply(reply_path(self.shard_tag.as_deref())?),
             Method::Post | Method::Put if query.get("switch").is_some_and(is_on) => {
                 Form::Switch(switch_channel(ex, channel)?)
             }
@@ -638,13 +643,17 @@ fn thread_gone() -> Reject {
     Reject::new(502, "the other side's connection ended unexpectedly")
 }
 
-/// A new one-shot reply path: `/_/reply/<128 random bits in hex>`.
-fn reply_path() -> Result<String, Reject> {
+/// A new one-shot reply path: `/_/reply/<128 random bits in hex>`, after
+/// `<shard_tag>.` when the relay has one (a balancer sends it back here).
+fn reply_path(shard_tag: Option<&str>) -> Result<String, Reject> {
     let secret = crate::random::hex(REPLY_SECRET_BYTES).map_err(|e| {
         log::error!("cannot draw random bytes for a reply path: {e}");
         Reject::new(500, "the server cannot draw random bytes for a reply path")
     })?;
-    Ok(format!("{REPLY_PREFIX}{secret}"))
+    Ok(match shard_tag {
+        Some(tag) => format!("{REPLY_PREFIX}{tag}.{secret}"),
+        None => format!("{REPLY_PREFIX}{secret}"),
+    })
 }
 
 #[cfg(test)]
@@ -653,11 +662,15 @@ mod tests {
 
     #[test]
     fn reply_secrets_are_128_random_bits() {
-        let a = reply_path().unwrap();
-        let b = reply_path().unwrap();
+        let a = reply_path(None).unwrap();
+        let b = reply_path(None).unwrap();
         let secret = a.strip_prefix(REPLY_PREFIX).unwrap();
         assert_eq!(secret.len(), 32);
         assert!(secret.bytes().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(a, b);
+        // Behind a balancer, the relay's tag first.
+        let tagged = reply_path(Some("relay2")).unwrap();
+        let secret = tagged.strip_prefix("/_/reply/relay2.").unwrap();
+        assert_eq!(secret.len(), 32);
     }
 }

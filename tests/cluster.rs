@@ -1,0 +1,409 @@
+//! Several relays behind the real HAProxy, configured with
+//! `contrib/haproxy.cfg` (only its addresses changed): every request for a
+//! channel reaches the same relay, so queue pairs, pubsub cursors,
+//! requesters and responders, reply paths and hooks meet across the
+//! balancer, the channels spread over the relays, and a relay that dies
+//! hands its channels to the others without a 2xx for anything undelivered.
+//! Without HAProxy the tests say SKIP and pass; `.ci/run` installs it.
+
+use std::collections::HashSet;
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// The configuration as shipped.
+const HAPROXY_CONF: &str = include_str!("../contrib/haproxy.cfg");
+/// The key hook secrets are signed with, the same on every relay.
+const KEY: &str = "cluster-test-key-that-is-at-least-32-bytes";
+
+/// Three relays and HAProxy in front of them.
+struct Cluster {
+    relays: Vec<Option<Server>>,
+    haproxy: Child,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Cluster {
+    /// Starts `contrib/haproxy.cfg` over three relays, or None (after a
+    /// loud SKIP) without HAProxy.
+    fn start(name: &str) -> Option<Cluster> {
+        let Some(binary) = haproxy_binary() else {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                let _ = std::io::stderr().write_all(
+                    b"SKIP: haproxy not installed (.ci/run installs Debian's haproxy): tests/cluster.rs runs no cluster\n",
+                );
+            });
+            return None;
+        };
+        let relays: Vec<Option<Server>> = (1..=3)
+            .map(|i| {
+                let mut relay = command();
+                relay
+                    .args(["--listen", "127.0.0.1:0", "--log-level", "debug"])
+                    .args(["--shard-tag", &format!("relay{i}")])
+                    .args(["--trust-proxy", "127.0.0.1"])
+                    .env("PATCHCORD_SECRET_KEY", KEY);
+                Some(Server::start_command(relay))
+            })
+            .collect();
+        let dir = temp_dir(&format!("haproxy-{name}"));
+        for _ in 0..5 {
+            let port = free_port();
+            let mut conf =
+                HAPROXY_CONF.replacen("bind :3000", &format!("bind 127.0.0.1:{port}"), 1);
+            for (i, relay) in relays.iter().enumerate() {
+                let relay = relay.as_ref().expect("started");
+                let line = format!("server relay{} 127.0.0.1:{}", i + 1, 3001 + i);
+                assert_eq!(conf.matches(&line).count(), 1, "{line:?} once");
+                conf = conf.replacen(&line, &format!("server relay{} {}", i + 1, relay.addr), 1);
+            }
+            let file = dir.join("haproxy.cfg");
+            std::fs::write(&file, conf).expect("config");
+            let log = std::fs::File::create(dir.join("haproxy.log")).expect("log");
+            // -n: fewer connections than the shipped 20,000, which need a
+            // descriptor limit that only root may raise.
+            let mut haproxy = Command::new(&binary)
+                .args(["-db", "-n", "4000", "-f"])
+                .arg(&file)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("start haproxy");
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            if answers(&mut haproxy, addr) {
+                let cluster = Cluster {
+                    relays,
+                    haproxy,
+                    addr,
+                    dir,
+                };
+                cluster.wait_all_up();
+                return Some(cluster);
+            }
+            let said = std::fs::read_to_string(dir.join("haproxy.log")).unwrap_or_default();
+            assert!(said.contains("ddress already in use"), "haproxy: {said}");
+        }
+        panic!("no free port for haproxy in five tries");
+    }
+
+    /// Relay `i` (0-based), while it runs.
+    fn relay(&self, i: usize) -> &Server {
+        self.relays[i].as_ref().expect("running")
+    }
+
+    /// Waits until every relay has served a health check.
+    fn wait_all_up(&self) {
+        let up = wait_for(*STEP, || {
+            (0..self.relays.len()).all(|i| self.relay(i).log().contains("/healthz"))
+        });
+        assert!(up, "not every relay was checked:\n{}", self.haproxy_log());
+    }
+
+    fn haproxy_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("haproxy.log")).unwrap_or_default()
+    }
+
+    /// Pairs made by each relay.
+    fn pairs(&self) -> Vec<u64> {
+        self.relays
+            .iter()
+            .map(|r| r.as_ref().map_or(0, |r| r.counter("pairs_total")))
+            .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.haproxy.kill();
+        let _ = self.haproxy.wait();
+        if !thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn haproxy_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("haproxy"))
+        .chain([PathBuf::from("/usr/sbin/haproxy")])
+        .find(|candidate| candidate.is_file())
+}
+
+/// A port of 127.0.0.1 that was free just now.
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().unwrap().port()
+}
+
+/// Waits until the HAProxy just started answers at `addr`; false if it
+/// exited first.
+fn answers(haproxy: &mut Child, addr: SocketAddr) -> bool {
+    let deadline = Instant::now() + *STEP;
+    while Instant::now() < deadline {
+        if haproxy.try_wait().expect("try_wait").is_some() {
+            return false;
+        }
+        if let Ok(mut stream) = std::net::TcpStream::connect(addr) {
+            let _ = stream.set_read_timeout(Some(*STEP));
+            send(&mut stream, &get("/healthz"));
+            if read_response(&mut stream).is_ok() {
+                return true;
+            }
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    panic!("haproxy did not answer at {addr}");
+}
+
+/// One message from a producer to a consumer on `path`, through `addr`:
+/// the consumer's answer (status and body) and the producer's status.
+fn exchange(addr: SocketAddr, path: &str, body: &[u8]) -> ((u16, Vec<u8>), u16) {
+    let consumer = {
+        let (addr, path) = (addr, path.to_owned());
+        thread::spawn(move || {
+            let got = request(addr, &get(&path));
+            (got.status, got.body)
+        })
+    };
+    let sent = request(addr, &post(path, body));
+    (consumer.join().expect("consumer"), sent.status)
+}
+
+#[test]
+fn three_hundred_queue_pairs_meet_on_a_hundred_channels_over_three_relays() {
+    let Some(cluster) = Cluster::start("pairs") else {
+        return;
+    };
+    let addr = cluster.addr;
+    // Three pairs per channel, all at once.
+    let pairs: Vec<_> = (0..300)
+        .map(|n| {
+            thread::spawn(move || {
+                let path = format!("/cluster/jobs/{}", n % 100);
+                let body = format!("job {n}").into_bytes();
+                let ((status, got), sent) = exchange(addr, &path, &body);
+                assert_eq!((status, sent), (200, 200), "{path}");
+                (path, got)
+            })
+        })
+        .collect();
+    let mut received = HashSet::new();
+    for pair in pairs {
+        let (path, got) = pair.join().expect("pair");
+        let text = String::from_utf8(got).expect("text");
+        let n: usize = text.strip_prefix("job ").expect("a job").parse().unwrap();
+        assert_eq!(
+            format!("/cluster/jobs/{}", n % 100),
+            path,
+            "a job crossed channels"
+        );
+        assert!(received.insert(n), "job {n} twice");
+    }
+    assert_eq!(received.len(), 300);
+    let pairs = cluster.pairs();
+    assert_eq!(pairs.iter().sum::<u64>(), 300, "{pairs:?}");
+    assert!(
+        pairs.iter().all(|&p| p > 0),
+        "a relay had no channel: {pairs:?}"
+    );
+}
+
+#[test]
+fn pubsub_cursor_loops_lose_nothing_across_the_balancer() {
+    let Some(cluster) = Cluster::start("pubsub") else {
+        return;
+    };
+    let addr = cluster.addr;
+    let mut first = Vec::new();
+    for c in 0..10 {
+        for i in 0..20 {
+            let path = format!("/cluster/pubsub/alerts{c}");
+            let published = request(addr, &post(&path, format!("{c}.{i}").as_bytes()));
+            assert_eq!(published.status, 200, "{}", published.text());
+            if i == 0 {
+                first.push(published.patch_id());
+            }
+        }
+    }
+    for (c, first) in first.into_iter().enumerate() {
+        let path = format!("/cluster/pubsub/alerts{c}");
+        let mut after = first - 1;
+        for i in 0..20 {
+            let got = request(addr, &get(&format!("{path}?after={after}&timeout=2")));
+            assert_eq!(got.status, 200, "{path} after {after}: {}", got.text());
+            assert_eq!(got.header("patch-missed"), None);
+            assert_eq!(got.text(), format!("{c}.{i}"));
+            after = got.patch_id();
+        }
+        let none = request(addr, &get(&format!("{path}?after={after}&timeout=0.2")));
+        assert_eq!(none.status, 408, "{path}: nothing more");
+    }
+    let published: Vec<u64> = (0..3)
+        .map(|i| cluster.relay(i).counter("published_total"))
+        .collect();
+    assert_eq!(published.iter().sum::<u64>(), 200, "{published:?}");
+    assert!(
+        published.iter().filter(|&&p| p > 0).count() >= 2,
+        "{published:?}"
+    );
+}
+
+#[test]
+fn requesters_meet_responders_and_reply_paths_come_back() {
+    let Some(cluster) = Cluster::start("reqres") else {
+        return;
+    };
+    let addr = cluster.addr;
+    let mut tags = HashSet::new();
+    for site in 0..12 {
+        // The simple form: the responder's POST body is the answer.
+        let responder = thread::spawn(move || {
+            request(
+                addr,
+                &post(&format!("/cluster/s{site}/res/site"), b"simple"),
+            )
+        });
+        let got = request(addr, &get(&format!("/cluster/s{site}/req/site/a.css")));
+        assert_eq!((got.status, got.text().as_str()), (200, "simple"));
+        assert_eq!(responder.join().expect("responder").status, 200);
+
+        // The reply path, back to the relay that holds the requester.
+        let requester =
+            thread::spawn(move || request(addr, &get(&format!("/cluster/s{site}/req/site/b.css"))));
+        let asked = request(addr, &get(&format!("/cluster/s{site}/res/site")));
+        assert_eq!(asked.status, 200, "{}", asked.text());
+        assert_eq!(asked.header("patch-path"), Some("/b.css"));
+        let reply = asked.header("patch-reply").expect("Patch-Reply").to_owned();
+        let tag = reply
+            .strip_prefix("/_/reply/")
+            .and_then(|rest| rest.split_once('.'))
+            .expect("a tagged reply path")
+            .0
+            .to_owned();
+        tags.insert(tag);
+        let mut answer = connect(addr);
+        send(
+            &mut answer,
+            format!(
+                "POST {reply} HTTP/1.1\r\nHost: t\r\nPatch-Status: 201\r\nContent-Length: 7\r\n\r\nreplied"
+            )
+            .as_bytes(),
+        );
+        assert_eq!(read_response(&mut answer).expect("answered").status, 200);
+        let got = requester.join().expect("requester");
+        assert_eq!((got.status, got.text().as_str()), (201, "replied"));
+    }
+    assert!(tags.len() >= 2, "all sites on one relay: {tags:?}");
+}
+
+#[test]
+fn hooks_minted_anywhere_work_everywhere() {
+    let Some(cluster) = Cluster::start("hooks") else {
+        return;
+    };
+    let addr = cluster.addr;
+    for n in 0..8 {
+        let minted = request(addr, &get("/r"));
+        assert_eq!(minted.status, 200, "{}", minted.text());
+        let text = minted.text();
+        let field = |name: &str| -> String {
+            text.split(&format!("\"{name}\":\""))
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .unwrap_or_else(|| panic!("no {name} in {text}"))
+                .to_owned()
+        };
+        let (name, secret) = (field("channel"), field("secret"));
+        let sent = request(
+            addr,
+            &post(&format!("/r/{name}"), format!("event {n}").as_bytes()),
+        );
+        assert_eq!(sent.status, 200, "{}", sent.text());
+        let got = request(
+            addr,
+            &with_headers(
+                "GET",
+                &format!("/r/{name}?after=0&timeout=2"),
+                &[("Authorization", &format!("Bearer {secret}"))],
+                b"",
+            ),
+        );
+        assert_eq!((got.status, got.text()), (200, format!("event {n}")));
+        let denied = request(addr, &get(&format!("/r/{name}?after=0&timeout=0.2")));
+        assert_eq!(denied.status, 401, "{}", denied.text());
+    }
+}
+
+#[test]
+fn a_dead_relay_hands_its_channels_over_and_nothing_undelivered_got_a_2xx() {
+    let Some(mut cluster) = Cluster::start("failover") else {
+        return;
+    };
+    let addr = cluster.addr;
+    // Consumers waiting on 30 channels, spread over the relays.
+    let (done, finished) = std::sync::mpsc::channel();
+    for c in 0..30 {
+        let done = done.clone();
+        thread::spawn(move || {
+            let got = request(addr, &get(&format!("/cluster/failover/{c}")));
+            let _ = done.send((c, got.status, got.body));
+        });
+    }
+    let parked = wait_for(*STEP, || {
+        (0..3)
+            .map(|i| cluster.relay(i).counter("waiters"))
+            .sum::<u64>()
+            == 30
+    });
+    assert!(parked, "the consumers did not all park");
+    let lost = cluster.relay(1).counter("waiters") as usize;
+    assert!(lost > 0, "relay2 held no consumer");
+    let killed = Instant::now();
+    let _ = cluster.relays[1].take().expect("relay2").kill_9();
+    // Relay2's consumers are cut: a 5xx, never a 2xx.
+    let mut cut = HashSet::new();
+    while cut.len() < lost {
+        let (c, status, body) = finished.recv_timeout(*STEP).expect("a cut consumer");
+        assert!(status >= 500, "{c}: {status} {body:?}");
+        cut.insert(c);
+    }
+    // Every channel works again once HAProxy has seen relay2 fail: the
+    // others' consumers get their message where they wait, relay2's
+    // channels meet on the relays left.
+    for c in 0..30 {
+        let path = format!("/cluster/failover/{c}");
+        let body = format!("after {c}");
+        if cut.contains(&c) {
+            let met = wait_for(*STEP, || {
+                let ((status, got), sent) =
+                    exchange(addr, &format!("{path}?timeout=1"), body.as_bytes());
+                // A 2xx on one side means the other got the message.
+                assert_eq!(status == 200, sent == 200, "{path}: {status} / {sent}");
+                status == 200 && got == body.as_bytes()
+            });
+            assert!(met, "{path} never worked again:\n{}", cluster.haproxy_log());
+        } else {
+            let sent = request(addr, &post(&path, body.as_bytes()));
+            assert_eq!(sent.status, 200, "{path}: {}", sent.text());
+        }
+    }
+    for _ in 0..30 - lost {
+        let (c, status, body) = finished.recv_timeout(*STEP).expect("a consumer");
+        assert!(!cut.contains(&c));
+        assert_eq!((status, body), (200, format!("after {c}").into_bytes()));
+    }
+    assert!(
+        killed.elapsed() < *STEP,
+        "failover took {:?}",
+        killed.elapsed()
+    );
+}
