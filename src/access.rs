@@ -876,6 +876,7 @@ GET = ["/**"]
         let reach = |token: Option<&str>, path: &str| {
             let target = crate::route::tunnel_target(path).unwrap();
             let credential = Credential {
+                relay: false,
                 token: token.map(|t| {
                     (
                         crate::route::Secret::fake(t),

@@ -16,6 +16,7 @@ use crate::error::Reject;
 use crate::http::{Common, Exchange, Head, Method};
 use crate::limits::Limits;
 use crate::metrics::{Kind, Observation, Stats};
+use crate::mode::cluster::Cluster;
 use crate::mode::pubsub::{Pubsub, Restored};
 use crate::mode::queue::Queues;
 use crate::mode::reqres::ReqRes;
@@ -74,6 +75,10 @@ impl Relay {
             config.max_wait,
             config.reply_timeout,
             config.shard_tag.clone(),
+            config
+                .cluster
+                .clone()
+                .map(|balancer| Cluster::new(balancer, config.hook_key.clone())),
         ));
         let families: Vec<Box<dyn Family>> = vec![
             Box::new(queues),
@@ -374,6 +379,26 @@ impl Relay {
         self.channel(ex, routed, channel, action)
     }
 
+    /// Whether `proof` (`Patch-Relay`) lets another relay take the answer
+    /// waiting on the queue channel `routed` receives from.
+    fn is_relay_proof(&self, routed: &Routed, proof: &str) -> bool {
+        let Route::Channel {
+            channel,
+            action: Action::Receive,
+        } = &routed.route
+        else {
+            return false;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        channel.mode == Mode::Queue
+            && self
+                .config
+                .hook_key
+                .verify_relay(&channel.pair_key(), proof, now)
+    }
+
     /// Checks `routed` against the rate limit and the access file; counts
     /// and logs a refusal (with the table's label, never the token).
     fn admit(&self, ex: &Exchange, routed: &Routed) -> Result<(), Reject> {
@@ -383,6 +408,11 @@ impl Relay {
                 self.stats.rate_limited();
                 return Err(reject);
             }
+        }
+        if routed.credential.relay {
+            // Another relay with the same key, for one channel: the access
+            // file was applied where the exchange began.
+            return Ok(());
         }
         match self.access.check(routed) {
             Ok(_) => Ok(()),
@@ -450,6 +480,16 @@ pub fn serve(relay: &Relay, ex: &mut Exchange) {
             && matches!(routed.credential.token, Some((_, TokenSource::Bearer)))
         {
             routed.credential.token = None;
+        }
+    }
+    if let (Ok(found), Some(proof)) = (&mut routed, ex.request.header("patch-relay")) {
+        if relay.is_relay_proof(found, proof) {
+            found.credential.relay = true;
+        } else {
+            routed = Err(Reject::new(
+                403,
+                "Patch-Relay is not a valid relay proof for this channel",
+            ));
         }
     }
     let result = match &routed {

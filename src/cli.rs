@@ -367,6 +367,13 @@ pub struct ServeArgs {
     #[arg(long, env = "PATCHCORD_SHARD_TAG", value_name = "TAG")]
     pub shard_tag: Option<String>,
 
+    /// The load balancer in front of this relay and its peers
+    /// (http://HOST:PORT): a double-clutch answer is taken through it from
+    /// whichever relay holds its channel. Needs the key the relays share
+    /// (PATCHCORD_SECRET_KEY or --secret-key-file).
+    #[arg(long, env = "PATCHCORD_CLUSTER_URL", value_name = "URL")]
+    pub cluster_url: Option<String>,
+
     /// Keep every retained pubsub message in this SQLite file too: a
     /// restarted relay serves them again, and ids continue above them.
     /// A publish gets its answer once its message is in the file.

@@ -159,6 +159,10 @@ pub struct Client {
     stream: Option<TcpStream>,
     /// Sent as `Patch-Token`, so that a request's own `Authorization` travels.
     token: Option<String>,
+    /// A watched descriptor that fires resets the connection at once,
+    /// rather than withdrawing the request and waiting for an answer
+    /// already under way (see [`Client::abandoning`]).
+    abandon: bool,
 }
 
 impl Client {
@@ -168,7 +172,17 @@ impl Client {
             relay,
             stream: None,
             token: None,
+            abandon: false,
         }
+    }
+
+    /// A client whose request, when a watched descriptor fires, is
+    /// abandoned: the connection is reset at once, so that the relay (and
+    /// a proxy between) sees its waiter gone; an answer under way is
+    /// refused rather than taken. For a client that could not use it.
+    pub fn abandoning(mut self) -> Client {
+        self.abandon = true;
+        self
     }
 
     /// The client presents `token` to the relay.
@@ -295,6 +309,7 @@ impl Client {
     ) -> Result<(Parsed, Vec<u8>, bool), Failure> {
         let host = self.relay.host.clone();
         let token = self.token.clone();
+        let abandon = self.abandon;
         let stream = self.connect().map_err(Failure::Io)?;
         stream
             .set_read_timeout(Some(IO_TIMEOUT))
@@ -364,6 +379,11 @@ impl Client {
                     break;
                 }
                 if let Some(n) = ready[1..].iter().position(|r| r.readable || r.error) {
+                    if abandon {
+                        sys::reset(stream.as_raw_fd());
+                        self.stream = None;
+                        return Err(Failure::Withdrawn(n, false));
+                    }
                     // Withdraw by half-closing: the relay sees the client
                     // gone and unparks it, answering nothing, or it had
                     // already paired it and the answer comes. Either way

@@ -44,6 +44,9 @@ pub struct Config {
     pub auth: Option<PathBuf>,
     /// This relay's name behind a load balancer, in its reply paths.
     pub shard_tag: Option<String>,
+    /// The load balancer in front of the relays, through which switched
+    /// answers are taken from the relay that holds their channel.
+    pub cluster: Option<crate::client::Relay>,
     /// The pubsub store's file (`--store`), and how its commits are synced.
     pub store: Option<PathBuf>,
     pub store_sync: crate::store::SyncMode,
@@ -195,6 +198,7 @@ impl Config {
             log_level: level,
             auth: args.auth,
             shard_tag: shard_tag(args.shard_tag)?,
+            cluster: cluster(args.cluster_url, &hook_key)?,
             store: args.store.filter(|path| !path.as_os_str().is_empty()),
             store_sync: if args.store_sync == "full" {
                 crate::store::SyncMode::Full
@@ -317,6 +321,25 @@ fn positive(name: &str, secs: f64) -> Result<Duration, ConfigError> {
         return Err(ConfigError::new(format!("{name} must be more than 0")));
     }
     Ok(duration)
+}
+
+/// `--cluster-url`: the balancer, which only relays sharing a key may use
+/// on each other's behalf.
+fn cluster(
+    url: Option<String>,
+    key: &HookKey,
+) -> Result<Option<crate::client::Relay>, ConfigError> {
+    let Some(url) = url.filter(|u| !u.is_empty()) else {
+        return Ok(None);
+    };
+    if key.generated {
+        return Err(ConfigError::new(
+            "--cluster-url needs the key the relays share: PATCHCORD_SECRET_KEY or --secret-key-file",
+        ));
+    }
+    crate::client::Relay::parse(&url)
+        .map(Some)
+        .map_err(|e| ConfigError::new(format!("--cluster-url {e}")))
 }
 
 /// `--shard-tag`: 1 to 32 letters, digits, `-` or `_` (it goes into paths

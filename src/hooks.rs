@@ -52,12 +52,46 @@ impl HookKey {
     }
 
     fn mac(&self, hook: Hook, name: &str) -> Hmac<Sha256> {
+        self.signed(hook.as_str(), name)
+    }
+
+    /// The HMAC of `domain`, `:` and `text`.
+    fn signed(&self, domain: &str, text: &str) -> Hmac<Sha256> {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.bytes)
             .unwrap_or_else(|_| unreachable!("HMAC takes a key of any length"));
-        mac.update(hook.as_str().as_bytes());
+        mac.update(domain.as_bytes());
         mac.update(b":");
-        mac.update(name.as_bytes());
+        mac.update(text.as_bytes());
         mac
+    }
+
+    /// A relay's proof that it may take the answer waiting on queue
+    /// channel `channel` for one of its requesters (the double clutch
+    /// across relays), valid until Unix second `until`:
+    /// `<until>.<hex of HMAC("relay:" + until + " " + channel)>`. Only
+    /// relays that share the key can make it.
+    pub fn relay_proof(&self, channel: &str, until: u64) -> String {
+        let mac = self.signed("relay", &format!("{until} {channel}"));
+        format!(
+            "{until}.{}",
+            crate::hex::encode(&mac.finalize().into_bytes())
+        )
+    }
+
+    /// Whether `presented` is a relay's proof for `channel` that is still
+    /// valid at Unix second `now`, compared in constant time.
+    pub fn verify_relay(&self, channel: &str, presented: &str, now: u64) -> bool {
+        let Some((until, tag)) = presented.split_once('.') else {
+            return false;
+        };
+        let (Ok(until), Some(tag)) = (until.parse::<u64>(), crate::hex::decode32(tag)) else {
+            return false;
+        };
+        until >= now
+            && self
+                .signed("relay", &format!("{until} {channel}"))
+                .verify_slice(&tag)
+                .is_ok()
     }
 
     /// The secret of hook channel `name` (lowercase hex).
@@ -107,6 +141,22 @@ mod tests {
             HookKey::new(b"j".repeat(32)).secret(Hook::Send, "abc"),
             secret
         );
+    }
+
+    #[test]
+    fn relay_proofs_name_their_channel_and_expire() {
+        let key = HookKey::new(b"k".repeat(32));
+        let proof = key.relay_proof("/ns/answer", 1000);
+        assert!(key.verify_relay("/ns/answer", &proof, 999));
+        assert!(key.verify_relay("/ns/answer", &proof, 1000));
+        assert!(!key.verify_relay("/ns/answer", &proof, 1001));
+        assert!(!key.verify_relay("/ns/other", &proof, 999));
+        assert!(!key.verify_relay("/ns/answer", &proof.replacen("1000", "2000", 1), 999));
+        assert!(!HookKey::new(b"x".repeat(32)).verify_relay("/ns/answer", &proof, 999));
+        assert!(!key.verify_relay("/ns/answer", "junk", 0));
+        // A hook secret is no relay proof, nor the other way round.
+        let secret = key.secret(Hook::Send, "abc");
+        assert!(!key.verify_relay("abc", &format!("0.{secret}"), 0));
     }
 
     #[test]

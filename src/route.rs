@@ -252,6 +252,10 @@ pub struct Credential {
     pub token: Option<(Secret, TokenSource)>,
     /// `?secret=`: a hook's capability.
     pub secret: Option<Secret>,
+    /// A valid `Patch-Relay` proof came with a receive on a queue channel:
+    /// another relay takes a switched answer for its requester (set by
+    /// `app.rs`, which holds the key).
+    pub relay: bool,
 }
 
 /// Where a request's access token came from; that header or parameter
@@ -518,6 +522,7 @@ fn credential(request: &Request, token: Option<String>, secret: Option<String>) 
     Credential {
         token,
         secret: secret.map(Secret),
+        relay: false,
     }
 }
 

@@ -246,6 +246,30 @@ pub fn keepalive(fd: RawFd, probes: Option<(u32, u32, u32)>) -> io::Result<()> {
     Ok(())
 }
 
+/// Makes the socket's close a reset (SO_LINGER of 0): its peer learns at
+/// once that nobody is there, instead of reading an orderly end. The
+/// socket closes when its owner drops it.
+pub fn reset(fd: RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads a `linger` that lives through the call; the
+    // descriptor is the caller's.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        log::debug!("SO_LINGER: {}", std::io::Error::last_os_error());
+    }
+}
+
 /// Bytes a TCP socket holds that its peer has not acknowledged yet
 /// (SIOCOUTQ); None where the kernel will not say. A count that shrinks
 /// means the peer is reading.

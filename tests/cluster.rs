@@ -42,6 +42,9 @@ impl Cluster {
             });
             return None;
         };
+        // The balancer's port first: the relays take double-clutch answers
+        // through it (--cluster-url).
+        let port = free_port();
         let relays: Vec<Option<Server>> = (1..=3)
             .map(|i| {
                 let mut relay = command();
@@ -49,13 +52,14 @@ impl Cluster {
                     .args(["--listen", "127.0.0.1:0", "--log-level", "debug"])
                     .args(["--shard-tag", &format!("relay{i}")])
                     .args(["--trust-proxy", "127.0.0.1"])
+                    .args(["--cluster-url", &format!("http://127.0.0.1:{port}")])
+                    .args(["--reply-timeout", "5"])
                     .env("PATCHCORD_SECRET_KEY", KEY);
                 Some(Server::start_command(relay))
             })
             .collect();
         let dir = temp_dir(&format!("haproxy-{name}"));
-        for _ in 0..5 {
-            let port = free_port();
+        {
             let mut conf =
                 HAPROXY_CONF.replacen("bind :3000", &format!("bind 127.0.0.1:{port}"), 1);
             for (i, relay) in relays.iter().enumerate() {
@@ -78,20 +82,20 @@ impl Cluster {
                 .spawn()
                 .expect("start haproxy");
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            if answers(&mut haproxy, addr) {
-                let cluster = Cluster {
-                    relays,
-                    haproxy,
-                    addr,
-                    dir,
-                };
-                cluster.wait_all_up();
-                return Some(cluster);
-            }
-            let said = std::fs::read_to_string(dir.join("haproxy.log")).unwrap_or_default();
-            assert!(said.contains("ddress already in use"), "haproxy: {said}");
+            assert!(
+                answers(&mut haproxy, addr),
+                "haproxy did not start: {}",
+                std::fs::read_to_string(dir.join("haproxy.log")).unwrap_or_default()
+            );
+            let cluster = Cluster {
+                relays,
+                haproxy,
+                addr,
+                dir,
+            };
+            cluster.wait_all_up();
+            Some(cluster)
         }
-        panic!("no free port for haproxy in five tries");
     }
 
     /// Relay `i` (0-based), while it runs.
@@ -218,6 +222,37 @@ fn three_hundred_queue_pairs_meet_on_a_hundred_channels_over_three_relays() {
 }
 
 #[test]
+fn a_consumer_that_leaves_through_the_balancer_is_never_handed_a_message() {
+    let Some(cluster) = Cluster::start("leaving") else {
+        return;
+    };
+    let addr = cluster.addr;
+    for c in 0..6 {
+        let path = format!("/cluster/leaving/{c}");
+        let mut consumer = connect(addr);
+        send(&mut consumer, &get(&path));
+        let parked = wait_for(*STEP, || {
+            (0..3)
+                .map(|i| cluster.relay(i).counter("waiters"))
+                .sum::<u64>()
+                == 1
+        });
+        assert!(parked, "{path}: the consumer did not park");
+        drop(consumer);
+        // HAProxy closes the relay's side too (option abortonclose).
+        let gone = wait_for(*STEP, || {
+            (0..3)
+                .map(|i| cluster.relay(i).counter("waiters"))
+                .sum::<u64>()
+                == 0
+        });
+        assert!(gone, "{path}: the relay never saw its consumer leave");
+        let sent = request(addr, &post(&format!("{path}?timeout=0.5"), b"for nobody"));
+        assert_eq!(sent.status, 408, "{path}: {}", sent.text());
+    }
+}
+
+#[test]
 fn pubsub_cursor_loops_lose_nothing_across_the_balancer() {
     let Some(cluster) = Cluster::start("pubsub") else {
         return;
@@ -303,6 +338,76 @@ fn requesters_meet_responders_and_reply_paths_come_back() {
         assert_eq!((got.status, got.text().as_str()), (201, "replied"));
     }
     assert!(tags.len() >= 2, "all sites on one relay: {tags:?}");
+}
+
+#[test]
+fn double_clutch_answers_reach_their_requester_on_any_relay() {
+    let Some(cluster) = Cluster::start("switch") else {
+        return;
+    };
+    let addr = cluster.addr;
+    for site in 0..12 {
+        let requester =
+            thread::spawn(move || request(addr, &get(&format!("/cluster/d{site}/req/site/page"))));
+        // The responder names the answer's channel; the balancer may give
+        // it to another relay than the requester's.
+        let switched = request(
+            addr,
+            &post(
+                &format!("/cluster/d{site}/res/site?switch=true"),
+                format!("answer{site}").as_bytes(),
+            ),
+        );
+        assert_eq!(switched.status, 200, "{}", switched.text());
+        assert_eq!(switched.header("patch-path"), Some("/page"));
+        let mut answer = connect(addr);
+        send(
+            &mut answer,
+            format!(
+                "POST /cluster/d{site}/answer{site} HTTP/1.1\r\nHost: t\r\nPatch-Status: 202\r\nPatch-H-X-Site: {site}\r\nContent-Type: text/plain\r\nContent-Length: 8\r\n\r\nswitched"
+            )
+            .as_bytes(),
+        );
+        assert_eq!(read_response(&mut answer).expect("answered").status, 200);
+        let got = requester.join().expect("requester");
+        assert_eq!(
+            (got.status, got.text().as_str()),
+            (202, "switched"),
+            "site {site}"
+        );
+        assert_eq!(got.header("x-site"), Some(site.to_string().as_str()));
+        assert_eq!(got.header("content-type"), Some("text/plain"));
+        assert_eq!(got.header("patch-switched"), None);
+    }
+
+    // A requester that leaves takes its claim on the answer with it: the
+    // answer finds no one, and is told so (never a 2xx).
+    let mut requester = connect(addr);
+    send(&mut requester, &get("/cluster/gone/req/site/page"));
+    let switched = request(
+        addr,
+        &post("/cluster/gone/res/site?switch=true", b"gone-answer"),
+    );
+    assert_eq!(switched.status, 200, "{}", switched.text());
+    drop(requester);
+    thread::sleep(Duration::from_millis(300));
+    let answer = request(
+        addr,
+        &post("/cluster/gone/gone-answer?timeout=1", b"nobody"),
+    );
+    assert_eq!(answer.status, 408, "{}", answer.text());
+
+    // A proof is needed to take an answer as a relay, and a forged one is refused.
+    let forged = request(
+        addr,
+        &with_headers(
+            "GET",
+            "/cluster/x/answer?timeout=0.2",
+            &[("Patch-Relay", "99999999999.00")],
+            b"",
+        ),
+    );
+    assert_eq!(forged.status, 403, "{}", forged.text());
 }
 
 #[test]

@@ -23,6 +23,9 @@ use crate::mode::envelope::Envelope;
 use crate::mode::handoff::Waiter;
 use crate::route::Query;
 
+/// The header that marks a switched answer handed to another relay.
+pub const SWITCHED: &str = "Patch-Switched";
+
 /// A waiting client that a message will be written to, as the thread that
 /// writes it sees it.
 pub struct Receiver {
@@ -38,6 +41,9 @@ pub struct Receiver {
     /// The response takes the sender's status (an answer to a requester);
     /// else it is 200.
     takes_status: bool,
+    /// Another relay takes the message for its requester (a switched
+    /// answer across relays): the response says so with `Patch-Switched`.
+    relayed: bool,
     /// Where the receiver's thread is told how it went.
     pub done: Poster<Delivery>,
     /// For observing the receiver's request where it is answered.
@@ -98,6 +104,15 @@ pub enum Delivered {
 }
 
 impl Receiver {
+    /// The receiver as another relay that takes a switched answer for its
+    /// requester: it takes the sender's status, and is told it is the
+    /// answer (`Patch-Switched: 1`) rather than this relay's own refusal.
+    pub fn relayed(mut self) -> Receiver {
+        self.takes_status = true;
+        self.relayed = true;
+        self
+    }
+
     /// The client of `ex`, waiting on channel `key` of `kind` for a message
     /// (`takes_status`: an answer whose status it takes); `done` tells its
     /// thread how the delivery went.
@@ -118,6 +133,7 @@ impl Receiver {
             head_only: ex.request.method == Method::Head,
             mime: query.mime.clone(),
             takes_status,
+            relayed: false,
             done,
             seed: Seed {
                 kind,
@@ -245,6 +261,9 @@ pub fn deliver(
         .write_to(&mut head, receiver.mime.as_deref());
     if length.is_none() && !bodiless {
         head.header("X-Accel-Buffering", "no");
+    }
+    if receiver.relayed {
+        head.header(SWITCHED, "1");
     }
     let reusable = receiver.keep_alive && payload != Payload::UntilClose;
     let head = head.finish(payload, reusable, common);

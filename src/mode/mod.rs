@@ -12,6 +12,7 @@
 //!
 //! [`Exchange`]: crate::http::Exchange
 
+pub mod cluster;
 pub mod delivery;
 pub mod envelope;
 pub mod handoff;

@@ -148,8 +148,15 @@ impl Queues {
     }
 
     /// A consumer: takes the first live producer, or waits for one, then
-    /// waits to be told how its response went.
-    fn consume(&self, ex: &mut Exchange, key: &str, query: &Query) -> Result<(), Reject> {
+    /// waits to be told how its response went. A `relayed` consumer is
+    /// another relay taking a switched answer for its requester.
+    fn consume(
+        &self,
+        ex: &mut Exchange,
+        key: &str,
+        query: &Query,
+        relayed: bool,
+    ) -> Result<(), Reject> {
         if ex.has_body() {
             return Err(Reject::bad_request(
                 "a receive (GET) takes no body; send with POST or PUT",
@@ -159,6 +166,11 @@ impl Queues {
         let id = self.handoff.next_id();
         let kind = Kind::Channel(Mode::Queue);
         let receiver = Receiver::new(ex, id, kind, key, query, false, done);
+        let receiver = if relayed {
+            receiver.relayed()
+        } else {
+            receiver
+        };
         let deadline = deadline(query.timeout, self.max_wait);
         if self
             .offer(key, receiver, park_until(deadline), ex.common())
@@ -474,7 +486,9 @@ impl Family for Queues {
         let query = &routed.query;
         match action {
             Action::Send => self.produce(ex, &channel.pair_key(), query),
-            Action::Receive => self.consume(ex, &channel.pair_key(), query),
+            Action::Receive => {
+                self.consume(ex, &channel.pair_key(), query, routed.credential.relay)
+            }
             _ => Err(Reject::method_not_allowed(CHANNEL_METHODS)),
         }
     }

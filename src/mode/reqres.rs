@@ -28,6 +28,7 @@ use crate::error::Reject;
 use crate::http::{Common, Exchange, Method, body};
 use crate::mailbox::{Mailbox, Poster};
 use crate::metrics::{Kind, Stats};
+use crate::mode::cluster::{Cluster, Taken};
 use crate::mode::delivery::{Body, Delivered, Delivery, Outgoing, Receiver, deliver};
 use crate::mode::envelope::Envelope;
 use crate::mode::handoff::{Arrival, Handoff, Park, Waiter, Wake};
@@ -56,6 +57,9 @@ pub struct ReqRes {
     reply_timeout: Duration,
     /// This relay's name behind a balancer, first in its reply paths.
     shard_tag: Option<String>,
+    /// The balancer and its relays (`--cluster-url`): a switched answer is
+    /// taken from whichever relay holds its channel.
+    cluster: Option<Cluster>,
 }
 
 /// A requester, as its line holds it.
@@ -98,6 +102,9 @@ enum AnswerBy {
     Responder(Poster<Wake<Receiver>>),
     /// It is sent to this queue channel (the double clutch).
     Channel(String),
+    /// It is sent to this queue channel, which may be another relay's:
+    /// the requester's thread takes it through the balancer.
+    Balancer(String),
     /// It is sent to this one-shot reply path.
     Reply(String),
 }
@@ -149,7 +156,7 @@ impl AnswerBy {
     /// The queue channel the requester waits on, if any.
     fn channel(&self) -> Option<&str> {
         match self {
-            AnswerBy::Responder(_) => None,
+            AnswerBy::Responder(_) | AnswerBy::Balancer(_) => None,
             AnswerBy::Channel(key) | AnswerBy::Reply(key) => Some(key),
         }
     }
@@ -165,9 +172,11 @@ impl ReqRes {
         max_wait: Option<Duration>,
         reply_timeout: Duration,
         shard_tag: Option<String>,
+        cluster: Option<Cluster>,
     ) -> ReqRes {
         ReqRes {
             shard_tag,
+            cluster,
             handoff: Handoff::new(Arc::clone(&stats), (Mode::Requester, Mode::Responder)),
             queues,
             stats,
@@ -291,6 +300,9 @@ impl ReqRes {
                 }
             }
         }
+        if let AnswerBy::Balancer(channel) = &answer {
+            return self.take_from_balancer(ex, key, id, channel);
+        }
         // Its answer. Every loud word ends its connection: it may watch.
         let answer_by = answer
             .channel()
@@ -314,6 +326,25 @@ impl ReqRes {
         }
     }
 
+    /// Takes a switched answer that may be another relay's, through the
+    /// balancer, for the requester of `ex`.
+    fn take_from_balancer(
+        &self,
+        ex: &mut Exchange,
+        key: &str,
+        id: u64,
+        channel: &str,
+    ) -> Result<(), Reject> {
+        let cluster = self
+            .cluster
+            .as_ref()
+            .expect("a balancer answer has a cluster");
+        match cluster.take_answer(ex, channel, self.reply_timeout)? {
+            Taken::Answered => Ok(()),
+            Taken::HungUp => self.hung_up(ex, key, "requester", id),
+        }
+    }
+
     /// After its request failed, takes the requester back from where its
     /// answer would come, so that its own thread answers it; false if an
     /// answer is already on its way to it.
@@ -327,6 +358,8 @@ impl ReqRes {
             AnswerBy::Channel(channel) | AnswerBy::Reply(channel) => {
                 self.queues.unpark_receiver(channel, id)
             }
+            // Nothing was asked of another relay yet.
+            AnswerBy::Balancer(_) => true,
         }
     }
 
@@ -343,6 +376,9 @@ impl ReqRes {
     ) -> (AnswerBy, Option<Receiver>) {
         let (answer, channel) = match (form, wake) {
             (Form::Answer, Some(wake)) => return (AnswerBy::Responder(wake), Some(requester)),
+            (Form::Switch(channel), _) if self.cluster.is_some() => {
+                return (AnswerBy::Balancer(channel), None);
+            }
             (Form::Switch(channel), _) => (AnswerBy::Channel(channel.clone()), channel),
             (Form::Reply(path), _) => (AnswerBy::Reply(path.clone()), path),
             (Form::Answer, None) => unreachable!("a simple-form responder has a wake"),
