@@ -41,7 +41,7 @@ AARCH64_SMOKE ?= examples::
 BIN := target/release/patchcord
 SOURCES := $(shell find src assets -type f) Cargo.toml Cargo.lock
 
-.PHONY: all build run test check lint-man bench install uninstall install-service uninstall-service clean msrv cross cross-test
+.PHONY: all build run test check lint-man bench install uninstall install-service uninstall-service clean msrv cross cross-test cluster-demo
 
 all: build
 
@@ -61,6 +61,12 @@ test:
 check: test lint-man
 	$(CARGO) fmt --check
 	$(CARGO) clippy --locked --all-targets $(FEATURES) -- -D warnings
+
+# Three relays behind HAProxy on loopback (contrib/haproxy.cfg): HAProxy on
+# port DEMO_PORT, the relays on the three after it. Ctrl-C stops them.
+DEMO_PORT ?= 3000
+cluster-demo: $(BIN)
+	PORT=$(DEMO_PORT) BIN=$(BIN) bash contrib/cluster-demo.sh
 
 # The benchmark: a table of figures (BENCH_ARGS, e.g. --json out.json, --only stream).
 bench:

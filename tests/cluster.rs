@@ -512,3 +512,52 @@ fn a_dead_relay_hands_its_channels_over_and_nothing_undelivered_got_a_2xx() {
         killed.elapsed()
     );
 }
+
+#[test]
+fn the_cluster_demo_runs_three_relays_behind_haproxy() {
+    if haproxy_binary().is_none() {
+        eprintln!("SKIP: haproxy not installed: make cluster-demo not run");
+        return;
+    }
+    if is_emulated() {
+        eprintln!("SKIP: make cluster-demo runs the binary itself, not under the emulator");
+        return;
+    }
+    // Four ports in a row, free just now.
+    let port = (0..20)
+        .map(|_| free_port())
+        .find(|&p| p < 65000 && (1..=3).all(|i| TcpListener::bind(("127.0.0.1", p + i)).is_ok()))
+        .expect("four free ports in a row");
+    let mut demo = Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/contrib/cluster-demo.sh"
+        ))
+        .env("PORT", port.to_string())
+        .env("BIN", env!("CARGO_BIN_EXE_patchcord"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the demo");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let up = wait_for(*STEP, || {
+        std::net::TcpStream::connect(addr).is_ok()
+            && (1..=3).all(|i| std::net::TcpStream::connect(("127.0.0.1", port + i)).is_ok())
+    });
+    assert!(up, "the demo did not start");
+    let up = wait_for(*STEP, || {
+        let ((status, _), sent) = exchange(addr, "/demo/jobs?timeout=1", b"hello");
+        status == 200 && sent == 200
+    });
+    assert!(up, "no pair through the demo's balancer");
+    // SIGTERM: the demo stops what it started.
+    // SAFETY: kill(2) on our own child's pid has no memory effects.
+    unsafe { libc::kill(demo.id() as libc::pid_t, libc::SIGTERM) };
+    assert!(
+        wait_child(&mut demo, *STEP).is_some(),
+        "the demo did not stop"
+    );
+    let stopped = wait_for(*STEP, || std::net::TcpStream::connect(addr).is_err());
+    assert!(stopped, "HAProxy outlived the demo");
+}
