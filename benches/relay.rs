@@ -2396,6 +2396,199 @@ fn store_startup(report: &mut Report, messages: usize, limit: Duration) {
     let _ = std::fs::remove_dir_all(file.parent().expect("directory"));
 }
 
+/// The balancer's configuration as shipped.
+const HAPROXY_CONF: &str = include_str!("../contrib/haproxy.cfg");
+
+/// HAProxy, from PATH or where Debian puts it.
+fn haproxy_binary() -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")
+        .map(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join("haproxy"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .chain([std::path::PathBuf::from("/usr/sbin/haproxy")])
+        .find(|p| p.is_file())
+}
+
+/// HAProxy with `contrib/haproxy.cfg` in front of `relays` (the first of
+/// its three `server` lines, the others removed); killed when dropped.
+struct Balancer {
+    child: Child,
+    addr: SocketAddr,
+    dir: std::path::PathBuf,
+}
+
+impl Balancer {
+    fn start(binary: &Path, relays: &[&Target]) -> Balancer {
+        let dir = std::env::temp_dir().join(format!(
+            "patchcord-bench-haproxy-{}-{}",
+            std::process::id(),
+            relays.len()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("haproxy: directory");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut conf = HAPROXY_CONF.replacen("bind :3000", &format!("bind 127.0.0.1:{port}"), 1);
+        for i in 1..=3 {
+            let line = format!("server relay{i} 127.0.0.1:{}", 3000 + i);
+            let use_server =
+                format!("    use-server relay{i} if {{ path_beg /_/reply/relay{i}. }}\n");
+            match relays.get(i - 1) {
+                Some(relay) => {
+                    conf = conf.replacen(&line, &format!("server relay{i} {}", relay.addr), 1)
+                }
+                None => {
+                    conf =
+                        conf.replacen(&format!("    {line}\n"), "", 1)
+                            .replacen(&use_server, "", 1);
+                }
+            }
+        }
+        let file = dir.join("haproxy.cfg");
+        std::fs::write(&file, conf).expect("haproxy: config");
+        let child = Command::new(binary)
+            .args(["-db", "-n", "4000", "-f"])
+            .arg(&file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start haproxy");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let up = wait_until(Duration::from_secs(10), || {
+            Client::new(addr)
+                .and_then(|mut c| {
+                    c.send(&get("/healthz", false))?;
+                    c.response()
+                })
+                .is_ok_and(|(status, _)| status == 200)
+        });
+        assert!(up, "haproxy did not start");
+        // Its first health checks, a second apart.
+        thread::sleep(Duration::from_millis(2500));
+        Balancer { child, addr, dir }
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Keep-alive queue pairs, each on a channel of its own, through HAProxy
+/// in front of `relays` relays, for `duration`: pairs/s, the consumers'
+/// latency, and the CPU per pair of the relays together and of HAProxy.
+fn cluster(report: &mut Report, binary: &Path, relays: usize, pairs: usize, duration: Duration) {
+    let targets: Vec<Target> = (1..=relays)
+        .map(|i| start_patchcord(&["--shard-tag", &format!("relay{i}")]))
+        .collect();
+    let balancer = Balancer::start(binary, &targets.iter().collect::<Vec<_>>());
+    let stop = Arc::new(AtomicBool::new(false));
+    let exchanges = Arc::new(AtomicU64::new(0));
+    let ready = Arc::new(Barrier::new(2 * pairs + 1));
+    let mut consumers = Vec::new();
+    let mut producers = Vec::new();
+    for i in 0..pairs {
+        let path = format!("/bench/cluster/{relays}/{i}?timeout=2");
+        let addr = balancer.addr;
+        let (stop_c, ready_c, exchanges) = (stop.clone(), ready.clone(), exchanges.clone());
+        let receive = path.clone();
+        consumers.push(thread::spawn(move || {
+            let (stop, ready) = (stop_c, ready_c);
+            let mut client = Client::new(addr).expect("connect");
+            let mut latencies = Vec::new();
+            ready.wait();
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                if client.send(&get(&receive, false)).is_err() {
+                    break;
+                }
+                match client.response() {
+                    Ok((200, _)) => {
+                        latencies.push(t.elapsed());
+                        exchanges.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            latencies
+        }));
+        let (stop, ready) = (stop.clone(), ready.clone());
+        producers.push(thread::spawn(move || {
+            let mut client = Client::new(addr).expect("connect");
+            let body = [b'x'; 64];
+            ready.wait();
+            while !stop.load(Ordering::Relaxed) {
+                if client.send(&post(&path, &body, false)).is_err() || client.response().is_err() {
+                    break;
+                }
+            }
+        }));
+    }
+    ready.wait();
+    let cpu = |pids: &[u32]| pids.iter().map(|&p| cpu_us(p)).sum::<u64>();
+    let relay_pids: Vec<u32> = targets.iter().map(|t| t.pid).collect();
+    let (relays_before, haproxy_before) = (cpu(&relay_pids), cpu_us(balancer.child.id()));
+    let started = Instant::now();
+    let counted_before = exchanges.load(Ordering::Relaxed);
+    thread::sleep(duration);
+    let done = exchanges.load(Ordering::Relaxed) - counted_before;
+    let elapsed = started.elapsed();
+    let (relays_after, haproxy_after) = (cpu(&relay_pids), cpu_us(balancer.child.id()));
+    stop.store(true, Ordering::Relaxed);
+    // Everything ends within its ?timeout=.
+    for producer in producers {
+        let _ = producer.join();
+    }
+    let mut latencies: Vec<Duration> = consumers
+        .into_iter()
+        .flat_map(|c| c.join().unwrap_or_default())
+        .collect();
+    latencies.sort();
+    let scenario = format!("cluster, {relays} relays ({pairs} pairs)");
+    report.add(
+        &scenario,
+        "exchanges per second",
+        done as f64 / elapsed.as_secs_f64(),
+        "pairs/s",
+    );
+    report.add(
+        &scenario,
+        "consumer latency p50",
+        percentile(&latencies, 0.5).as_secs_f64() * 1e3,
+        "ms",
+    );
+    report.add(
+        &scenario,
+        "consumer latency p99",
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+        "ms",
+    );
+    let per_pair = |before: u64, after: u64| (after - before) as f64 / done.max(1) as f64;
+    report.add(
+        &scenario,
+        "relays' CPU per pair",
+        per_pair(relays_before, relays_after),
+        "us",
+    );
+    report.add(
+        &scenario,
+        "HAProxy CPU per pair",
+        per_pair(haproxy_before, haproxy_after),
+        "us",
+    );
+}
+
 fn under_emulation() -> bool {
     let arm = matches!(std::env::consts::ARCH, "arm" | "aarch64");
     let x86_cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -2614,6 +2807,25 @@ fn main() {
             }
         }
         store_startup(&mut report, if smoke { 2_000 } else { 100_000 }, limit);
+    }
+    if wanted("cluster") {
+        if options.url.is_some() {
+            eprintln!(
+                "relay bench: cluster: starts relays and HAProxy of its own; --url is ignored"
+            );
+        }
+        match haproxy_binary() {
+            Some(binary) => {
+                let pairs = if smoke { 4 } else { 50 };
+                for relays in [1, 3] {
+                    cluster(&mut report, &binary, relays, pairs, seconds);
+                }
+            }
+            None => {
+                println!("cluster: SKIPPED: haproxy is not installed");
+                eprintln!("relay bench: cluster: SKIPPED, haproxy is not installed");
+            }
+        }
     }
     if let Some(path) = &options.json {
         std::fs::write(path, report.json()).expect("write --json file");

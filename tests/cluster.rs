@@ -21,6 +21,26 @@ const HAPROXY_CONF: &str = include_str!("../contrib/haproxy.cfg");
 /// The key hook secrets are signed with, the same on every relay.
 const KEY: &str = "cluster-test-key-that-is-at-least-32-bytes";
 
+#[test]
+fn the_configuration_is_in_the_readme_as_it_is_tested() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    assert!(
+        readme.contains(&format!("```\n{HAPROXY_CONF}```\n")),
+        "the README must show contrib/haproxy.cfg verbatim in a fence"
+    );
+    for line in [
+        "balance hash var(txn.shard)",
+        "hash-type consistent",
+        "option abortonclose",
+        "option httpchk GET /healthz",
+        "timeout server 1h",
+        "timeout tunnel 1h",
+    ] {
+        assert!(HAPROXY_CONF.contains(line), "{line}");
+    }
+}
+
 /// Three relays and HAProxy in front of them.
 struct Cluster {
     relays: Vec<Option<Server>>,
