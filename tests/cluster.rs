@@ -581,3 +581,108 @@ fn the_cluster_demo_runs_three_relays_behind_haproxy() {
     let stopped = wait_for(*STEP, || std::net::TcpStream::connect(addr).is_err());
     assert!(stopped, "HAProxy outlived the demo");
 }
+
+/// The README's nginx equivalent of the shard key, as tested below.
+const NGINX_SHARDING: &str = r#"map $uri $patchcord_shard {
+    "~^(?<ns>(/[^/]*)*?)/(req|res)/(?<id>[^/]+)" $ns/res/$id;
+    default $uri;
+}
+upstream patchcord_relays {
+    hash $patchcord_shard consistent;
+    server 127.0.0.1:3001 max_fails=2 fail_timeout=5s;
+    server 127.0.0.1:3002 max_fails=2 fail_timeout=5s;
+    server 127.0.0.1:3003 max_fails=2 fail_timeout=5s;
+}
+"#;
+
+#[test]
+fn nginx_can_shard_by_the_same_key() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    assert!(
+        readme.contains(&format!("```nginx\n{NGINX_SHARDING}```\n")),
+        "the README must show the nginx sharding as tested"
+    );
+    let Some(nginx) = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+    else {
+        eprintln!("SKIP: nginx not installed (.ci/run installs it): its sharding not run");
+        return;
+    };
+    let relays: Vec<Server> = (0..3).map(|_| Server::start()).collect();
+    let dir = temp_dir("nginx-shard");
+    let port = free_port();
+    let mut upstream = NGINX_SHARDING.to_owned();
+    for (i, relay) in relays.iter().enumerate() {
+        let line = format!("server 127.0.0.1:{} ", 3001 + i);
+        upstream = upstream.replacen(&line, &format!("server {} ", relay.addr), 1);
+    }
+    let d = dir.display();
+    let conf = format!(
+        "daemon off;
+master_process off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 512; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+{upstream}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://patchcord_relays;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 1h;
+        }}
+    }}
+}}
+"
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).expect("config");
+    let mut child = Command::new(nginx)
+        .arg("-p")
+        .arg(&dir)
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nginx");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let up = wait_for(*STEP, || std::net::TcpStream::connect(addr).is_ok());
+    let log = || std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
+    assert!(up, "nginx did not start: {}", log());
+    for site in 0..12 {
+        let responder = thread::spawn(move || {
+            request(addr, &post(&format!("/nginx/s{site}/res/site"), b"simple"))
+        });
+        let got = request(addr, &get(&format!("/nginx/s{site}/req/site/a.css")));
+        assert_eq!(
+            (got.status, got.text().as_str()),
+            (200, "simple"),
+            "{}",
+            log()
+        );
+        assert_eq!(responder.join().expect("responder").status, 200);
+    }
+    for c in 0..30 {
+        let ((status, got), sent) = exchange(addr, &format!("/nginx/jobs/{c}"), b"job");
+        assert_eq!((status, got.as_slice(), sent), (200, &b"job"[..], 200));
+    }
+    let pairs: Vec<u64> = relays.iter().map(|r| r.counter("pairs_total")).collect();
+    assert_eq!(pairs.iter().sum::<u64>(), 42, "{pairs:?}");
+    assert!(pairs.iter().filter(|&&p| p > 0).count() >= 2, "{pairs:?}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
