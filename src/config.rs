@@ -465,6 +465,32 @@ mod tests {
     }
 
     #[test]
+    fn a_relay_behind_a_balancer_has_a_tag_and_shares_its_key() {
+        let key = [("PATCHCORD_SECRET_KEY", "k".repeat(32))];
+        let key: Vec<(&str, &str)> = key.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let c = config(
+            &[
+                "--shard-tag",
+                "relay-2",
+                "--cluster-url",
+                "http://127.0.0.1:3000",
+            ],
+            &key,
+        )
+        .unwrap();
+        assert_eq!(c.shard_tag.as_deref(), Some("relay-2"));
+        assert_eq!(c.cluster.expect("a balancer").target("/x"), "/x");
+        for bad in ["", "a.b", "a/b", &"x".repeat(33)] {
+            let c = config(&["--shard-tag", bad], &[]);
+            assert!(bad.is_empty() == c.is_ok(), "{bad:?}: {c:?}");
+        }
+        let error = config(&["--cluster-url", "http://127.0.0.1:3000"], &[]).unwrap_err();
+        assert!(error.contains("PATCHCORD_SECRET_KEY"), "{error}");
+        let error = config(&["--cluster-url", "https://lb"], &key).unwrap_err();
+        assert!(error.contains("--cluster-url"), "{error}");
+    }
+
+    #[test]
     fn bad_values_are_refused() {
         assert!(config(&["--timeout=-1"], &[]).is_err());
         assert!(config(&["--timeout", "inf"], &[]).is_err());
