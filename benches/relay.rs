@@ -2422,7 +2422,16 @@ struct Balancer {
 }
 
 impl Balancer {
-    fn start(binary: &Path, relays: &[&Target]) -> Balancer {
+    /// A port for the balancer, free just now (the relays are told it
+    /// first: --cluster-url).
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port()
+    }
+
+    fn start(binary: &Path, relays: &[&Target], port: u16) -> Balancer {
         let dir = std::env::temp_dir().join(format!(
             "patchcord-bench-haproxy-{}-{}",
             std::process::id(),
@@ -2430,10 +2439,6 @@ impl Balancer {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("haproxy: directory");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
         let mut conf = HAPROXY_CONF.replacen("bind :3000", &format!("bind 127.0.0.1:{port}"), 1);
         for i in 1..=3 {
             let line = format!("server relay{i} 127.0.0.1:{}", 3000 + i);
@@ -2488,10 +2493,24 @@ impl Drop for Balancer {
 /// in front of `relays` relays, for `duration`: pairs/s, the consumers'
 /// latency, and the CPU per pair of the relays together and of HAProxy.
 fn cluster(report: &mut Report, binary: &Path, relays: usize, pairs: usize, duration: Duration) {
+    let port = Balancer::free_port();
+    let key = std::env::temp_dir().join(format!("patchcord-bench-key-{}", std::process::id()));
+    std::fs::write(&key, "bench-key-shared-by-the-relays-32-bytes").expect("key file");
+    let key = key.to_string_lossy().into_owned();
+    let balancer_url = format!("http://127.0.0.1:{port}");
     let targets: Vec<Target> = (1..=relays)
-        .map(|i| start_patchcord(&["--shard-tag", &format!("relay{i}")]))
+        .map(|i| {
+            start_patchcord(&[
+                "--shard-tag",
+                &format!("relay{i}"),
+                "--secret-key-file",
+                &key,
+                "--cluster-url",
+                &balancer_url,
+            ])
+        })
         .collect();
-    let balancer = Balancer::start(binary, &targets.iter().collect::<Vec<_>>());
+    let balancer = Balancer::start(binary, &targets.iter().collect::<Vec<_>>(), port);
     let stop = Arc::new(AtomicBool::new(false));
     let exchanges = Arc::new(AtomicU64::new(0));
     let ready = Arc::new(Barrier::new(2 * pairs + 1));
@@ -2587,6 +2606,57 @@ fn cluster(report: &mut Report, binary: &Path, relays: usize, pairs: usize, dura
         per_pair(haproxy_before, haproxy_after),
         "us",
     );
+    switched(
+        report,
+        balancer.addr,
+        &format!("cluster, {relays} relays"),
+        duration,
+    );
+    let _ = std::fs::remove_file(&key);
+}
+
+/// Double-clutch round trips, one after the other, through `addr`, for
+/// `duration`: a requester, a responder that switches the answer to a
+/// channel of its own, and the answer sent there. Behind a balancer with
+/// `--cluster-url`, each answer is taken through it.
+fn switched(report: &mut Report, addr: SocketAddr, label: &str, duration: Duration) {
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    let mut n = 0u64;
+    while started.elapsed() < duration {
+        n += 1;
+        let t = Instant::now();
+        let requester = thread::spawn(move || {
+            let mut c = Client::new(addr).expect("connect");
+            c.send(&get(&format!("/bench/switch/{n}/req/x?timeout=5"), false))
+                .expect("request");
+            c.response_body().expect("answer")
+        });
+        let mut responder = Client::new(addr).expect("connect");
+        let switch = format!("/bench/switch/{n}/res/x?switch=true&timeout=5");
+        responder
+            .send(&post(&switch, format!("answer{n}").as_bytes(), false))
+            .expect("switch");
+        let (status, _) = responder.response().expect("switched");
+        assert_eq!(status, 200, "switch");
+        let mut answer = Client::new(addr).expect("connect");
+        let to = format!("/bench/switch/{n}/answer{n}?timeout=5");
+        answer.send(&post(&to, b"done", false)).expect("answer");
+        let _ = answer.response();
+        let (status, body) = requester.join().expect("requester");
+        assert_eq!(
+            (status, body.as_slice()),
+            (200, &b"done"[..]),
+            "round trip {n}"
+        );
+        latencies.push(t.elapsed());
+    }
+    latencies.sort();
+    let scenario = format!("{label}, double clutch");
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    report.add(&scenario, "round trips per second", rate, "/s");
+    let p50 = percentile(&latencies, 0.5).as_secs_f64() * 1e3;
+    report.add(&scenario, "round trip p50", p50, "ms");
 }
 
 fn under_emulation() -> bool {
@@ -2817,6 +2887,10 @@ fn main() {
         match haproxy_binary() {
             Some(binary) => {
                 let pairs = if smoke { 4 } else { 50 };
+                // One relay alone first, for comparison.
+                let alone = fresh();
+                switched(&mut report, alone.addr, "one relay, no balancer", seconds);
+                drop(alone);
                 for relays in [1, 3] {
                     cluster(&mut report, &binary, relays, pairs, seconds);
                 }
