@@ -8,6 +8,8 @@
 //! - `envelope.rs`: the headers that travel with a message
 //! - `queue.rs`: queue channels
 //! - `reqres.rs`: request/responder channels
+//! - `cluster.rs`: a double-clutch answer taken from another relay, through
+//!   the balancer in front of them (`--cluster-url`)
 //! - `pubsub/`: pubsub channels (store, streams, stream formats)
 //!
 //! [`Exchange`]: crate::http::Exchange
