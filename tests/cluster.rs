@@ -543,10 +543,12 @@ fn the_cluster_demo_runs_three_relays_behind_haproxy() {
         eprintln!("SKIP: make cluster-demo runs the binary itself, not under the emulator");
         return;
     }
-    // Four ports in a row, free just now.
-    let port = (0..20)
-        .map(|_| free_port())
-        .find(|&p| p < 65000 && (1..=3).all(|i| TcpListener::bind(("127.0.0.1", p + i)).is_ok()))
+    // Four ports in a row, free just now, below the kernel's ephemeral
+    // range (32768 and up), where the other tests' connections are not.
+    let start = 20_000 + (std::process::id() % 1000) * 12;
+    let port = (0..200u32)
+        .map(|k| u16::try_from(start + (k * 52) % 12_000).expect("a port"))
+        .find(|&p| (0..=3).all(|i| TcpListener::bind(("127.0.0.1", p + i)).is_ok()))
         .expect("four free ports in a row");
     let mut demo = Command::new("bash")
         .arg(concat!(
