@@ -2442,8 +2442,9 @@ impl Balancer {
         let mut conf = HAPROXY_CONF.replacen("bind :3000", &format!("bind 127.0.0.1:{port}"), 1);
         for i in 1..=3 {
             let line = format!("server relay{i} 127.0.0.1:{}", 3000 + i);
-            let use_server =
-                format!("    use-server relay{i} if {{ path_beg /_/reply/relay{i}. }}\n");
+            let use_server = format!(
+                "    use-server relay{i} if {{ var(txn.shard) -m beg /_/reply/relay{i}. }}\n"
+            );
             match relays.get(i - 1) {
                 Some(relay) => {
                     conf = conf.replacen(&line, &format!("server relay{i} {}", relay.addr), 1)

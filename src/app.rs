@@ -75,10 +75,9 @@ impl Relay {
             config.max_wait,
             config.reply_timeout,
             config.shard_tag.clone(),
-            config
-                .cluster
-                .clone()
-                .map(|balancer| Cluster::new(balancer, config.hook_key.clone())),
+            config.cluster.clone().map(|balancer| {
+                Cluster::new(balancer, config.hook_key.clone(), config.idle_timeout)
+            }),
         ));
         let families: Vec<Box<dyn Family>> = vec![
             Box::new(queues),
@@ -402,17 +401,22 @@ impl Relay {
     /// Checks `routed` against the rate limit and the access file; counts
     /// and logs a refusal (with the table's label, never the token).
     fn admit(&self, ex: &Exchange, routed: &Routed) -> Result<(), Reject> {
-        if self.limits.limits_requests() {
+        if routed.credential.relay {
+            // Another relay with the same key, for one channel, on behalf
+            // of its requester: the access file and the limits were applied
+            // where the exchange began (its pulls all come from one
+            // address, the balancer's or that relay's).
+            return Ok(());
+        }
+        // A balancer's health checks are never limited: a relay marked
+        // down for them would lose every channel.
+        let health = routed.route == Route::Endpoint(Endpoint::Health);
+        if self.limits.limits_requests() && !health {
             let client = self.limits.client(ex.conn.peer(), &ex.request);
             if let Err(reject) = self.limits.admit(client) {
                 self.stats.rate_limited();
                 return Err(reject);
             }
-        }
-        if routed.credential.relay {
-            // Another relay with the same key, for one channel: the access
-            // file was applied where the exchange began.
-            return Ok(());
         }
         match self.access.check(routed) {
             Ok(_) => Ok(()),
@@ -486,6 +490,7 @@ pub fn serve(relay: &Relay, ex: &mut Exchange) {
         if relay.is_relay_proof(found, proof) {
             found.credential.relay = true;
         } else {
+            relay.stats.denied();
             routed = Err(Reject::new(
                 403,
                 "Patch-Relay is not a valid relay proof for this channel",

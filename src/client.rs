@@ -380,6 +380,13 @@ impl Client {
                 }
                 if let Some(n) = ready[1..].iter().position(|r| r.readable || r.error) {
                     if abandon {
+                        if !ready[n + 1].error && !sys::peer_closed(fds[n + 1].0) {
+                            // Its next request, pipelined: it is still
+                            // there. Not watched any more: its read will
+                            // tell.
+                            fds.remove(n + 1);
+                            continue;
+                        }
                         sys::reset(stream.as_raw_fd());
                         self.stream = None;
                         return Err(Failure::Withdrawn(n, false));

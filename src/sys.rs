@@ -246,6 +246,30 @@ pub fn keepalive(fd: RawFd, probes: Option<(u32, u32, u32)>) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether the peer of socket `fd` closed it (or it failed), as a peek
+/// tells without taking anything: bytes waiting mean it is still there.
+pub fn peer_closed(fd: RawFd) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: recv writes at most one byte into `byte`, which lives through
+    // the call; MSG_PEEK leaves it in the socket, MSG_DONTWAIT never blocks.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        0 => true,
+        n if n > 0 => false,
+        _ => !matches!(
+            std::io::Error::last_os_error().kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+        ),
+    }
+}
+
 /// Makes the socket's close a reset (SO_LINGER of 0): its peer learns at
 /// once that nobody is there, instead of reading an orderly end. The
 /// socket closes when its owner drops it.

@@ -409,25 +409,65 @@ fn double_clutch_answers_reach_their_requester_on_any_relay() {
         &post("/cluster/gone/res/site?switch=true", b"gone-answer"),
     );
     assert_eq!(switched.status, 200, "{}", switched.text());
+    // Its relay's pull for the answer waits on the answer's relay...
+    let waiting = |n: u64| {
+        wait_for(*STEP, || {
+            (0..3)
+                .map(|i| cluster.relay(i).counter("waiters"))
+                .sum::<u64>()
+                == n
+        })
+    };
+    assert!(waiting(1), "the pull never waited");
     drop(requester);
-    thread::sleep(Duration::from_millis(300));
+    // ...until the requester leaves, which resets it.
+    assert!(waiting(0), "the pull outlived its requester");
     let answer = request(
         addr,
         &post("/cluster/gone/gone-answer?timeout=1", b"nobody"),
     );
     assert_eq!(answer.status, 408, "{}", answer.text());
 
-    // A proof is needed to take an answer as a relay, and a forged one is refused.
-    let forged = request(
-        addr,
-        &with_headers(
-            "GET",
-            "/cluster/x/answer?timeout=0.2",
-            &[("Patch-Relay", "99999999999.00")],
-            b"",
-        ),
+    // A proof is bound to its channel and its time, and to queue receives.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let take = |path: &str, proof: &str| {
+        let target = format!("{path}?timeout=0.2");
+        request(
+            addr,
+            &with_headers("GET", &target, &[("Patch-Relay", proof)], b""),
+        )
+        .status
+    };
+    let valid = proof("/cluster/x/answer", now + 60);
+    // Accepted: nothing was sent there, so it waited (408), unrefused.
+    assert_eq!(take("/cluster/x/answer", &valid), 408);
+    assert_eq!(take("/cluster/x/other", &valid), 403, "another channel");
+    assert_eq!(
+        take("/cluster/x/answer", &proof("/cluster/x/answer", now - 1)),
+        403,
+        "expired"
     );
-    assert_eq!(forged.status, 403, "{}", forged.text());
+    assert_eq!(take("/cluster/x/answer", "99999999999.00"), 403, "forged");
+    let pubsub = proof("/cluster/pubsub/x", now + 60);
+    assert_eq!(take("/cluster/pubsub/x", &pubsub), 403, "not a queue");
+}
+
+/// A relay's proof for `channel`, valid until Unix second `until`, as the
+/// relays make it with their shared key.
+fn proof(channel: &str, until: u64) -> String {
+    use hmac::{KeyInit, Mac};
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(KEY.as_bytes()).unwrap();
+    mac.update(format!("relay:{until} {channel}").as_bytes());
+    let tag: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{until}.{tag}")
 }
 
 #[test]
@@ -492,7 +532,33 @@ fn a_dead_relay_hands_its_channels_over_and_nothing_undelivered_got_a_2xx() {
     assert!(parked, "the consumers did not all park");
     let lost = cluster.relay(1).counter("waiters") as usize;
     assert!(lost > 0, "relay2 held no consumer");
-    let killed = Instant::now();
+    // Traffic on 12 other channels while relay2 dies: every 2xx a sender
+    // gets is a message its receiver got.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic: Vec<_> = (0..12)
+        .map(|c| {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let path = format!("/cluster/traffic/{c}?timeout=1");
+                let (mut sent, mut got) = (Vec::new(), Vec::new());
+                for n in 0..10_000 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let body = format!("{c}.{n}");
+                    let ((status, received), sent_status) = exchange(addr, &path, body.as_bytes());
+                    if status == 200 {
+                        got.push(received);
+                    }
+                    if sent_status == 200 {
+                        sent.push(body.into_bytes());
+                    }
+                }
+                (sent, got)
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(200));
     let _ = cluster.relays[1].take().expect("relay2").kill_9();
     // Relay2's consumers are cut: a 5xx, never a 2xx.
     let mut cut = HashSet::new();
@@ -526,11 +592,14 @@ fn a_dead_relay_hands_its_channels_over_and_nothing_undelivered_got_a_2xx() {
         assert!(!cut.contains(&c));
         assert_eq!((status, body), (200, format!("after {c}").into_bytes()));
     }
-    assert!(
-        killed.elapsed() < *STEP,
-        "failover took {:?}",
-        killed.elapsed()
-    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut exchanged = 0;
+    for channel in traffic {
+        let (sent, got) = channel.join().expect("traffic");
+        assert_eq!(sent, got, "a 2xx for a message nobody got, or the reverse");
+        exchanged += sent.len();
+    }
+    assert!(exchanged > 0, "no traffic went through");
 }
 
 #[test]
@@ -638,6 +707,7 @@ http {{
 {upstream}
     server {{
         listen 127.0.0.1:{port};
+        merge_slashes off;
         location / {{
             proxy_pass http://patchcord_relays;
             proxy_http_version 1.1;

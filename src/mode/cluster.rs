@@ -38,14 +38,16 @@ const NOT_COPIED: [&str; 9] = [
     "patch-switched",
 ];
 
-/// How long a proof stays valid past the answer's deadline: the clocks of
-/// two relays may differ by this much.
+/// How long a proof stays valid: it is checked when the request arrives,
+/// at once, but the clocks of two relays may differ by this much.
 const CLOCK_SLACK: u64 = 60;
 
 /// The balancer, and the key the relays behind it share.
 pub struct Cluster {
     balancer: Relay,
     key: HookKey,
+    /// The longest pause in an answer's body (`--idle-timeout`).
+    idle: Duration,
 }
 
 /// How taking an answer ended, when it did not fail.
@@ -57,9 +59,14 @@ pub enum Taken {
 }
 
 impl Cluster {
-    /// Relays behind `balancer`, signing with `key`.
-    pub fn new(balancer: Relay, key: HookKey) -> Cluster {
-        Cluster { balancer, key }
+    /// Relays behind `balancer`, signing with `key`; an answer's body may
+    /// pause for `idle` at most, as it may on one relay.
+    pub fn new(balancer: Relay, key: HookKey, idle: Duration) -> Cluster {
+        Cluster {
+            balancer,
+            key,
+            idle,
+        }
     }
 
     /// Takes the answer sent to queue channel `channel` (waiting for it
@@ -74,9 +81,7 @@ impl Cluster {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let proof = self
-            .key
-            .relay_proof(channel, now + within.as_secs() + CLOCK_SLACK);
+        let proof = self.key.relay_proof(channel, now + CLOCK_SLACK);
         let target = format!(
             "{}?timeout={}",
             self.balancer.target(&encode(channel)),
@@ -104,6 +109,7 @@ impl Cluster {
                 ));
             }
         };
+        incoming.patience(self.idle);
         let status = incoming.head.status;
         if incoming.head.header(SWITCHED).is_none() {
             return Err(match status {
