@@ -41,7 +41,7 @@ pub struct Relay {
     /// Request/responder channels, for the answers sent to reply paths.
     reqres: Arc<ReqRes>,
     /// Who may do what on which channel (`--auth`).
-    access: Access,
+    access: Arc<Access>,
     /// Limits per client address.
     pub limits: Limits,
     /// Sends notifications to their backends (`/_/notify`).
@@ -68,6 +68,7 @@ impl Relay {
             config.max_wait,
             config.idle_timeout,
         ));
+        let access = Arc::new(access);
         // Switched and replied answers travel on queue channels.
         let reqres = Arc::new(ReqRes::new(
             Arc::clone(&stats),
@@ -78,6 +79,7 @@ impl Relay {
             config.cluster.clone().map(|balancer| {
                 Cluster::new(balancer, config.hook_key.clone(), config.idle_timeout)
             }),
+            Arc::clone(&access),
         ));
         let families: Vec<Box<dyn Family>> = vec![
             Box::new(queues),

@@ -793,3 +793,62 @@ POST = ["/pubsub/**", "/jobs", "/req/**", "/res/**"]
     assert!(bridged.status.success(), "{bridged:?}");
     assert_eq!(String::from_utf8_lossy(&finish(consumer).stdout), "line");
 }
+
+#[test]
+fn a_responder_may_switch_an_answer_only_to_a_channel_it_may_read() {
+    // The service answers its requests, and may read and write its answer
+    // channels, but not the jobs queue beside them.
+    let file = access_file(
+        "switch",
+        r#"
+[tokens.public]
+GET = ["/svc/req/**"]
+
+[tokens.service]
+token = "svc-token"
+POST = ["/svc/res/**", "/svc/answers/**", "/svc/jobs"]
+GET = ["/svc/answers/**"]
+"#,
+    );
+    let server = Server::start_with(&["--auth", file.to_str().unwrap()]);
+    let token = [("Patch-Token", "svc-token")];
+    let switch = |channel: &str| {
+        request(
+            server.addr,
+            &with_headers(
+                "POST",
+                "/svc/res/x?switch=true&timeout=0.3",
+                &token,
+                channel.as_bytes(),
+            ),
+        )
+    };
+    // Switching to the jobs queue would let its requester take a job the
+    // service may not read: refused before any pairing.
+    let refused = switch("jobs");
+    assert_eq!(refused.status, 403, "{}", refused.text());
+    assert!(
+        refused.text().contains("may not receive"),
+        "{}",
+        refused.text()
+    );
+    // An answer channel it may read: the switch is taken (408: no requester).
+    assert_eq!(switch("answers/1").status, 408);
+    // And end to end.
+    let requester = {
+        let addr = server.addr;
+        thread::spawn(move || request(addr, &get("/svc/req/x/page")))
+    };
+    let switched = request(
+        server.addr,
+        &with_headers("POST", "/svc/res/x?switch=true", &token, b"answers/2"),
+    );
+    assert_eq!(switched.status, 200, "{}", switched.text());
+    let answered = request(
+        server.addr,
+        &with_headers("POST", "/svc/answers/2", &token, b"done"),
+    );
+    assert_eq!(answered.status, 200, "{}", answered.text());
+    let got = requester.join().expect("requester");
+    assert_eq!((got.status, got.text().as_str()), (200, "done"));
+}

@@ -24,6 +24,7 @@ use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::access::Access;
 use crate::error::Reject;
 use crate::http::{Common, Exchange, Method, body};
 use crate::mailbox::{Mailbox, Poster};
@@ -36,7 +37,7 @@ use crate::mode::queue::{Queues, park_until};
 use crate::mode::wait::{READ_AHEAD, Sleep, Waited, wait};
 use crate::mode::{ChannelView, Family, deadline, short, took};
 use crate::route::{
-    Action, CHANNEL_METHODS, Channel, Mode, Query, REPLY_PREFIX, Routed, normalize,
+    Action, CHANNEL_METHODS, Channel, Mode, Query, REPLY_PREFIX, Route, Routed, normalize,
     without_credentials,
 };
 
@@ -60,6 +61,8 @@ pub struct ReqRes {
     /// The balancer and its relays (`--cluster-url`): a switched answer is
     /// taken from whichever relay holds its channel.
     cluster: Option<Cluster>,
+    /// Who may receive on a switch channel (`--auth`).
+    access: Arc<Access>,
 }
 
 /// A requester, as its line holds it.
@@ -173,10 +176,12 @@ impl ReqRes {
         reply_timeout: Duration,
         shard_tag: Option<String>,
         cluster: Option<Cluster>,
+        access: Arc<Access>,
     ) -> ReqRes {
         ReqRes {
             shard_tag,
             cluster,
+            access,
             handoff: Handoff::new(Arc::clone(&stats), (Mode::Requester, Mode::Responder)),
             queues,
             stats,
@@ -326,6 +331,29 @@ impl ReqRes {
         }
     }
 
+    /// Refuses a switch to queue channel `answer_to` that the responder of
+    /// `routed` could not receive on itself: its requester will receive
+    /// there, and a responder must not read through it what it may not.
+    fn may_switch_to(&self, routed: &Routed, answer_to: &str) -> Result<(), Reject> {
+        let receive = Routed {
+            method: Method::Get,
+            path: answer_to.to_owned(),
+            route: Route::Channel {
+                channel: Channel::parse(answer_to.to_owned()),
+                action: Action::Receive,
+            },
+            query: Query::default(),
+            credential: routed.credential.clone(),
+        };
+        match self.access.check(&receive) {
+            Ok(_) => Ok(()),
+            Err(_) => Err(Reject::new(
+                403,
+                "?switch=true names a channel this responder may not receive on (GET in the access file)",
+            )),
+        }
+    }
+
     /// Takes a switched answer that may be another relay's, through the
     /// balancer, for the requester of `ex`.
     fn take_from_balancer(
@@ -404,7 +432,9 @@ impl ReqRes {
             }
             Method::Get => Form::Reply(reply_path(self.shard_tag.as_deref())?),
             Method::Post | Method::Put if query.get("switch").is_some_and(is_on) => {
-                Form::Switch(switch_channel(ex, channel)?)
+                let answer_to = switch_channel(ex, channel)?;
+                self.may_switch_to(routed, &answer_to)?;
+                Form::Switch(answer_to)
             }
             Method::Post | Method::Put => Form::Answer,
             _ => return Err(Reject::method_not_allowed(CHANNEL_METHODS)),
