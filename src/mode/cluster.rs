@@ -91,7 +91,8 @@ impl Cluster {
         // never pairs it with the answer.
         let mut client = Client::new(self.balancer.clone()).abandoning();
         // The requester sends nothing more until it has its answer: its
-        // socket turning readable means it hung up.
+        // socket turning readable means it hung up (the client peeks: a
+        // pipelined next request does not count).
         let watch = [(ex.conn.fd(), libc::POLLIN)];
         let headers = [("Patch-Relay", proof.as_bytes())];
         let mut incoming = match client.open("GET", &target, &headers, Upload::None, &watch) {
@@ -158,6 +159,8 @@ impl Cluster {
                 Ok(Taken::Answered)
             }
             Err(error) => {
+                // Started, then cut: the connection ends, as for an answer
+                // cut on one relay.
                 log::debug!("a switched answer from another relay was cut: {error}");
                 ex.close();
                 Ok(Taken::Answered)
