@@ -540,30 +540,30 @@ fn rendezvous(
     );
     let latencies = finish_clients(target, &delete, handles);
     let scenario = format!("{label} ({pairs} pairs)");
-    report.add(
-        &scenario,
-        "exchanges per second",
-        done as f64 / elapsed.as_secs_f64(),
-        "pairs/s",
-    );
-    report.add(
-        &scenario,
-        "consumer latency p50",
-        percentile(&latencies, 0.5).as_secs_f64() * 1e3,
-        "ms",
-    );
-    report.add(
-        &scenario,
-        "consumer latency p99",
-        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
-        "ms",
-    );
+    report_pairs(report, &scenario, done, elapsed, &latencies);
     let per_pair = if done > 0 {
         (cpu_after - cpu_before) as f64 / done as f64
     } else {
         f64::NAN
     };
     report.add(&scenario, "server CPU per pair", per_pair, "us");
+}
+
+/// The figures of pairs exchanged: `done` in `elapsed`, and the consumers'
+/// `latencies` (sorted).
+fn report_pairs(
+    report: &mut Report,
+    scenario: &str,
+    done: u64,
+    elapsed: Duration,
+    latencies: &[Duration],
+) {
+    let rate = done as f64 / elapsed.as_secs_f64();
+    report.add(scenario, "exchanges per second", rate, "pairs/s");
+    let p50 = percentile(latencies, 0.5).as_secs_f64() * 1e3;
+    report.add(scenario, "consumer latency p50", p50, "ms");
+    let p99 = percentile(latencies, 0.99).as_secs_f64() * 1e3;
+    report.add(scenario, "consumer latency p99", p99, "ms");
 }
 
 fn slug(label: &str) -> String {
@@ -2576,24 +2576,7 @@ fn cluster(report: &mut Report, binary: &Path, relays: usize, pairs: usize, dura
         .collect();
     latencies.sort();
     let scenario = format!("cluster, {relays} relays ({pairs} pairs)");
-    report.add(
-        &scenario,
-        "exchanges per second",
-        done as f64 / elapsed.as_secs_f64(),
-        "pairs/s",
-    );
-    report.add(
-        &scenario,
-        "consumer latency p50",
-        percentile(&latencies, 0.5).as_secs_f64() * 1e3,
-        "ms",
-    );
-    report.add(
-        &scenario,
-        "consumer latency p99",
-        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
-        "ms",
-    );
+    report_pairs(report, &scenario, done, elapsed, &latencies);
     let per_pair = |before: u64, after: u64| (after - before) as f64 / done.max(1) as f64;
     report.add(
         &scenario,
