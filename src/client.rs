@@ -10,7 +10,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::sys;
 
@@ -163,6 +163,9 @@ pub struct Client {
     /// rather than withdrawing the request and waiting for an answer
     /// already under way (see [`Client::abandoning`]).
     abandon: bool,
+    /// The latest a watched request's answer may start; past it the request
+    /// is reset and fails with `TimedOut` (None: as long as it takes).
+    deadline: Option<Instant>,
 }
 
 impl Client {
@@ -173,7 +176,15 @@ impl Client {
             stream: None,
             token: None,
             abandon: false,
+            deadline: None,
         }
+    }
+
+    /// A client whose watched requests give up (reset, `TimedOut`) when
+    /// their answer has not started by `deadline`.
+    pub fn answered_by(mut self, deadline: Instant) -> Client {
+        self.deadline = Some(deadline);
+        self
     }
 
     /// A client whose request, when a watched descriptor fires, is
@@ -309,7 +320,7 @@ impl Client {
     ) -> Result<(Parsed, Vec<u8>, bool), Failure> {
         let host = self.relay.host.clone();
         let token = self.token.clone();
-        let abandon = self.abandon;
+        let (abandon, deadline) = (self.abandon, self.deadline);
         let stream = self.connect().map_err(Failure::Io)?;
         stream
             .set_read_timeout(Some(IO_TIMEOUT))
@@ -374,9 +385,18 @@ impl Client {
             let mut fds = vec![(stream.as_raw_fd(), libc::POLLIN)];
             fds.extend_from_slice(watch);
             loop {
-                let ready = sys::poll(&fds, None).map_err(Failure::Io)?;
+                let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                let ready = sys::poll(&fds, left).map_err(Failure::Io)?;
                 if ready[0].readable || ready[0].error {
                     break;
+                }
+                if left.is_some_and(|left| left.is_zero()) {
+                    sys::reset(stream.as_raw_fd());
+                    self.stream = None;
+                    return Err(Failure::Io(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no answer in time",
+                    )));
                 }
                 if let Some(n) = ready[1..].iter().position(|r| r.readable || r.error) {
                     if abandon {

@@ -758,3 +758,40 @@ http {{
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn a_silent_balancer_gets_a_requester_504_not_an_endless_wait() {
+    // A "balancer" that takes connections and never answers.
+    let silent = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().unwrap().port();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let held = held.clone();
+        thread::spawn(move || {
+            for stream in silent.incoming().take(4).flatten() {
+                held.lock().unwrap().push(stream);
+            }
+        });
+    }
+    let mut relay = command();
+    relay
+        .args(["--listen", "127.0.0.1:0", "--log-level", "debug"])
+        .args(["--cluster-url", &format!("http://127.0.0.1:{port}")])
+        .args(["--reply-timeout", "1"])
+        .env("PATCHCORD_SECRET_KEY", KEY);
+    let server = Server::start_command(relay);
+    let addr = server.addr;
+    let requester = thread::spawn(move || request(addr, &get("/silent/req/x/page")));
+    let switched = request(addr, &post("/silent/res/x?switch=true", b"answer"));
+    assert_eq!(switched.status, 200, "{}", switched.text());
+    let started = Instant::now();
+    let got = requester.join().expect("requester");
+    assert_eq!(got.status, 504, "{}", got.text());
+    assert!(got.text().contains("--reply-timeout"), "{}", got.text());
+    // It asked the balancer, which held the request.
+    assert!(
+        !held.lock().unwrap().is_empty(),
+        "the balancer was never asked"
+    );
+    let _ = started;
+}

@@ -15,7 +15,7 @@
 //! other relay never pairs it; only an answer already under way in that
 //! instant can be lost, as behind any proxy.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::client::{Client, Failure, Relay, Upload};
 use crate::error::Reject;
@@ -37,6 +37,10 @@ const NOT_COPIED: [&str; 9] = [
     "x-robots-tag",
     "patch-switched",
 ];
+
+/// How long past its own wait (`?timeout=`, after which the other relay
+/// answers 408) the answer's relay has to say anything at all.
+const ANSWER_SLACK: Duration = Duration::from_secs(2);
 
 /// How long a proof stays valid: it is checked when the request arrives,
 /// at once, but the clocks of two relays may differ by this much.
@@ -89,7 +93,9 @@ impl Cluster {
         );
         // A requester that leaves resets the request: the other relay then
         // never pairs it with the answer.
-        let mut client = Client::new(self.balancer.clone()).abandoning();
+        let mut client = Client::new(self.balancer.clone())
+            .abandoning()
+            .answered_by(Instant::now() + within + ANSWER_SLACK);
         // The requester sends nothing more until it has its answer: its
         // socket turning readable means it hung up (the client peeks: a
         // pipelined next request does not count).
@@ -100,6 +106,15 @@ impl Cluster {
             Err(Failure::Withdrawn(..)) => {
                 ex.close();
                 return Ok(Taken::HungUp);
+            }
+            Err(Failure::Io(error)) if error.kind() == std::io::ErrorKind::TimedOut => {
+                return Err(Reject::new(
+                    504,
+                    format!(
+                        "no answer came through --cluster-url within {} s (--reply-timeout)",
+                        within.as_secs_f64()
+                    ),
+                ));
             }
             Err(Failure::Io(error)) => {
                 return Err(Reject::new(
