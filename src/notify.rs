@@ -10,7 +10,6 @@
 //! or an answer.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::io::Read as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -18,7 +17,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::error::Reject;
-use crate::route::Query;
+use crate::route::{Query, percent_encode};
 
 /// The largest message a request may carry (bodies of chat messages and
 /// push notifications are far smaller).
@@ -619,8 +618,8 @@ fn matrix_request(matrix: &Matrix, message: &Message, txn: &str) -> Outgoing {
     let url = format!(
         "{}/_matrix/client/v3/rooms/{}/send/m.room.message/{}",
         matrix.homeserver.trim_end_matches('/'),
-        encode_segment(room),
-        encode_segment(txn)
+        percent_encode(room, b""),
+        percent_encode(txn, b"")
     );
     let (plain, html) = match message.format {
         Format::Plain => (message.text.clone(), None),
@@ -670,7 +669,7 @@ fn ntfy_request(ntfy: &Ntfy, message: &Message) -> Outgoing {
     let url = format!(
         "{}/{}",
         ntfy.server.trim_end_matches('/'),
-        encode_segment(&ntfy.topic)
+        percent_encode(&ntfy.topic, b"")
     );
     let mut headers: Vec<(String, String)> = Vec::new();
     let mut header = |name: &str, value: String| headers.push((name.to_owned(), value));
@@ -805,19 +804,6 @@ fn escape_html(text: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
-}
-
-/// Percent-encodes `text` for one path segment.
-fn encode_segment(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-    out
 }
 
 /// `text` as a header value: one line; RFC 2047 (`=?UTF-8?B?…?=`) when it

@@ -690,6 +690,21 @@ pub fn parse_flag(value: &str) -> Option<bool> {
     }
 }
 
+/// Percent-encodes `text` for a request target: every byte but letters,
+/// digits, `-._~` and those of `kept` (`/` for a whole path, none for one
+/// segment).
+pub fn percent_encode(text: &str, kept: &[u8]) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) || kept.contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
 /// Decodes `%XX` escapes (and `+` as space when `plus_is_space`, as in
 /// form-encoded queries). None on a malformed escape.
 fn percent_decode(text: &str, plus_is_space: bool) -> Option<Vec<u8>> {
@@ -721,6 +736,14 @@ fn percent_decode(text: &str, plus_is_space: bool) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_and_segments_are_percent_encoded() {
+        assert_eq!(percent_encode("/ns/answer-1", b"/"), "/ns/answer-1");
+        assert_eq!(percent_encode("/ns/a b?c#d%", b"/"), "/ns/a%20b%3Fc%23d%25");
+        assert_eq!(percent_encode("/caf\u{e9}", b"/"), "/caf%C3%A9");
+        assert_eq!(percent_encode("!room:x/y", b""), "%21room%3Ax%2Fy");
+    }
 
     fn routed(method: Method, target: &str, headers: &[(&str, &str)]) -> Result<Routed, Reject> {
         route(&Request::fake(method, target, headers))

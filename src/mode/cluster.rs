@@ -23,6 +23,7 @@ use crate::hooks::HookKey;
 use crate::http::response::{Payload, stream_body};
 use crate::http::{Exchange, Head, Method};
 use crate::mode::delivery::SWITCHED;
+use crate::route::percent_encode;
 
 /// Headers of the other relay's answer that this relay writes itself
 /// (framing, its own common headers) or that only say it is an answer.
@@ -88,7 +89,7 @@ impl Cluster {
         let proof = self.key.relay_proof(channel, now + CLOCK_SLACK);
         let target = format!(
             "{}?timeout={}",
-            self.balancer.target(&encode(channel)),
+            self.balancer.target(&percent_encode(channel, b"/")),
             within.as_secs_f64()
         );
         // A requester that leaves resets the request: the other relay then
@@ -181,31 +182,5 @@ impl Cluster {
                 Ok(Taken::Answered)
             }
         }
-    }
-}
-
-/// `channel` (a decoded path) as a request target: every byte but
-/// letters, digits, `/` and `-._~` percent-encoded.
-fn encode(channel: &str) -> String {
-    let mut out = String::with_capacity(channel.len());
-    for &byte in channel.as_bytes() {
-        if byte.is_ascii_alphanumeric() || b"/-._~".contains(&byte) {
-            out.push(byte as char);
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn channels_are_encoded_as_paths() {
-        assert_eq!(encode("/ns/answer-1"), "/ns/answer-1");
-        assert_eq!(encode("/ns/a b?c#d%"), "/ns/a%20b%3Fc%23d%25");
-        assert_eq!(encode("/caf\u{e9}"), "/caf%C3%A9");
     }
 }
