@@ -390,14 +390,11 @@ impl Relay {
         else {
             return false;
         };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
         channel.mode == Mode::Queue
             && self
                 .config
                 .hook_key
-                .verify_relay(&channel.pair_key(), proof, now)
+                .verify_relay(&channel.pair_key(), proof)
     }
 
     /// Checks `routed` against the rate limit and the access file; counts

@@ -9,6 +9,17 @@ use sha2::Sha256;
 
 use crate::route::Hook;
 
+/// How long a relay's proof stays valid, in seconds: it is checked when
+/// its request arrives, at once, but two relays' clocks may differ.
+const RELAY_PROOF_LIFE: u64 = 60;
+
+/// The Unix time in seconds (0 before 1970).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// The shortest key accepted from `--secret-key-file` or `PATCHCORD_SECRET_KEY`.
 pub const MIN_KEY: usize = 32;
 
@@ -67,10 +78,20 @@ impl HookKey {
 
     /// A relay's proof that it may take the answer waiting on queue
     /// channel `channel` for one of its requesters (the double clutch
-    /// across relays), valid until Unix second `until`:
+    /// across relays), valid for [`RELAY_PROOF_LIFE`] seconds.
+    pub fn relay_proof(&self, channel: &str) -> String {
+        self.relay_proof_until(channel, unix_now() + RELAY_PROOF_LIFE)
+    }
+
+    /// Whether `presented` is a relay's proof for `channel`, still valid.
+    pub fn verify_relay(&self, channel: &str, presented: &str) -> bool {
+        self.verify_relay_at(channel, presented, unix_now())
+    }
+
+    /// The proof for `channel` valid until Unix second `until`:
     /// `<until>.<hex of HMAC("relay:" + until + " " + channel)>`. Only
     /// relays that share the key can make it.
-    pub fn relay_proof(&self, channel: &str, until: u64) -> String {
+    fn relay_proof_until(&self, channel: &str, until: u64) -> String {
         let mac = self.signed("relay", &format!("{until} {channel}"));
         format!(
             "{until}.{}",
@@ -80,7 +101,7 @@ impl HookKey {
 
     /// Whether `presented` is a relay's proof for `channel` that is still
     /// valid at Unix second `now`, compared in constant time.
-    pub fn verify_relay(&self, channel: &str, presented: &str, now: u64) -> bool {
+    fn verify_relay_at(&self, channel: &str, presented: &str, now: u64) -> bool {
         let Some((until, tag)) = presented.split_once('.') else {
             return false;
         };
@@ -146,17 +167,17 @@ mod tests {
     #[test]
     fn relay_proofs_name_their_channel_and_expire() {
         let key = HookKey::new(b"k".repeat(32));
-        let proof = key.relay_proof("/ns/answer", 1000);
-        assert!(key.verify_relay("/ns/answer", &proof, 999));
-        assert!(key.verify_relay("/ns/answer", &proof, 1000));
-        assert!(!key.verify_relay("/ns/answer", &proof, 1001));
-        assert!(!key.verify_relay("/ns/other", &proof, 999));
-        assert!(!key.verify_relay("/ns/answer", &proof.replacen("1000", "2000", 1), 999));
-        assert!(!HookKey::new(b"x".repeat(32)).verify_relay("/ns/answer", &proof, 999));
-        assert!(!key.verify_relay("/ns/answer", "junk", 0));
+        let proof = key.relay_proof_until("/ns/answer", 1000);
+        assert!(key.verify_relay_at("/ns/answer", &proof, 999));
+        assert!(key.verify_relay_at("/ns/answer", &proof, 1000));
+        assert!(!key.verify_relay_at("/ns/answer", &proof, 1001));
+        assert!(!key.verify_relay_at("/ns/other", &proof, 999));
+        assert!(!key.verify_relay_at("/ns/answer", &proof.replacen("1000", "2000", 1), 999));
+        assert!(!HookKey::new(b"x".repeat(32)).verify_relay_at("/ns/answer", &proof, 999));
+        assert!(!key.verify_relay_at("/ns/answer", "junk", 0));
         // A hook secret is no relay proof, nor the other way round.
         let secret = key.secret(Hook::Send, "abc");
-        assert!(!key.verify_relay("abc", &format!("0.{secret}"), 0));
+        assert!(!key.verify_relay_at("abc", &format!("0.{secret}"), 0));
     }
 
     #[test]
