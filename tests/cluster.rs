@@ -135,6 +135,15 @@ impl Cluster {
         std::fs::read_to_string(self.dir.join("haproxy.log")).unwrap_or_default()
     }
 
+    /// Waiters parked on the running relays together.
+    fn waiters(&self) -> u64 {
+        self.relays
+            .iter()
+            .flatten()
+            .map(|r| r.counter("waiters"))
+            .sum()
+    }
+
     /// Pairs made by each relay.
     fn pairs(&self) -> Vec<u64> {
         self.relays
@@ -155,11 +164,7 @@ impl Drop for Cluster {
 }
 
 fn haproxy_binary() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("haproxy"))
-        .chain([PathBuf::from("/usr/sbin/haproxy")])
-        .find(|candidate| candidate.is_file())
+    installed("haproxy")
 }
 
 /// A port of 127.0.0.1 that was free just now.
@@ -251,21 +256,11 @@ fn a_consumer_that_leaves_through_the_balancer_is_never_handed_a_message() {
         let path = format!("/cluster/leaving/{c}");
         let mut consumer = connect(addr);
         send(&mut consumer, &get(&path));
-        let parked = wait_for(*STEP, || {
-            (0..3)
-                .map(|i| cluster.relay(i).counter("waiters"))
-                .sum::<u64>()
-                == 1
-        });
+        let parked = wait_for(*STEP, || cluster.waiters() == 1);
         assert!(parked, "{path}: the consumer did not park");
         drop(consumer);
         // HAProxy closes the relay's side too (option abortonclose).
-        let gone = wait_for(*STEP, || {
-            (0..3)
-                .map(|i| cluster.relay(i).counter("waiters"))
-                .sum::<u64>()
-                == 0
-        });
+        let gone = wait_for(*STEP, || cluster.waiters() == 0);
         assert!(gone, "{path}: the relay never saw its consumer leave");
         let sent = request(addr, &post(&format!("{path}?timeout=0.5"), b"for nobody"));
         assert_eq!(sent.status, 408, "{path}: {}", sent.text());
@@ -410,14 +405,7 @@ fn double_clutch_answers_reach_their_requester_on_any_relay() {
     );
     assert_eq!(switched.status, 200, "{}", switched.text());
     // Its relay's pull for the answer waits on the answer's relay...
-    let waiting = |n: u64| {
-        wait_for(*STEP, || {
-            (0..3)
-                .map(|i| cluster.relay(i).counter("waiters"))
-                .sum::<u64>()
-                == n
-        })
-    };
+    let waiting = |n: u64| wait_for(*STEP, || cluster.waiters() == n);
     assert!(waiting(1), "the pull never waited");
     drop(requester);
     // ...until the requester leaves, which resets it.
@@ -523,12 +511,7 @@ fn a_dead_relay_hands_its_channels_over_and_nothing_undelivered_got_a_2xx() {
             let _ = done.send((c, got.status, got.body));
         });
     }
-    let parked = wait_for(*STEP, || {
-        (0..3)
-            .map(|i| cluster.relay(i).counter("waiters"))
-            .sum::<u64>()
-            == 30
-    });
+    let parked = wait_for(*STEP, || cluster.waiters() == 30);
     assert!(parked, "the consumers did not all park");
     let lost = cluster.relay(1).counter("waiters") as usize;
     assert!(lost > 0, "relay2 held no consumer");
@@ -674,11 +657,7 @@ fn nginx_can_shard_by_the_same_key() {
         readme.contains(&format!("```nginx\n{NGINX_SHARDING}```\n")),
         "the README must show the nginx sharding as tested"
     );
-    let Some(nginx) = ["/usr/sbin/nginx", "/usr/bin/nginx"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-    else {
+    let Some(nginx) = installed("nginx") else {
         eprintln!("SKIP: nginx not installed (.ci/run installs it): its sharding not run");
         return;
     };

@@ -515,11 +515,7 @@ http {{
 
 /// nginx from PATH, else Debian's /usr/sbin/nginx (not in a user's PATH).
 fn nginx_binary() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("nginx"))
-        .chain([PathBuf::from("/usr/sbin/nginx")])
-        .find(|candidate| candidate.is_file())
+    installed("nginx")
 }
 
 /// patchcord started with `args` (and debug logging), and nginx in front;
