@@ -579,7 +579,13 @@ fn a_dead_relay_hands_its_channels_over_and_nothing_undelivered_got_a_2xx() {
     let mut exchanged = 0;
     for channel in traffic {
         let (sent, got) = channel.join().expect("traffic");
-        assert_eq!(sent, got, "a 2xx for a message nobody got, or the reverse");
+        // Every 2xx is a message its receiver got. (The reverse may not
+        // hold: a relay killed between writing a message and answering its
+        // sender leaves the sender with a 5xx for a delivered message.)
+        for message in &sent {
+            assert!(got.contains(message), "a 2xx for a message nobody got");
+        }
+        assert!(got.len() <= sent.len() + 1, "more than the one in flight");
         exchanged += sent.len();
     }
     assert!(exchanged > 0, "no traffic went through");
